@@ -1,0 +1,187 @@
+"""`gliograde <command>`: the one entry point. Each command is a small function over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from gliograde import __version__
+from gliograde.errors import GliogradeError
+
+log = logging.getLogger("gliograde")
+
+
+def _data_root(value: str | None) -> Path:
+    """--data-root, else $GLIOGRADE_DATA, else ./data/MICCAI_BraTS_2018_Data_Training."""
+    from gliograde.data.brats import HOW_TO_GET_DATA
+
+    root = value or os.environ.get("GLIOGRADE_DATA") or "data/MICCAI_BraTS_2018_Data_Training"
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        source = (
+            "--data-root"
+            if value
+            else ("GLIOGRADE_DATA" if os.environ.get("GLIOGRADE_DATA") else "the default")
+        )
+        raise GliogradeError(f"data root {path} (from {source}) does not exist. {HOW_TO_GET_DATA}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- synth
+def _add_synth(sub):
+    p = sub.add_parser(
+        "synth", help="write a synthetic BraTS-like data set as NIfTI in the BraTS 2018 layout"
+    )
+    p.add_argument("--out", required=True, help="folder to create (HGG/ and LGG/ inside)")
+    p.add_argument("--cases", type=int, default=40, help="number of cases (default 40)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[240, 240, 155],
+        metavar=("X", "Y", "Z"),
+        help="volume shape (default 240 240 155, the BraTS grid)",
+    )
+    p.add_argument(
+        "--hgg-fraction", type=float, default=210 / 285, help="share of HGG cases (default 210/285)"
+    )
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_synth(args) -> None:
+    from gliograde.data.synthetic import synthesize
+
+    start = time.perf_counter()
+    out, reused = synthesize(args.out, args.cases, args.shape, args.seed, args.hgg_fraction, args.workers)
+    if reused:
+        log.info("%s already holds this synthetic set; nothing written", out)
+    else:
+        log.info("wrote %d synthetic cases to %s in %.1f s", args.cases, out, time.perf_counter() - start)
+
+
+# -------------------------------------------------------------------------------------------- prepare
+def _add_prepare(sub):
+    p = sub.add_parser("prepare", help="preprocess a BraTS folder into a volume cache and write the folds")
+    p.add_argument(
+        "--data-root",
+        "--data_root",
+        dest="data_root",
+        default=None,
+        help="BraTS training folder (default: $GLIOGRADE_DATA or data/MICCAI_BraTS_2018_Data_Training)",
+    )
+    p.add_argument("--out", default=None, help="cache folder (default: cache/<data root name>-s<size>)")
+    p.add_argument("--size", type=int, default=128, help="edge of the cubic volumes (default 128)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument(
+        "--skip-incomplete",
+        action="store_true",
+        help="leave out cases with missing or unreadable files (listed in the report) instead of failing",
+    )
+    p.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the fold split (default 42)")
+    p.set_defaults(func=cmd_prepare)
+
+
+def prepare_and_split(data_root, out, size, workers, skip_incomplete, k, seed):
+    """prepare + folds, logging what happened; returns (cache, folds)."""
+    from gliograde.data.cache import open_cache, prepare_cache
+    from gliograde.data.splits import folds_for_cache
+
+    result = prepare_cache(data_root, out, size=size, workers=workers, skip_incomplete=skip_incomplete)
+    log.info(result.discovery.report())
+    if result.reused:
+        log.info("cache %s is up to date (same parameters, unchanged sources): reused", result.path)
+    else:
+        log.info(
+            "prepared %d cases in %.1f s (%.2f cases/s) -> %s",
+            result.n_cases,
+            result.seconds,
+            result.cases_per_s,
+            result.path,
+        )
+        for cid, why in result.failed.items():
+            log.warning("skipped %s: %s", cid, why)
+    cache = open_cache(result.path)
+    folds = folds_for_cache(cache, k, seed)
+    log.info("%d stratified folds (seed %d) in %s", k, seed, cache.path / "folds.json")
+    return cache, folds
+
+
+def cmd_prepare(args) -> None:
+    prepare_and_split(
+        _data_root(args.data_root),
+        args.out,
+        args.size,
+        args.workers,
+        args.skip_incomplete,
+        args.folds,
+        args.seed,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the embedded default job on a synthetic BraTS-like set (CPU, minutes)")
+    p.add_argument("--out", default="gliograde-demo", help="folder for everything the demo writes")
+    p.add_argument("--cases", type=int, default=40)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> None:
+    from gliograde.data.synthetic import synthesize
+
+    out = Path(args.out)
+    start = time.perf_counter()
+    log.info("[1/2] synthesizing %d BraTS-like cases (96 x 96 x 64 voxels) ...", args.cases)
+    data, reused = synthesize(out / "data", args.cases, (96, 96, 64), seed=42, workers=args.workers)
+    log.info("      %s %s", "reused" if reused else "wrote", data)
+    log.info("[2/2] preprocessing to a 32^3 cache and writing 5 stratified folds ...")
+    cache, _ = prepare_and_split(data, out / "cache", 32, args.workers, False, 5, 42)
+    log.info("demo finished in %.1f s. Outputs:", time.perf_counter() - start)
+    log.info("  synthetic BraTS folder : %s", data)
+    log.info("  volume cache           : %s (volumes.npy, cases.csv, manifest.json)", cache.path)
+    log.info("  folds                  : %s", cache.path / "folds.json")
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gliograde", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gliograde {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_synth, _add_prepare, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("GLIOGRADE_DEBUG"))
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    try:
+        args.func(args)
+    except GliogradeError as e:
+        if debug:
+            raise
+        print(f"gliograde {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gliograde {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Find BraTS cases on disk: the 2018/2019 layout (HGG/ and LGG/ folders) and the 2020 flat layout.
+
+2018, 2019:  ROOT/HGG/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz   and ROOT/LGG/...
+2020:        ROOT/BraTS20_Training_NNN/<case>_{...}.nii[.gz]         grade in ROOT/name_mapping.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gliograde import GRADES, MODALITIES
+from gliograde.errors import DataError
+
+SUFFIXES = (".nii.gz", ".nii")
+MAPPING_FILE = "name_mapping.csv"
+HOW_TO_GET_DATA = (
+    "Point --data-root (or the GLIOGRADE_DATA variable) at the unpacked BraTS training folder, e.g. "
+    "MICCAI_BraTS_2018_Data_Training/ (register at https://www.med.upenn.edu/sbia/brats2018/ to download it), "
+    "or run `gliograde demo` / `gliograde synth --out DIR --cases 40` for a synthetic BraTS-like set."
+)
+
+
+def site_of(case_id: str) -> str:
+    """The acquisition site encoded in a BraTS id: Brats18_2013_3_1 -> '2013', Brats18_TCIA01_425_1 -> 'TCIA01'."""
+    parts = case_id.split("_")
+    if len(parts) >= 3 and parts[0].lower().startswith("brats") and parts[1] != "Training":
+        return parts[1]
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient: id, grade and the path of each modality (and of the segmentation when present)."""
+
+    id: str
+    grade: str
+    paths: dict[str, Path]
+    seg: Path | None = None
+    site: str = ""
+
+    def __post_init__(self):
+        if self.grade not in GRADES:
+            raise DataError(f"case {self.id}: grade {self.grade!r} is neither HGG nor LGG")
+        if not self.site:
+            object.__setattr__(self, "site", site_of(self.id))
+
+    @property
+    def label(self) -> int:
+        return GRADES.index(self.grade)
+
+    @property
+    def files(self) -> list[Path]:
+        """The image files of the case in channel order (segmentation excluded)."""
+        return [self.paths[m] for m in MODALITIES]
+
+
+@dataclass
+class Discovery:
+    """What `discover_cases` found, and what it left out and why."""
+
+    root: Path
+    layout: str
+    cases: list[Case]
+    skipped: dict[str, str] = field(default_factory=dict)  # case id -> reason (incomplete cases)
+    ungraded: list[str] = field(default_factory=list)  # 2020 layout: folders with no grade in the mapping
+
+    def report(self) -> str:
+        n_hgg = sum(c.grade == "HGG" for c in self.cases)
+        lines = [
+            f"{len(self.cases)} cases ({n_hgg} HGG, {len(self.cases) - n_hgg} LGG) in {self.root} "
+            f"[{self.layout} layout]"
+        ]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} incomplete case(s):")
+            lines += [f"  {cid}: {why}" for cid, why in sorted(self.skipped.items())]
+        if self.ungraded:
+            lines.append(f"excluded {len(self.ungraded)} case(s) without a grade in {MAPPING_FILE}")
+        return "\n".join(lines)
+
+
+def _find_file(folder: Path, case_id: str, key: str) -> Path | None:
+    for suffix in SUFFIXES:
+        path = folder / f"{case_id}_{key}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_case(folder: Path, grade: str, site: str = "") -> tuple[Case | None, list[str]]:
+    """A case from its folder, or the list of missing modality file names."""
+    case_id = folder.name
+    paths = {m: _find_file(folder, case_id, m) for m in MODALITIES}
+    missing = [f"{case_id}_{m}.nii.gz" for m, p in paths.items() if p is None]
+    if missing:
+        return None, missing
+    return Case(case_id, grade, paths, _find_file(folder, case_id, "seg"), site), []
+
+
+def _read_mapping(path: Path) -> dict[str, tuple[str, str]]:
+    """name_mapping.csv -> {BraTS20 id: (grade, site)}. The site comes from the 2019/2018 id of the same row."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot be read as CSV ({e})") from e
+    if not rows or "Grade" not in rows[0]:
+        raise DataError(
+            f"{path}: expected a 'Grade' column (the BraTS name mapping), found {list(rows[0]) if rows else 'no rows'}"
+        )
+    id_columns = [c for c in rows[0] if re.fullmatch(r"BraTS_20\d\d_subject_ID", c or "")]
+    if not id_columns:
+        raise DataError(f"{path}: no BraTS_20XX_subject_ID column")
+    newest = max(id_columns)
+    mapping = {}
+    for row in rows:
+        case_id = (row.get(newest) or "").strip()
+        grade = (row.get("Grade") or "").strip()
+        if not case_id or case_id == "NA":
+            continue
+        site = "unknown"
+        for col in sorted(id_columns, reverse=True):
+            other = (row.get(col) or "").strip()
+            if other and other != "NA" and site_of(other) != "unknown":
+                site = site_of(other)
+                break
+        mapping[case_id] = (grade, site)
+    return mapping
+
+
+def discover_cases(root: str | Path, skip_incomplete: bool = False) -> Discovery:
+    """All cases under `root`, in a stable order (grade folder, then id).
+
+    A case lacking a modality is an error naming it and the missing files, unless `skip_incomplete`, which
+    leaves it out and records it in `Discovery.skipped`. A case id found twice is always an error.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder. {HOW_TO_GET_DATA}")
+
+    grade_dirs = [root / g for g in ("HGG", "LGG") if (root / g).is_dir()]
+    entries: list[tuple[Path, str, str]] = []  # (case folder, grade, site)
+    ungraded: list[str] = []
+    if grade_dirs:
+        layout = "BraTS 2018/2019 (HGG/, LGG/)"
+        for gdir in grade_dirs:
+            entries += [(d, gdir.name, "") for d in sorted(gdir.iterdir()) if d.is_dir()]
+    else:
+        layout = "BraTS 2020 (flat, name_mapping.csv)"
+        folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if folders:
+            mapping_path = root / MAPPING_FILE
+            if not mapping_path.is_file():
+                raise DataError(
+                    f"{root} has case folders but neither HGG/ and LGG/ sub-folders (BraTS 2018/2019) nor a "
+                    f"{MAPPING_FILE} giving each case's grade (BraTS 2020). {HOW_TO_GET_DATA}"
+                )
+            mapping = _read_mapping(mapping_path)
+            for d in folders:
+                grade, site = mapping.get(d.name, ("", ""))
+                if grade in GRADES:
+                    entries.append((d, grade, site))
+                else:
+                    ungraded.append(d.name)
+
+    cases: list[Case] = []
+    skipped: dict[str, str] = {}
+    seen: dict[str, Path] = {}
+    for folder, grade, site in entries:
+        if folder.name in seen:
+            raise DataError(f"case id {folder.name} found twice: {seen[folder.name]} and {folder}")
+        seen[folder.name] = folder
+        case, missing = _read_case(folder, grade, site)
+        if case is None:
+            reason = f"missing {', '.join(missing)}"
+            if not skip_incomplete:
+                raise DataError(
+                    f"case {folder.name} ({folder}) is incomplete: {reason}. "
+                    "Restore the files, or pass --skip-incomplete to leave such cases out."
+                )
+            skipped[folder.name] = reason
+            continue
+        cases.append(case)
+
+    if not cases:
+        looked_for = (
+            "HGG/<case>/<case>_{t1,t1ce,t2,flair}.nii.gz, LGG/... or <case>/ folders with name_mapping.csv"
+        )
+        extra = f" ({len(skipped)} incomplete, {len(ungraded)} ungraded)" if skipped or ungraded else ""
+        raise DataError(f"no BraTS cases found in {root}{extra}; looked for {looked_for}. {HOW_TO_GET_DATA}")
+    return Discovery(root, layout, cases, skipped, ungraded)

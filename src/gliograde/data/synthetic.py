@@ -1,0 +1,226 @@
+"""BraTS-like phantoms written as real gzipped NIfTI files in the BraTS 2018 layout.
+
+Each case is a skull-stripped brain (white and grey matter, ventricles, CSF rim) with modality-specific contrast,
+a smooth bias field and noise, and one tumour whose look follows its grade as in real MRI:
+
+- HGG: a contrast-enhancing rim on T1ce around a necrotic core, wide FLAIR/T2-bright edema, heterogeneous;
+- LGG: a mostly non-enhancing, homogeneous T2/FLAIR-bright mass with little edema.
+
+The grades overlap on purpose (some HGG enhance weakly, some LGG have an enhancing focus, sizes overlap), so the
+task is learnable but not trivial. Everything is drawn from `seed`: the same seed gives the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from gliograde import GRADES, MODALITIES
+from gliograde.errors import DataError
+
+BRATS_SHAPE = (240, 240, 155)
+BRATS2018_HGG_FRACTION = 210 / 285
+SITES = ("SYNA", "SYNB", "SYNC")
+RECORD = "synth.json"
+
+# Base intensities per tissue and modality (t1, t1ce, t2, flair): WM bright on T1, CSF bright on T2, dark on FLAIR.
+TISSUE = {
+    "csf": (0.25, 0.27, 1.00, 0.15),
+    "gm": (0.60, 0.62, 0.65, 0.65),
+    "wm": (0.85, 0.86, 0.45, 0.50),
+    "edema": (0.55, 0.56, 0.92, 0.95),
+    "necrosis": (0.30, 0.32, 0.95, 0.55),
+    "enhancing": (0.55, 1.35, 0.75, 0.80),
+    "lgg_core": (0.45, 0.47, 0.90, 0.88),
+}
+
+
+def brats_affine(shape) -> np.ndarray:
+    """The BraTS affine: 1 mm voxels, LPS axes (diagonal -1, -1, 1), origin (0, Y-1, 0)."""
+    return np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, shape[1] - 1], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+
+
+def _smooth_field(rng: np.random.Generator, shape, grid: int) -> np.ndarray:
+    """Zero-mean, unit-scale random field varying over about 1/grid of the volume (trilinear upsampling)."""
+    import torch
+    import torch.nn.functional as F
+
+    coarse = torch.from_numpy(rng.standard_normal((1, 1, grid, grid, grid)).astype(np.float32))
+    return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)[0, 0].numpy()
+
+
+def synth_case(grade: str, shape=BRATS_SHAPE, seed: int | np.random.SeedSequence = 0):
+    """(images: {modality: int16 array}, seg: uint8 array with labels {0, 1, 2, 4}) for one phantom."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+
+    # brain: an ellipsoid with a wavy surface; white matter inside, grey matter rim, CSF at the edge
+    semi = np.array([0.60, 0.74, 0.84]) * rng.uniform(0.92, 1.05, 3)
+    r = np.sqrt((x / semi[0]) ** 2 + (y / semi[1]) ** 2 + (z / semi[2]) ** 2)
+    r = r * (1 + 0.04 * _smooth_field(rng, shape, 6))
+    brain = r < 1
+    folds = 0.06 * _smooth_field(rng, shape, 14)
+    tissue = np.where(r + folds < 0.72, 0, 1)  # 0 = wm, 1 = gm
+    tissue = np.where(r > 0.96, 2, tissue)  # 2 = csf rim
+    vsize = rng.uniform(0.8, 1.3)
+    for side in (-1, 1):
+        v = (
+            ((x - side * 0.11) / (0.06 * vsize)) ** 2
+            + ((y - 0.05) / (0.22 * vsize)) ** 2
+            + ((z - 0.1) / 0.12) ** 2
+        )
+        tissue = np.where(v < 1, 2, tissue)
+    names = ("wm", "gm", "csf")
+    image = np.stack([np.choose(tissue, [TISSUE[n][m] for n in names]) for m in range(4)]).astype(np.float32)
+
+    # tumour: a distorted ellipsoid somewhere inside the brain; d < 1 is the tumour core
+    hgg = grade == "HGG"
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    centre = direction * rng.uniform(0.1, 0.5) * semi
+    radius = rng.uniform(0.13, 0.30) if hgg else rng.uniform(0.10, 0.26)
+    radii = radius * rng.uniform(0.8, 1.2, 3) * semi
+    d = np.sqrt(
+        ((x - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((z - centre[2]) / radii[2]) ** 2
+    )
+    d = d * (1 + (0.22 if hgg else 0.10) * _smooth_field(rng, shape, 8))
+    edema_extent = rng.uniform(1.5, 2.4) if hgg else rng.uniform(1.05, 1.45)
+    seg = np.zeros(shape, np.uint8)
+    seg[(d < edema_extent) & brain] = 2
+    core = (d < 1) & brain
+    if hgg:
+        rim = rng.uniform(0.6, 0.8) if rng.random() > 0.15 else rng.uniform(0.85, 0.95)  # some enhance thinly
+        seg[core & (d >= rim)] = 4
+        seg[core & (d < rim)] = 1
+        enhance = 1.0 if rim < 0.85 else rng.uniform(0.2, 0.5)
+    else:
+        seg[core] = 1
+        enhance = 0.0
+        if rng.random() < 0.2:  # an enhancing focus inside some LGG
+            focus = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) < (0.3 * radius) ** 2
+            seg[focus & core] = 4
+            enhance = rng.uniform(0.3, 0.7)
+    for label, name in ((2, "edema"), (1, "necrosis" if hgg else "lgg_core"), (4, "enhancing")):
+        where = seg == label
+        for m in range(4):
+            value = TISSUE[name][m]
+            if name == "enhancing" and m == 1:  # T1ce rim brightness follows the enhancement strength
+                value = TISSUE["lgg_core"][1] + enhance * (value - TISSUE["lgg_core"][1])
+            image[m][where] = value
+    if hgg:  # heterogeneous tumour texture
+        texture = 1 + 0.12 * _smooth_field(rng, shape, 20)
+        image[:, seg > 0] *= texture[seg > 0]
+
+    images, seg = {}, np.where(brain, seg, 0).astype(np.uint8)
+    for m, modality in enumerate(MODALITIES):
+        bias = np.exp(0.12 * _smooth_field(rng, shape, 3))
+        noisy = image[m] * bias + rng.normal(0, 0.03, shape).astype(np.float32)
+        scale = rng.uniform(400, 4000)
+        vol = np.where(brain, np.clip(np.rint(noisy * scale), 1, 32767), 0)
+        images[modality] = vol.astype(np.int16)
+    return images, seg
+
+
+def _case_ids_and_grades(n_cases: int, hgg_fraction: float, seed: int) -> list[tuple[str, str]]:
+    if n_cases < 2:
+        raise DataError(f"--cases {n_cases}: at least 2 cases are needed (one per grade)")
+    if not 0 < hgg_fraction < 1:
+        raise DataError(f"--hgg-fraction {hgg_fraction} must lie strictly between 0 and 1")
+    n_hgg = min(max(round(n_cases * hgg_fraction), 1), n_cases - 1)
+    rng = np.random.default_rng(seed)
+    grades = np.array(["HGG"] * n_hgg + ["LGG"] * (n_cases - n_hgg))
+    rng.shuffle(grades)
+    sites = rng.choice(SITES, n_cases)
+    return [(f"Brats18_{sites[i]}_{i:04d}_1", str(grades[i])) for i in range(n_cases)]
+
+
+def _write_case(args) -> str:
+    folder, case_id, grade, shape, seed, index = args
+    import torch
+
+    torch.set_num_threads(1)
+    images, seg = synth_case(grade, shape, np.random.SeedSequence([seed, index]))
+    case_dir = Path(folder) / grade / case_id
+    case_dir.mkdir(parents=True, exist_ok=True)
+    affine = brats_affine(shape)
+    for name, arr in [*images.items(), ("seg", seg)]:
+        img = nib.Nifti1Image(arr, affine)
+        img.header.set_xyzt_units("mm", "sec")
+        nib.save(img, str(case_dir / f"{case_id}_{name}.nii.gz"))
+    return case_id
+
+
+def synthesize(
+    out: str | Path,
+    n_cases: int,
+    shape=BRATS_SHAPE,
+    seed: int = 42,
+    hgg_fraction: float = BRATS2018_HGG_FRACTION,
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[Path, bool]:
+    """Write `n_cases` phantoms under out/HGG and out/LGG; returns (out, reused).
+
+    A folder already holding the same synthetic set (same parameters) is reused; any other non-empty folder is
+    refused. The set is written in a temporary sibling folder and renamed into place.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 16:
+        raise DataError(f"--shape {shape}: three sizes of at least 16 voxels are needed")
+    params = {
+        "cases": n_cases,
+        "shape": list(shape),
+        "seed": seed,
+        "hgg_fraction": hgg_fraction,
+        "version": 1,
+    }
+    cases = _case_ids_and_grades(n_cases, hgg_fraction, seed)
+    if out.exists() and any(out.iterdir()):
+        try:
+            if json.loads((out / RECORD).read_text()) == params:
+                return out, True
+        except (OSError, ValueError):
+            pass
+        raise DataError(
+            f"{out} exists and is not empty (and is not this synthetic set); choose another --out"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    jobs = [(str(tmp), cid, grade, shape, seed, i) for i, (cid, grade) in enumerate(cases)]
+    workers = max(1, min(workers or os.cpu_count() or 1, n_cases))
+    try:
+        with tqdm(total=n_cases, desc="synth", unit="case", disable=not progress) as bar:
+            if workers == 1:
+                for job in jobs:
+                    _write_case(job)
+                    bar.update()
+            else:
+                import multiprocessing as mp
+
+                with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
+                    for _ in pool.map(_write_case, jobs):
+                        bar.update()
+        for grade in GRADES:
+            (tmp / grade).mkdir(exist_ok=True)
+        (tmp / RECORD).write_text(json.dumps(params))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, False

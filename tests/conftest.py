@@ -1,0 +1,61 @@
+"""Shared fixtures: the nine real BraTS 2018 cases (skipped where absent) and small synthetic sets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = Path(os.environ.get("GLIOGRADE_SAMPLE_DATA", REPO.parent / "shared" / "data" / "brats2018_sample"))
+SAMPLE_HGG = [
+    "Brats18_2013_3_1",
+    "Brats18_CBICA_ABM_1",
+    "Brats18_TCIA01_425_1",
+    "Brats18_TCIA02_370_1",
+    "Brats18_TCIA03_265_1",
+]
+SAMPLE_LGG = ["Brats18_TCIA10_628_1", "Brats18_TCIA10_637_1", "Brats18_TCIA10_639_1", "Brats18_TCIA13_623_1"]
+
+
+@pytest.fixture(scope="session")
+def sample_root() -> Path:
+    if not (SAMPLE / "HGG").is_dir():
+        pytest.skip(
+            f"real BraTS sample cases not found at {SAMPLE} (set GLIOGRADE_SAMPLE_DATA to run these tests)"
+        )
+    return SAMPLE
+
+
+def copy_case(src_root: Path, case_id: str, dst_root: Path, grade: str | None = None) -> Path:
+    """Copy one real case folder (writable copy, for tests that alter files)."""
+    grade = grade or ("HGG" if case_id in SAMPLE_HGG else "LGG")
+    dst = dst_root / grade / case_id
+    shutil.copytree(src_root / grade / case_id, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    dst.chmod(0o755)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def real_cache(sample_root, tmp_path_factory):
+    """The nine real cases prepared at the full 128^3 size, once per test session."""
+    from gliograde.data.cache import open_cache, prepare_cache
+
+    out = tmp_path_factory.mktemp("real") / "cache"
+    result = prepare_cache(sample_root, out, size=128, workers=2, progress=False)
+    return open_cache(result.path)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic BraTS-like set (24 cases of 48 x 48 x 40 voxels)."""
+    from gliograde.data.synthetic import synthesize
+
+    out, _ = synthesize(
+        tmp_path_factory.mktemp("synth") / "data", 24, (48, 48, 40), seed=7, workers=1, progress=False
+    )
+    return out

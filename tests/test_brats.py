@@ -1,0 +1,143 @@
+"""Case discovery on the real BraTS 2018 sample, in the 2018 and (rebuilt) 2020 layouts, and its bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+from conftest import SAMPLE_HGG, SAMPLE_LGG, copy_case
+
+from gliograde import MODALITIES
+from gliograde.data.brats import discover_cases, site_of
+from gliograde.errors import DataError
+
+
+def test_discovers_the_nine_real_cases(sample_root):
+    found = discover_cases(sample_root)
+    assert [c.id for c in found.cases] == SAMPLE_HGG + SAMPLE_LGG
+    assert [c.grade for c in found.cases] == ["HGG"] * 5 + ["LGG"] * 4
+    assert [c.label for c in found.cases] == [1] * 5 + [0] * 4
+    assert [c.site for c in found.cases] == [
+        "2013",
+        "CBICA",
+        "TCIA01",
+        "TCIA02",
+        "TCIA03",
+        "TCIA10",
+        "TCIA10",
+        "TCIA10",
+        "TCIA13",
+    ]
+    for case in found.cases:
+        assert set(case.paths) == set(MODALITIES)
+        for m, p in case.paths.items():
+            assert p.name == f"{case.id}_{m}.nii.gz" and p.is_file()
+        assert case.seg is not None and case.seg.name == f"{case.id}_seg.nii.gz"
+    assert "2018/2019" in found.layout
+    assert "9 cases (5 HGG, 4 LGG)" in found.report()
+
+
+def test_site_parsing():
+    assert site_of("Brats18_2013_3_1") == "2013"
+    assert site_of("BraTS19_TMC_06290_1") == "TMC"
+    assert site_of("Brats17_CBICA_AAB_1") == "CBICA"
+    assert site_of("BraTS20_Training_001") == "unknown"
+
+
+def _mapping_rows(sample_root):
+    with (sample_root / "name_mapping_brats2019.csv").open(newline="") as f:
+        return {r["BraTS_2018_subject_ID"]: r for r in csv.DictReader(f)}
+
+
+def test_2020_flat_layout_with_name_mapping(sample_root, tmp_path):
+    rows = _mapping_rows(sample_root)
+    root = tmp_path / "MICCAI_BraTS2020_TrainingData"
+    root.mkdir()
+    mapping = [
+        [
+            "Grade",
+            "BraTS_2017_subject_ID",
+            "BraTS_2018_subject_ID",
+            "TCGA_TCIA_subject_ID",
+            "BraTS_2019_subject_ID",
+            "BraTS_2020_subject_ID",
+        ]
+    ]
+    for i, cid in enumerate(SAMPLE_HGG + SAMPLE_LGG, start=1):
+        new = f"BraTS20_Training_{i:03d}"
+        grade = "HGG" if cid in SAMPLE_HGG else "LGG"
+        (root / new).mkdir()
+        for m in (*MODALITIES, "seg"):
+            (root / new / f"{new}_{m}.nii.gz").symlink_to(sample_root / grade / cid / f"{cid}_{m}.nii.gz")
+        r = rows[cid]
+        mapping.append(
+            [
+                r["Grade"],
+                r["BraTS_2017_subject_ID"],
+                cid,
+                r["TCGA_TCIA_subject_ID"],
+                r["BraTS_2019_subject_ID"],
+                new,
+            ]
+        )
+    # a folder the mapping gives no grade for: excluded and counted, not an error
+    (root / "BraTS20_Training_099").mkdir()
+    with (root / "name_mapping.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(mapping)
+
+    found = discover_cases(root)
+    assert [c.id for c in found.cases] == [f"BraTS20_Training_{i:03d}" for i in range(1, 10)]
+    assert [c.grade for c in found.cases] == ["HGG"] * 5 + ["LGG"] * 4
+    assert (
+        found.cases[0].site == "2013" and found.cases[1].site == "CBICA" and found.cases[8].site == "TCIA13"
+    )
+    assert found.ungraded == ["BraTS20_Training_099"]
+    assert "2020" in found.layout and "without a grade" in found.report()
+
+
+def test_uncompressed_nii_is_found(tmp_path):
+    import nibabel as nib
+
+    from gliograde.data.synthetic import synthesize
+
+    src, _ = synthesize(tmp_path / "s", 2, (24, 24, 20), seed=1, workers=1, progress=False)
+    for f in list(src.rglob("*.nii.gz")):
+        nib.save(nib.load(f), str(f).removesuffix(".gz"))
+        f.unlink()
+    found = discover_cases(src)
+    assert len(found.cases) == 2 and all(p.suffix == ".nii" for c in found.cases for p in c.files)
+
+
+def test_missing_root_says_what_to_do(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*gliograde demo"):
+        discover_cases(tmp_path / "nowhere")
+
+
+def test_empty_root_says_what_was_looked_for(tmp_path):
+    with pytest.raises(DataError, match=r"no BraTS cases found .*HGG/<case>.*gliograde demo"):
+        discover_cases(tmp_path)
+
+
+def test_flat_folders_without_mapping_are_refused(tmp_path):
+    (tmp_path / "case_a").mkdir()
+    with pytest.raises(DataError, match="name_mapping.csv"):
+        discover_cases(tmp_path)
+
+
+def test_incomplete_case_is_named_or_skipped(sample_root, tmp_path):
+    copy_case(sample_root, "Brats18_2013_3_1", tmp_path)
+    broken = copy_case(sample_root, "Brats18_TCIA10_628_1", tmp_path)
+    (broken / "Brats18_TCIA10_628_1_t2.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"Brats18_TCIA10_628_1 .*incomplete.*Brats18_TCIA10_628_1_t2.nii.gz"):
+        discover_cases(tmp_path)
+    found = discover_cases(tmp_path, skip_incomplete=True)
+    assert [c.id for c in found.cases] == ["Brats18_2013_3_1"]
+    assert "Brats18_TCIA10_628_1" in found.skipped and "t2" in found.report()
+
+
+def test_duplicate_case_id_is_an_error(sample_root, tmp_path):
+    copy_case(sample_root, "Brats18_2013_3_1", tmp_path)
+    shutil.copytree(tmp_path / "HGG" / "Brats18_2013_3_1", tmp_path / "LGG" / "Brats18_2013_3_1")
+    with pytest.raises(DataError, match="Brats18_2013_3_1 found twice"):
+        discover_cases(tmp_path)
