@@ -23,9 +23,7 @@ SAMPLE_LGG = ["Brats18_TCIA10_628_1", "Brats18_TCIA10_637_1", "Brats18_TCIA10_63
 @pytest.fixture(scope="session")
 def sample_root() -> Path:
     if not (SAMPLE / "HGG").is_dir():
-        pytest.skip(
-            f"real BraTS sample cases not found at {SAMPLE} (set GLIOGRADE_SAMPLE_DATA to run these tests)"
-        )
+        pytest.skip(f"real BraTS sample cases not found at {SAMPLE} (set GLIOGRADE_SAMPLE_DATA to run these tests)")
     return SAMPLE
 
 
@@ -55,7 +53,5 @@ def synth_root(tmp_path_factory) -> Path:
     """A small synthetic BraTS-like set (24 cases of 48 x 48 x 40 voxels)."""
     from gliograde.data.synthetic import synthesize
 
-    out, _ = synthesize(
-        tmp_path_factory.mktemp("synth") / "data", 24, (48, 48, 40), seed=7, workers=1, progress=False
-    )
+    out, _ = synthesize(tmp_path_factory.mktemp("synth") / "data", 24, (48, 48, 40), seed=7, workers=1, progress=False)
     return out

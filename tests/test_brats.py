@@ -89,9 +89,7 @@ def test_2020_flat_layout_with_name_mapping(sample_root, tmp_path):
     found = discover_cases(root)
     assert [c.id for c in found.cases] == [f"BraTS20_Training_{i:03d}" for i in range(1, 10)]
     assert [c.grade for c in found.cases] == ["HGG"] * 5 + ["LGG"] * 4
-    assert (
-        found.cases[0].site == "2013" and found.cases[1].site == "CBICA" and found.cases[8].site == "TCIA13"
-    )
+    assert found.cases[0].site == "2013" and found.cases[1].site == "CBICA" and found.cases[8].site == "TCIA13"
     assert found.ungraded == ["BraTS20_Training_099"]
     assert "2020" in found.layout and "without a grade" in found.report()
 
@@ -121,7 +119,7 @@ def test_empty_root_says_what_was_looked_for(tmp_path):
 
 def test_flat_folders_without_mapping_are_refused(tmp_path):
     (tmp_path / "case_a").mkdir()
-    with pytest.raises(DataError, match="name_mapping.csv"):
+    with pytest.raises(DataError, match=r"name_mapping\.csv"):
         discover_cases(tmp_path)
 
 

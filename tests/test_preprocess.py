@@ -47,9 +47,7 @@ def test_zscore_inside_brain_and_zero_background(real_cache):
 
 def test_cases_rescaled_to_32767_stay_finite(real_cache, sample_root):
     for cid in ("Brats18_TCIA10_637_1", "Brats18_TCIA10_639_1"):
-        raw = [
-            np.asarray(nib.load(sample_root / "LGG" / cid / f"{cid}_{m}.nii.gz").dataobj) for m in MODALITIES
-        ]
+        raw = [np.asarray(nib.load(sample_root / "LGG" / cid / f"{cid}_{m}.nii.gz").dataobj) for m in MODALITIES]
         assert max(int(r.max()) for r in raw) == 32767
         vol = np.asarray(real_cache.volumes[real_cache.ids.index(cid)], np.float32)
         assert np.isfinite(vol).all() and np.abs(vol).max() < 1000

@@ -22,20 +22,14 @@ def _data_root(value: str | None) -> Path:
     root = value or os.environ.get("GLIOGRADE_DATA") or "data/MICCAI_BraTS_2018_Data_Training"
     path = Path(root).expanduser()
     if not path.is_dir():
-        source = (
-            "--data-root"
-            if value
-            else ("GLIOGRADE_DATA" if os.environ.get("GLIOGRADE_DATA") else "the default")
-        )
+        source = "--data-root" if value else ("GLIOGRADE_DATA" if os.environ.get("GLIOGRADE_DATA") else "the default")
         raise GliogradeError(f"data root {path} (from {source}) does not exist. {HOW_TO_GET_DATA}")
     return path
 
 
 # ---------------------------------------------------------------------------------------------- synth
 def _add_synth(sub):
-    p = sub.add_parser(
-        "synth", help="write a synthetic BraTS-like data set as NIfTI in the BraTS 2018 layout"
-    )
+    p = sub.add_parser("synth", help="write a synthetic BraTS-like data set as NIfTI in the BraTS 2018 layout")
     p.add_argument("--out", required=True, help="folder to create (HGG/ and LGG/ inside)")
     p.add_argument("--cases", type=int, default=40, help="number of cases (default 40)")
     p.add_argument(
@@ -46,9 +40,7 @@ def _add_synth(sub):
         metavar=("X", "Y", "Z"),
         help="volume shape (default 240 240 155, the BraTS grid)",
     )
-    p.add_argument(
-        "--hgg-fraction", type=float, default=210 / 285, help="share of HGG cases (default 210/285)"
-    )
+    p.add_argument("--hgg-fraction", type=float, default=210 / 285, help="share of HGG cases (default 210/285)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.set_defaults(func=cmd_synth)

@@ -185,9 +185,7 @@ def discover_cases(root: str | Path, skip_incomplete: bool = False) -> Discovery
         cases.append(case)
 
     if not cases:
-        looked_for = (
-            "HGG/<case>/<case>_{t1,t1ce,t2,flair}.nii.gz, LGG/... or <case>/ folders with name_mapping.csv"
-        )
+        looked_for = "HGG/<case>/<case>_{t1,t1ce,t2,flair}.nii.gz, LGG/... or <case>/ folders with name_mapping.csv"
         extra = f" ({len(skipped)} incomplete, {len(ungraded)} ungraded)" if skipped or ungraded else ""
         raise DataError(f"no BraTS cases found in {root}{extra}; looked for {looked_for}. {HOW_TO_GET_DATA}")
     return Discovery(root, layout, cases, skipped, ungraded)

@@ -91,13 +91,9 @@ def open_cache(path: str | Path) -> VolumeCache:
             cases = [CaseRecord(r["id"], r["grade"], int(r["label"]), r["site"]) for r in csv.DictReader(f)]
         volumes = np.load(path / VOLUMES, mmap_mode="r")
     except (OSError, ValueError, KeyError) as e:
-        raise DataError(
-            f"cache {path} is unreadable ({type(e).__name__}: {e}); delete it and prepare again"
-        ) from e
+        raise DataError(f"cache {path} is unreadable ({type(e).__name__}: {e}); delete it and prepare again") from e
     if volumes.ndim != 5 or volumes.shape[0] != len(cases):
-        raise DataError(
-            f"cache {path}: volumes.npy has shape {volumes.shape} for {len(cases)} cases; prepare again"
-        )
+        raise DataError(f"cache {path}: volumes.npy has shape {volumes.shape} for {len(cases)} cases; prepare again")
     return VolumeCache(path, volumes, cases, tuple(manifest["params"]["modalities"]), manifest)
 
 

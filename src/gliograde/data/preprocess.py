@@ -133,9 +133,7 @@ def preprocess_case(case: Case, size: int = 128, margin: int = DEFAULT_MARGIN) -
             voxels = resized[c][mask].double()
             std = float(voxels.std())
             if not np.isfinite(std) or std < 1e-6:
-                raise DataError(
-                    f"{case.files[c]}: constant intensity inside the brain; cannot be standardized"
-                )
+                raise DataError(f"{case.files[c]}: constant intensity inside the brain; cannot be standardized")
             out[c][mask] = ((voxels - voxels.mean()) / std).float()
     geometry = Geometry(
         original_shape=[int(s) for s in ref.shape[:3]],

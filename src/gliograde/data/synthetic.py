@@ -73,11 +73,7 @@ def synth_case(grade: str, shape=BRATS_SHAPE, seed: int | np.random.SeedSequence
     tissue = np.where(r > 0.96, 2, tissue)  # 2 = csf rim
     vsize = rng.uniform(0.8, 1.3)
     for side in (-1, 1):
-        v = (
-            ((x - side * 0.11) / (0.06 * vsize)) ** 2
-            + ((y - 0.05) / (0.22 * vsize)) ** 2
-            + ((z - 0.1) / 0.12) ** 2
-        )
+        v = ((x - side * 0.11) / (0.06 * vsize)) ** 2 + ((y - 0.05) / (0.22 * vsize)) ** 2 + ((z - 0.1) / 0.12) ** 2
         tissue = np.where(v < 1, 2, tissue)
     names = ("wm", "gm", "csf")
     image = np.stack([np.choose(tissue, [TISSUE[n][m] for n in names]) for m in range(4)]).astype(np.float32)
@@ -90,9 +86,7 @@ def synth_case(grade: str, shape=BRATS_SHAPE, seed: int | np.random.SeedSequence
     radius = rng.uniform(0.13, 0.30) if hgg else rng.uniform(0.10, 0.26)
     radii = radius * rng.uniform(0.8, 1.2, 3) * semi
     d = np.sqrt(
-        ((x - centre[0]) / radii[0]) ** 2
-        + ((y - centre[1]) / radii[1]) ** 2
-        + ((z - centre[2]) / radii[2]) ** 2
+        ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2
     )
     d = d * (1 + (0.22 if hgg else 0.10) * _smooth_field(rng, shape, 8))
     edema_extent = rng.uniform(1.5, 2.4) if hgg else rng.uniform(1.05, 1.45)
@@ -195,9 +189,7 @@ def synthesize(
                 return out, True
         except (OSError, ValueError):
             pass
-        raise DataError(
-            f"{out} exists and is not empty (and is not this synthetic set); choose another --out"
-        )
+        raise DataError(f"{out} exists and is not empty (and is not this synthetic set); choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     jobs = [(str(tmp), cid, grade, shape, seed, i) for i, (cid, grade) in enumerate(cases)]
