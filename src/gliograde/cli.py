@@ -117,6 +117,43 @@ def cmd_prepare(args) -> None:
     )
 
 
+# ----------------------------------------------------------------------------------------- model-info
+def _add_model_info(sub):
+    p = sub.add_parser("model-info", help="parameters, GFLOPs per volume and activation memory of a ResNet-3D")
+    p.add_argument("--depth", type=int, default=50, choices=[10, 18, 34, 50, 101, 152, 200])
+    p.add_argument("--layout", default="strided", choices=["strided", "medicalnet"])
+    p.add_argument("--shortcut", default="B", choices=["A", "B"])
+    p.add_argument("--in-channels", type=int, default=4)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--num-classes", type=int, default=2)
+    p.set_defaults(func=cmd_model_info)
+
+
+def cmd_model_info(args) -> None:
+    import torch
+
+    from gliograde.networks.profile import profile_model
+    from gliograde.networks.resnet3d import ResNet3D
+
+    model = ResNet3D(args.depth, args.in_channels, args.num_classes, args.shortcut, args.layout)
+    fp32 = profile_model(model, args.in_channels, args.size)
+    bf16 = profile_model(model, args.in_channels, args.size, torch.bfloat16)
+    rows = [
+        ("network", model.describe()),
+        ("input", f"{args.in_channels} x {args.size}^3"),
+        ("parameters", f"{fp32.params / 1e6:.2f} M"),
+        ("layer4 feature map", " x ".join(map(str, fp32.feature_map))),
+        ("forward", f"{fp32.gflop_forward:.1f} GFLOP per volume"),
+        ("forward + backward", f"{fp32.gflop_train:.1f} GFLOP per volume"),
+        (
+            "activations saved for backward",
+            f"{fp32.activation_bytes / 2**30:.2f} GiB fp32, {bf16.activation_bytes / 2**30:.2f} GiB bf16 per volume",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
 # ----------------------------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the embedded default job on a synthetic BraTS-like set (CPU, minutes)")
@@ -148,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gliograde {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_prepare, _add_demo):
+    for add in (_add_synth, _add_prepare, _add_model_info, _add_demo):
         add(sub)
     return parser
 

@@ -1,0 +1,1 @@
+"""The seeds' import path; the implementation lives in gliograde.networks."""
