@@ -15,7 +15,7 @@ from gliograde.errors import GliogradeError
 log = logging.getLogger("gliograde")
 
 
-def _data_root(value: str | None) -> Path:
+def resolve_data_root(value: str | None) -> Path:
     """--data-root, else $GLIOGRADE_DATA, else ./data/MICCAI_BraTS_2018_Data_Training."""
     from gliograde.data.brats import HOW_TO_GET_DATA
 
@@ -154,6 +154,108 @@ def cmd_model_info(args) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
+# ---------------------------------------------------------------------------------------------- train
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Every flag of the seeds, in both spellings where they use both. Flags not given keep the preset's value."""
+    S = argparse.SUPPRESS
+
+    def flag(*names, **kw):
+        p.add_argument(*names, default=S, **kw)
+
+    flag("--preset", choices=["final", "ldam-drw", "cpu-demo"], help="configuration preset (default: final)")
+    flag("--fold", type=int, help="fold to train, 0..K-1 (default 0)")
+    flag("--folds", type=int, help="number of folds K (default 5)")
+    flag(
+        "--modality", "--modalities", dest="modalities", help="one modality, 'all', or a comma list (t1,t1ce,t2,flair)"
+    )
+    flag("--epochs", type=int)
+    flag("--batch-size", "--batch_size", dest="batch_size", type=int)
+    flag("--gradient-accumulation-steps", "--gradient_accumulation_steps", "--grad-accum", dest="grad_accum", type=int)
+    flag("--lr", type=float, help="backbone learning rate")
+    flag(
+        "--classifier-lr-mult",
+        "--classifier_lr_mult",
+        dest="classifier_lr_mult",
+        type=float,
+        help="classifier lr = lr x this (final policy: 2)",
+    )
+    flag("--weight-decay", "--weight_decay", dest="weight_decay", type=float)
+    flag("--optimizer", type=str.lower, choices=["adam", "adamw", "sgd"])
+    flag("--scheduler", type=str.lower, choices=["cosine", "step", "none"])
+    flag("--warmup-epochs", "--warmup_epochs", dest="warmup_epochs", type=int)
+    flag("--grad-clip", "--grad_clip", dest="grad_clip", type=float, help="max gradient norm (0 = off)")
+    flag("--loss", type=str.lower, choices=["ce", "ldam"], help="ce or ldam (any case)")
+    flag("--sampler", type=str.lower, choices=["weighted", "shuffle"])
+    flag("--max-m", "--max_m", dest="max_m", type=float, help="LDAM largest margin")
+    flag("--ldam-s", "--ldam_s", "--s", dest="ldam_s", type=float, help="LDAM scale s")
+    flag("--drw-start-epoch", "--drw_start_epoch", dest="drw_start_epoch", type=int)
+    flag("--ema-decay", "--ema_decay", dest="ema_decay", type=float, help="EMA of the weights (0 = off)")
+    flag("--early-stopping", "--early_stopping", "--patience", dest="patience", type=int, help="patience in epochs")
+    flag("--min-epochs", "--min_epochs", dest="min_epochs", type=int)
+    flag("--min-delta", "--min_delta", dest="min_delta", type=float)
+    flag("--dropout", type=float)
+    flag("--depth", type=int, choices=[10, 18, 34, 50, 101, 152, 200])
+    flag("--layout", choices=["strided", "medicalnet"])
+    flag("--shortcut", choices=["A", "B"])
+    flag("--size", type=int, help="edge of the cubic input volumes (default 128)")
+    flag("--pretrained-path", "--pretrained_path", dest="pretrained_path", help="MedicalNet .pth file")
+    flag("--no-augment", dest="augment", action="store_const", const=False)
+    flag("--amp", dest="amp", action="store_const", const=True, help="mixed precision (default: on for CUDA)")
+    flag("--no-amp", dest="amp", action="store_const", const=False)
+    flag("--tf32", dest="tf32", action="store_const", const=True)
+    flag("--no-tf32", dest="tf32", action="store_const", const=False)
+    flag("--gpu", action="store_const", const=True)
+    flag("--multi-gpu", "--multi_gpu", dest="multi_gpu", action="store_const", const=True)
+    flag("--num-workers", "--num_workers", dest="num_workers", type=int)
+    flag("--seed", type=int)
+    flag("--data-root", "--data_root", dest="data_root")
+    flag("--cache-dir", "--cache_dir", dest="cache_dir", help="folder of caches, or one cache folder")
+    flag("--output-dir", "--output_dir", dest="output_dir", help="default results/ResNet50-3D")
+    flag("--plots-every", "--plots_every", dest="plots_every", type=int, help="per-epoch plots every N epochs")
+    flag("--resume", help="RUN_DIR of an interrupted run to continue from its last.pt")
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print the resolved configuration and what would run, then exit",
+    )
+
+
+def config_from_args(args):
+    from gliograde.config import TrainConfig, resolve
+
+    names = {f for f in TrainConfig.__dataclass_fields__}
+    overrides = {k: v for k, v in vars(args).items() if k in names and k != "preset"}
+    return resolve(getattr(args, "preset", "final"), **overrides)
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train one fold (the seeds' train_resnet50_3d.py)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    import json
+
+    from gliograde.config import validate
+
+    cfg = validate(config_from_args(args), log)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        what = f"resume {cfg.resume}" if cfg.resume else f"a new run in {cfg.output_dir}/runs/fold_{cfg.fold}/"
+        print(
+            f"would train fold {cfg.fold} of {cfg.folds} ({cfg.preset} preset): ResNet{cfg.depth}-3D "
+            f"{cfg.layout}, {len(cfg.modalities)} channel(s) {','.join(cfg.modalities)}, {cfg.loss} loss, "
+            f"{cfg.sampler} sampler, {cfg.epochs} epochs, batch {cfg.batch_size} x {cfg.grad_accum}; {what}"
+        )
+        return
+    from gliograde.training.trainer import train_fold
+
+    train_fold(cfg)
+
+
 # ----------------------------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the embedded default job on a synthetic BraTS-like set (CPU, minutes)")
@@ -185,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gliograde {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_prepare, _add_model_info, _add_demo):
+    for add in (_add_synth, _add_prepare, _add_model_info, _add_train, _add_demo):
         add(sub)
     return parser
 

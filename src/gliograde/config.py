@@ -1,0 +1,191 @@
+"""The training configuration: one dataclass, presets as YAML (configs/ = src/gliograde/presets/), validation.
+
+Resolution order: dataclass defaults < preset file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+
+import yaml
+
+from gliograde import MODALITIES
+from gliograde.errors import GliogradeError
+
+PRESETS = ("final", "ldam-drw", "cpu-demo")
+# Fields that change how a run is executed or reported, not what it computes: a resumed run may differ in these.
+RUNTIME_FIELDS = {
+    "resume",
+    "num_workers",
+    "output_dir",
+    "plots_every",
+    "dry_run",
+    "data_root",
+    "cache_dir",
+    "gpu",
+    "multi_gpu",
+    "preset",
+}
+
+
+class ConfigError(GliogradeError):
+    """A value that makes no sense, explained."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_root: str | None = None
+    cache_dir: str = "cache"
+    size: int = 128
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    fold: int = 0
+    folds: int = 5
+    split_seed: int = 42  # seed of the fold split (folds.json); independent of the training seed
+    # model
+    depth: int = 50
+    layout: str = "strided"
+    shortcut: str = "B"
+    dropout: float = 0.4
+    pretrained_path: str | None = None
+    # optimisation
+    epochs: int = 50
+    batch_size: int = 4
+    grad_accum: int = 1
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    classifier_lr_mult: float = 2.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: int = 3
+    step_size: int = 10
+    gamma: float = 0.1
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    # class imbalance
+    loss: str = "ce"
+    sampler: str = "weighted"  # weighted (inverse class frequency) | shuffle
+    max_m: float = 0.5
+    ldam_s: float = 30.0
+    drw_start_epoch: int | None = None  # 1-based epoch from which DRW weights apply (LDAM only)
+    # averaging and stopping
+    ema_decay: float = 0.0  # 0 = off
+    patience: int = 10
+    min_epochs: int = 15
+    min_delta: float = 0.0
+    # augmentation (batched, applied identically to all channels)
+    augment: bool = True
+    flip_prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale_range: float = 0.1
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    # execution
+    gpu: bool = False
+    multi_gpu: bool = False
+    amp: bool | None = None  # None = on for CUDA, off on CPU
+    tf32: bool = True
+    num_workers: int | None = None  # None = min(8, cpus)
+    seed: int = 42
+    output_dir: str = "results/ResNet50-3D"
+    plots_every: int = 1
+    resume: str | None = None
+    preset: str = "final"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """The fields that decide what a run computes (compared when resuming)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def load_preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is not one of {', '.join(PRESETS)}")
+    text = resources.files("gliograde").joinpath("presets", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def parse_modalities(value) -> list[str]:
+    """'flair' | 'all' | 't1,t1ce' | list -> checked list in the order given."""
+    items = value if isinstance(value, list) else [v.strip().lower() for v in str(value).split(",") if v.strip()]
+    if items == ["all"]:
+        return list(MODALITIES)
+    bad = [m for m in items if m not in MODALITIES]
+    if bad or not items or len(set(items)) != len(items):
+        raise ConfigError(f"--modality {value!r}: give one of {', '.join(MODALITIES)}, 'all', or a comma list of them")
+    return items
+
+
+def resolve(preset: str = "final", **overrides) -> TrainConfig:
+    """Defaults < preset < overrides (None values in overrides mean 'not given')."""
+    values = {**load_preset(preset), **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys {unknown}")
+    values["preset"] = preset
+    cfg = TrainConfig(**values)
+    cfg.modalities = parse_modalities(cfg.modalities)
+    cfg.loss, cfg.optimizer, cfg.scheduler = cfg.loss.lower(), cfg.optimizer.lower(), cfg.scheduler.lower()
+    return cfg
+
+
+def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig:
+    """Errors for values that cannot work, warnings for the seeds' known pitfalls."""
+    log = log or logging.getLogger("gliograde")
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}")
+    need(cfg.grad_accum >= 1, f"--gradient-accumulation-steps must be at least 1, got {cfg.grad_accum}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.classifier_lr_mult > 0, f"--classifier-lr-mult must be positive, got {cfg.classifier_lr_mult}")
+    need(0 <= cfg.dropout < 1, f"--dropout must lie in [0, 1), got {cfg.dropout}")
+    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
+    need(0 <= cfg.ema_decay < 1, f"--ema-decay must lie in [0, 1) (0 = off), got {cfg.ema_decay}")
+    need(cfg.loss in ("ce", "ldam"), f"--loss {cfg.loss!r} is neither ce nor ldam")
+    need(cfg.optimizer in ("adam", "adamw", "sgd"), f"--optimizer {cfg.optimizer!r} is not adam, adamw or sgd")
+    need(cfg.scheduler in ("cosine", "step", "none"), f"--scheduler {cfg.scheduler!r} is not cosine, step or none")
+    need(cfg.sampler in ("weighted", "shuffle"), f"--sampler {cfg.sampler!r} is neither weighted nor shuffle")
+    need(cfg.layout in ("strided", "medicalnet"), f"--layout {cfg.layout!r} is neither strided nor medicalnet")
+    need(cfg.depth in (10, 18, 34, 50, 101, 152, 200), f"--depth {cfg.depth} is not a ResNet-3D depth")
+    need(cfg.size >= 16, f"--size must be at least 16, got {cfg.size}")
+    need(cfg.patience >= 1 and cfg.min_epochs >= 0, "--early-stopping must be >= 1 and --min-epochs >= 0")
+    need(cfg.max_m > 0 and cfg.ldam_s > 0, "--max-m and --ldam-s must be positive")
+    need(cfg.warmup_epochs >= 0 and cfg.plots_every >= 1, "--warmup-epochs must be >= 0 and --plots-every >= 1")
+    need(cfg.folds >= 2, f"--folds must be at least 2, got {cfg.folds}")
+    need(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold} is outside 0..{cfg.folds - 1}")
+
+    if cfg.loss == "ldam" and cfg.drw_start_epoch is not None:
+        if cfg.drw_start_epoch > cfg.epochs:
+            log.warning(
+                "DRW will never activate: --drw-start-epoch %d is beyond --epochs %d", cfg.drw_start_epoch, cfg.epochs
+            )
+        elif cfg.drw_start_epoch > cfg.min_epochs + cfg.patience:
+            log.warning(
+                "DRW may never activate: early stopping can end the run at epoch %d (min epochs %d + "
+                "patience %d), before --drw-start-epoch %d",
+                cfg.min_epochs + cfg.patience,
+                cfg.min_epochs,
+                cfg.patience,
+                cfg.drw_start_epoch,
+            )
+    if cfg.loss == "ldam" and cfg.sampler == "weighted":
+        log.warning(
+            "LDAM loss together with the class-balanced sampler: the 'triple balancing' conflict of "
+            "training_journey_summary.md §2.1; consider --sampler shuffle (preset ldam-drw) or --loss ce"
+        )
+    if cfg.warmup_epochs >= cfg.epochs:
+        log.warning(
+            "--warmup-epochs %d >= --epochs %d: the learning rate never reaches its peak", cfg.warmup_epochs, cfg.epochs
+        )
+    return cfg

@@ -1,0 +1,66 @@
+"""Batched augmentation on whatever device the batch lives on, identical for all channels of a volume.
+
+One `affine_grid` + `grid_sample` per batch does the per-axis flips, a small rotation about each axis and an
+isotropic scaling; then a per-channel intensity scale and shift inside the brain. Random numbers are drawn on the
+CPU from an explicit generator, so a run is reproducible (and resumable) whatever the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AugmentParams:
+    flip_prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale_range: float = 0.1  # zoom factor drawn from [1 - r, 1 + r]
+    intensity_scale: float = 0.1  # per channel, multiply by [1 - r, 1 + r]
+    intensity_shift: float = 0.1  # per channel, add [-r, r] (in z-score units)
+
+
+def _rotation(angles: torch.Tensor) -> torch.Tensor:
+    """(B, 3) angles in radians -> (B, 3, 3) rotation Rz @ Ry @ Rx."""
+    cx, cy, cz = torch.cos(angles).unbind(1)
+    sx, sy, sz = torch.sin(angles).unbind(1)
+    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
+    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).view(-1, 3, 3)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).view(-1, 3, 3)
+    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def draw_params(batch: int, channels: int, p: AugmentParams, generator: torch.Generator | None = None) -> dict:
+    """The random numbers of one batch (on the CPU): flips (B, 3), angles (B, 3), zoom (B,), scale/shift (B, C)."""
+
+    def uniform(*shape, low=-1.0, high=1.0):
+        return low + (high - low) * torch.rand(*shape, generator=generator)
+
+    return {
+        "flips": torch.rand(batch, 3, generator=generator) < p.flip_prob,
+        "angles": uniform(batch, 3) * math.radians(p.rotate_deg),
+        "zoom": 1 + uniform(batch) * p.scale_range,
+        "scale": 1 + uniform(batch, channels) * p.intensity_scale,
+        "shift": uniform(batch, channels) * p.intensity_shift,
+    }
+
+
+def augment_batch(x: torch.Tensor, p: AugmentParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Augment a (B, C, D, H, W) batch; background (exact zeros) stays zero."""
+    b, c = x.shape[:2]
+    r = draw_params(b, c, p, generator)
+    signs = 1 - 2 * r["flips"].float()
+    # theta maps output coordinates to input coordinates: flip, rotate, then divide by zoom
+    a = _rotation(r["angles"]) * signs[:, None, :] / r["zoom"][:, None, None]
+    theta = torch.cat([a, torch.zeros(b, 3, 1)], dim=2).to(device=x.device, dtype=torch.float32)
+    xf = x.float()
+    grid = F.affine_grid(theta, list(xf.shape), align_corners=False)
+    out = F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    brain = (out != 0).any(dim=1, keepdim=True)
+    scale = r["scale"].to(x.device)[:, :, None, None, None]
+    shift = r["shift"].to(x.device)[:, :, None, None, None]
+    return torch.where(brain, out * scale + shift, torch.zeros((), device=x.device)).to(x.dtype)

@@ -1,0 +1,75 @@
+"""Delivering cached volumes to the training loop: a Dataset over the memory-mapped cache and its DataLoaders.
+
+Augmentation is not done here but on the batch (gliograde.data.augment), on whatever device it lives on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+
+from gliograde.data.cache import VolumeCache
+
+
+class CacheDataset(Dataset):
+    """(volume (C, S, S, S) float32, label) for the given cache rows and channels."""
+
+    def __init__(self, cache: VolumeCache, rows, channels: list[int]):
+        self.volumes, self.rows, self.channels = cache.volumes, np.asarray(rows), list(channels)
+        self.labels = cache.labels[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        volume = np.asarray(self.volumes[self.rows[i]][self.channels], dtype=np.float32)
+        return torch.from_numpy(volume), int(self.labels[i])
+
+
+def inverse_frequency_weights(labels) -> torch.Tensor:
+    """Per-sample weights 1 / n_class: each class is drawn equally often in expectation."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    return torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def make_loaders(
+    train: CacheDataset,
+    val: CacheDataset,
+    batch_size: int,
+    sampler: str,
+    generator: torch.Generator,
+    num_workers: int | None,
+    pin_memory: bool,
+) -> tuple[DataLoader, DataLoader]:
+    """The seeds' loader settings: workers min(8, cpus), pinned memory, persistent workers, prefetch 4,
+    drop_last for training; an inverse-frequency WeightedRandomSampler or plain shuffling."""
+    workers = default_workers() if num_workers is None else num_workers
+    if sampler == "weighted":
+        train_sampler = WeightedRandomSampler(
+            inverse_frequency_weights(train.labels), len(train), replacement=True, generator=generator
+        )
+    else:
+        train_sampler = RandomSampler(train, generator=generator)
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if workers > 0 else {}
+    train_loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        sampler=train_sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=generator,
+        **extra,
+    )
+    val_loader = DataLoader(
+        val, batch_size=max(2 * batch_size, 8), shuffle=False, num_workers=workers, pin_memory=pin_memory, **extra
+    )
+    return train_loader, val_loader

@@ -1,0 +1,138 @@
+"""Figures of a run, drawn with matplotlib's object API (no pyplot state) in a background thread, so the training
+loop never waits for them. `PlotWriter.close()` waits for every queued figure."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from gliograde import GRADES
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
+def loss_curve(history: list[dict], path: Path, loss_name: str) -> None:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    drw = [h["epoch"] for h in history if h.get("drw_active")]
+    if drw:
+        ax.axvline(drw[0], color="grey", ls="--", label="DRW on")
+    ax.set(xlabel="epoch", ylabel=f"{loss_name} loss", title=f"{loss_name} loss")
+    ax.legend()
+    _save(fig, path)
+
+
+def learning_curves(history: list[dict], path: Path, loss_name: str) -> None:
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2)
+    e = [h["epoch"] for h in history]
+    axes[0, 0].plot(e, [h["train_loss"] for h in history], label="train")
+    axes[0, 0].plot(e, [h["val_loss"] for h in history], label="validation")
+    axes[0, 0].set(title=f"{loss_name} loss", xlabel="epoch")
+    for key in ("auc", "f1", "accuracy", "balanced_accuracy"):
+        axes[0, 1].plot(e, [h[f"val_{key}"] for h in history], label=key)
+    if any("ema_val_auc" in h for h in history):
+        axes[0, 1].plot(e, [h.get("ema_val_auc", np.nan) for h in history], "--", label="auc (EMA)")
+    axes[0, 1].set(title="validation", xlabel="epoch", ylim=(0, 1.02))
+    axes[1, 0].plot(e, [h["val_sensitivity"] for h in history], label="sensitivity (HGG)")
+    axes[1, 0].plot(e, [h["val_specificity"] for h in history], label="specificity (LGG)")
+    axes[1, 0].set(title="validation per class", xlabel="epoch", ylim=(0, 1.02))
+    axes[1, 1].plot(e, [h["lr_backbone"] for h in history], label="backbone")
+    axes[1, 1].plot(e, [h["lr_head"] for h in history], label="classifier")
+    axes[1, 1].set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in axes.flat:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def confusion(cm, path: Path, title: str) -> None:
+    cm = np.asarray(cm)
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(
+                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=GRADES,
+        yticklabels=GRADES,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
+    _save(fig, path)
+
+
+def roc(labels, probs, path: Path, title: str, auc: float) -> None:
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.add_subplot()
+    if len(np.unique(labels)) == 2:
+        fpr, tpr, _ = roc_curve(labels, probs)
+        ax.plot(fpr, tpr, label=f"AUC = {auc:.4f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity (HGG)", title=title)
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def pr(labels, probs, path: Path, title: str) -> None:
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.add_subplot()
+    if len(np.unique(labels)) == 2:
+        precision, recall, _ = precision_recall_curve(labels, probs)
+        ax.plot(recall, precision)
+        ax.axhline(np.mean(labels), color="grey", ls=":", label="prevalence of HGG")
+    ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title=title, ylim=(0, 1.02))
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+class PlotWriter:
+    """Queues the five figures of an epoch (or the final ones) on one background thread."""
+
+    def __init__(self, folder: Path, loss_name: str):
+        self.folder, self.loss_name = Path(folder), loss_name
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
+        self.pending: list[Future] = []
+
+    def submit(self, history: list[dict], labels, probs, metrics: dict, suffix: str, title: str) -> None:
+        history = [dict(h) for h in history]  # a snapshot: the loop goes on appending
+        labels, probs = np.array(labels), np.array(probs)
+        self.pending.append(self.pool.submit(self._draw, history, labels, probs, metrics, suffix, title))
+
+    def _draw(self, history, labels, probs, metrics, suffix, title):
+        f = self.folder
+        loss_curve(history, f / f"loss_curve{suffix}.png", self.loss_name)
+        learning_curves(history, f / f"learning_curves{suffix}.png", self.loss_name)
+        confusion(metrics["confusion_matrix"], f / f"confusion_matrix{suffix}.png", title)
+        roc(labels, probs, f / f"roc_curve{suffix}.png", title, metrics["auc"])
+        pr(labels, probs, f / f"pr_curve{suffix}.png", title)
+
+    def close(self) -> None:
+        """Wait for every figure; a figure that failed is logged, never fatal to the run."""
+        for fut in self.pending:
+            try:
+                fut.result()
+            except Exception as e:  # a plot must not lose a finished training run
+                logging.getLogger("gliograde").warning("a plot could not be drawn: %s", e)
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
