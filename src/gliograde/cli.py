@@ -107,7 +107,7 @@ def prepare_and_split(data_root, out, size, workers, skip_incomplete, k, seed):
 
 def cmd_prepare(args) -> None:
     prepare_and_split(
-        _data_root(args.data_root),
+        resolve_data_root(args.data_root),
         args.out,
         args.size,
         args.workers,
