@@ -237,7 +237,11 @@ def train_fold(cfg: TrainConfig, on_epoch_end=None) -> RunResult:
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     handler = logging.FileHandler(run_dir / "logs" / f"train_{stamp}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+    handler.setLevel(logging.INFO)
     log.addHandler(handler)
+    level = log.level
+    if log.getEffectiveLevel() > logging.INFO:  # the run's log file gets INFO whatever the caller configured
+        log.setLevel(logging.INFO)
     plots = PlotWriter(run_dir / "plots", "LDAM" if cfg.loss == "ldam" else "cross-entropy")
     try:
         return _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end)
@@ -253,6 +257,7 @@ def train_fold(cfg: TrainConfig, on_epoch_end=None) -> RunResult:
     finally:
         plots.close()
         log.removeHandler(handler)
+        log.setLevel(level)
         handler.close()
 
 

@@ -1,0 +1,347 @@
+"""The training engine on tiny CPU runs (ResNet-10, 16^3-32^3 volumes): run folder, policies, resume, faults."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from gliograde.cli import build_parser, config_from_args, main
+from gliograde.config import ConfigError, resolve, validate
+from gliograde.data.cache import open_cache, prepare_cache
+from gliograde.errors import GliogradeError
+from gliograde.training import trainer
+from gliograde.training.checkpoints import CheckpointError, select_checkpoint
+from gliograde.training.losses import LDAMLoss, drw_active, drw_weights
+from gliograde.training.trainer import improved, new_run_dir, train_fold
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "cache-s16"
+    return open_cache(prepare_cache(synth_root, out, size=16, workers=1, progress=False).path)
+
+
+def tiny(cache, tmp_path, **kw):
+    base = {
+        "cache_dir": str(cache.path),
+        "size": 16,
+        "epochs": 3,
+        "batch_size": 4,
+        "output_dir": str(tmp_path / "res"),
+        "num_workers": 0,
+        "min_epochs": 3,
+    }
+    return resolve("cpu-demo", **{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------ learning, folder
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    from gliograde.data.synthetic import synthesize
+
+    tmp = tmp_path_factory.mktemp("learn")
+    data, _ = synthesize(tmp / "data", 60, (64, 64, 48), seed=42, workers=2, progress=False)
+    cache = open_cache(prepare_cache(data, tmp / "cache", size=32, workers=2, progress=False).path)
+    cfg = resolve("cpu-demo", cache_dir=str(cache.path), output_dir=str(tmp / "results"), epochs=12)
+    return train_fold(cfg)
+
+
+def test_a_learnable_fold_reaches_auc_090(learned):
+    assert learned.final["auc"] >= 0.9
+    assert learned.final["checkpoint"] == "best.pt"
+    best = max(learned.history, key=lambda h: (h["val_auc"], h["val_f1"]))
+    assert learned.final["best_epoch"] == best["epoch"]
+
+
+def test_the_run_folder_holds_everything_the_seeds_list(learned):
+    run = learned.run_dir
+    assert run.parent.name == "fold_0" and run.parent.parent.name == "runs" and run.name.startswith("run_")
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    for pt in (run / "checkpoints").iterdir():
+        ckpt = torch.load(pt, map_location="cpu", weights_only=True)
+        assert {"model_state_dict", "epoch", "val_metrics", "config"} <= set(ckpt)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng_state"} <= set(last)
+    metrics = json.loads((run / "metrics" / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    assert {
+        "auc",
+        "f1",
+        "accuracy",
+        "best_epoch",
+        "sensitivity",
+        "specificity",
+        "per_class",
+        "confusion_matrix",
+    } <= set(metrics["final"])
+    assert len(metrics["history"]) == len(learned.history) and set(metrics["loss_summary"]) == {"train", "val"}
+    h = metrics["history"][0]
+    assert {"train_loss", "val_loss", "val_auc", "lr_backbone", "lr_head", "drw_active", "epoch_time_s"} <= set(h)
+    assert math.isclose(h["lr_head"], 2 * h["lr_backbone"])
+    plots = {p.name for p in (run / "plots").iterdir()}
+    for name in ("loss_curve", "learning_curves", "confusion_matrix", "roc_curve", "pr_curve"):
+        assert f"{name}.png" in plots and f"{name}_epoch_1.png" in plots
+    preds = run / "predictions"
+    probs, labels = np.load(preds / "val_probs.npy"), np.load(preds / "val_labels.npy")
+    assert np.array_equal(np.load(preds / "val_preds.npy"), (probs >= 0.5).astype(int))
+    assert len(json.loads((preds / "val_ids.json").read_text())) == len(labels) == 12
+    config = json.loads((run / "config" / "config.json").read_text())
+    assert config["seed"] == 42 and config["config"]["depth"] == 10
+    assert {"python", "torch", "monai", "gliograde", "git_commit", "device"} <= set(config["environment"])
+    logs = list((run / "logs").glob("train_*.log"))
+    assert len(logs) == 1 and "Epoch 1/12 | train loss" in logs[0].read_text()
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_ldam_matches_a_hand_computation():
+    counts, max_m, s = [75, 210], 0.5, 30.0
+    logits = torch.tensor([[0.2, -0.1], [0.05, 0.3], [-0.4, 0.1]])
+    target = torch.tensor([0, 1, 0])
+    m = [1 / n**0.25 for n in counts]
+    m = [v * max_m / max(m) for v in m]  # the rarest class gets max_m
+    expected = 0.0
+    for z, y in zip(logits.tolist(), target.tolist(), strict=True):
+        z = [s * (z[j] - (m[j] if j == y else 0)) for j in range(2)]
+        expected += -(z[y] - math.log(sum(math.exp(v) for v in z)))
+    expected /= 3
+    assert math.isclose(float(LDAMLoss(counts, max_m, s)(logits, target)), expected, rel_tol=1e-5)
+    assert math.isclose(m[0], 0.5) and m[1] < m[0]
+
+
+def test_drw_weights_and_schedule():
+    w = drw_weights([75, 210])
+    assert torch.allclose(w / w[1], torch.tensor([math.sqrt(210 / 75), 1.0])) and math.isclose(float(w.mean()), 1.0)
+    assert [drw_active("ldam", 3, e) for e in (1, 2, 3, 4)] == [False, False, True, True]
+    assert not drw_active("ce", 1, 5) and not drw_active("ldam", None, 5)
+
+
+def test_drw_switches_on_during_a_run(tiny_cache, tmp_path, caplog):
+    cfg = tiny(tiny_cache, tmp_path, loss="ldam", sampler="shuffle", drw_start_epoch=2)
+    with caplog.at_level("INFO", logger="gliograde"):
+        result = train_fold(cfg)
+    assert [h["drw_active"] for h in result.history] == [False, True, True]
+    assert "DRW activated at epoch 2" in caplog.text
+
+
+def test_config_warns_about_the_seeds_pitfalls(caplog):
+    with caplog.at_level("WARNING", logger="gliograde"):
+        validate(resolve("ldam-drw", drw_start_epoch=60, epochs=50))
+        validate(resolve("ldam-drw", drw_start_epoch=25))  # early stopping can end the run at epoch 17
+        validate(resolve("final", loss="LDAM"))
+    assert "DRW will never activate" in caplog.text and "DRW may never activate" in caplog.text
+    assert "triple balancing" in caplog.text
+    for bad in ({"lr": -1e-4}, {"batch_size": 0}, {"fold": 5}, {"dropout": 1.0}, {"modalities": "pd"}):
+        with pytest.raises(ConfigError):
+            validate(resolve("final", **bad))
+
+
+# ------------------------------------------------------------------------------------- stopping, policy
+def test_improvement_rule_auc_then_f1():
+    best = {"auc": 0.8, "f1": 0.7}
+    assert improved(0.81, 0.1, best, 0.0) and improved(0.8, 0.71, best, 0.0)
+    assert not improved(0.8, 0.7, best, 0.0) and not improved(0.805, 0.9, best, 0.01)
+    assert not improved(float("nan"), 1.0, best, 0.0)
+
+
+def test_early_stopping_respects_patience_and_min_epochs(tiny_cache, tmp_path, monkeypatch, caplog):
+    real = trainer.compute_metrics
+    monkeypatch.setattr(trainer, "compute_metrics", lambda y, p: {**real(y, p), "auc": 0.7, "f1": 0.5})
+    cfg = tiny(tiny_cache, tmp_path, epochs=10, patience=2, min_epochs=4)
+    with caplog.at_level("INFO", logger="gliograde"):
+        result = train_fold(cfg)
+    assert len(result.history) == 4  # no improvement after epoch 1; patience met at 3, min epochs at 4
+    assert "Early stopping at epoch 4" in caplog.text and result.final["best_epoch"] == 1
+
+
+def test_checkpoint_policy_never_uses_last(tmp_path):
+    d = tmp_path
+    (d / "last.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"last\.pt is never used"):
+        select_checkpoint(d, "auto")
+    (d / "best.pt").write_bytes(b"")
+    assert select_checkpoint(d, "auto").name == "best.pt"
+    (d / "best_ema.pt").write_bytes(b"")
+    assert select_checkpoint(d, "auto", ema_enabled=True).name == "best_ema.pt"
+    assert select_checkpoint(d, "auto", ema_enabled=False).name == "best.pt"
+    with pytest.raises(CheckpointError, match="never evaluated"):
+        select_checkpoint(d, "last")
+
+
+def test_ema_run_evaluates_best_ema(tiny_cache, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="gliograde"):
+        result = train_fold(tiny(tiny_cache, tmp_path, ema_decay=0.9))
+    assert (result.run_dir / "checkpoints" / "best_ema.pt").is_file()
+    assert result.final["checkpoint"] == "best_ema.pt" and result.final["used_ema"]
+    assert "Using EMA best checkpoint: best_ema.pt" in caplog.text
+    assert all("ema_val_auc" in h for h in result.history)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_resume_gives_the_uninterrupted_result(tiny_cache, tmp_path):
+    full = train_fold(tiny(tiny_cache, tmp_path / "a", epochs=4, min_epochs=4, ema_decay=0.9))
+
+    def stop_after_two(epoch, run_dir):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(tiny(tiny_cache, tmp_path / "b", epochs=4, min_epochs=4, ema_decay=0.9), on_epoch_end=stop_after_two)
+    run_b = next((tmp_path / "b" / "res" / "runs" / "fold_0").iterdir())
+    assert json.loads((run_b / "metrics" / "metrics.json").read_text())["status"] == "running"
+    resumed = train_fold(tiny(tiny_cache, tmp_path / "b", epochs=4, min_epochs=4, ema_decay=0.9, resume=str(run_b)))
+    assert resumed.run_dir == run_b
+    a = torch.load(full.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run_b / "checkpoints" / "last.pt", weights_only=True)
+    for k, v in a["model_state_dict"].items():
+        assert torch.equal(v, b["model_state_dict"][k]), k
+    for k, v in a["ema_state_dict"].items():
+        assert torch.equal(v, b["ema_state_dict"][k]), k
+    strip = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in full.history]
+    assert strip == [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in resumed.history]
+    assert resumed.final["auc"] == full.final["auc"]
+
+
+def test_resume_from_another_configuration_is_refused(tiny_cache, tmp_path):
+    run = train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1)).run_dir
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(GliogradeError, match=r"another configuration \(differs in \['lr'\]\)"):
+        train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1, lr=5e-4, resume=str(run)))
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------- faults
+def test_nan_loss_stops_with_epoch_and_step(tiny_cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(tiny_cache.path, copy)
+    volumes = np.load(copy / "volumes.npy", mmap_mode="r+")
+    volumes[:] = np.nan
+    volumes.flush()
+    with pytest.raises(GliogradeError, match=r"non-finite training loss .* at epoch 1, step 1"):
+        train_fold(tiny(open_cache(copy), tmp_path))
+    run = next((tmp_path / "res" / "runs" / "fold_0").iterdir())
+    assert not (run / "metrics" / "metrics.json").exists()  # nothing presented as a result
+
+
+def test_bad_requests_get_clear_errors(tiny_cache, tmp_path, capsys):
+    with pytest.raises(GliogradeError, match="exceeds the 19 training cases"):
+        train_fold(tiny(tiny_cache, tmp_path, batch_size=32))
+    code = main(["train", "--preset", "cpu-demo", "--fold", "7", "--cache-dir", str(tiny_cache.path)])
+    assert code == 2 and "--fold 7 is outside 0..4" in capsys.readouterr().err
+    code = main(
+        ["train", "--preset", "cpu-demo", "--data-root", str(tmp_path / "nothing"), "--cache-dir", str(tmp_path / "c")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and "gliograde demo" in err and "Traceback" not in err
+
+
+def test_two_runs_in_the_same_second_get_their_own_folders(tmp_path):
+    runs = {new_run_dir(str(tmp_path), 0) for _ in range(3)}
+    assert len(runs) == 3 and all((r / "checkpoints").is_dir() for r in runs)
+
+
+# ------------------------------------------------------------------------------------ the seeds' commands
+SEED_COMMANDS = {
+    "integration": (
+        "--fold 0 --pretrained-path pretrained/medicalnet_resnet50_3d.pth --lr 2e-4 --batch_size 6 "
+        "--epochs 60 --optimizer adam --loss LDAM --scheduler cosine --dropout 0.4 --grad_clip 0.5 "
+        "--gradient_accumulation_steps 2 --ema_decay 0.999 --multi_gpu --gpu --amp",
+        {
+            "lr": 2e-4,
+            "batch_size": 6,
+            "epochs": 60,
+            "loss": "ldam",
+            "dropout": 0.4,
+            "grad_clip": 0.5,
+            "grad_accum": 2,
+            "ema_decay": 0.999,
+            "multi_gpu": True,
+            "gpu": True,
+            "amp": True,
+        },
+    ),
+    "single": (
+        "--fold 0 --modality flair --epochs 50 --batch-size 4 --lr 1e-4 --amp --tf32",
+        {"modalities": ["flair"], "epochs": 50, "batch_size": 4, "amp": True, "tf32": True},
+    ),
+    "custom": (
+        "--fold 0 --modality flair --epochs 50 --batch-size 4 --lr 5e-4 --drw-start-epoch 20 --max-m 0.6 "
+        "--early-stopping 10 --grad-clip 1.0",
+        {"lr": 5e-4, "drw_start_epoch": 20, "max_m": 0.6, "patience": 10, "grad_clip": 1.0},
+    ),
+    "full": (
+        "--fold 0 --lr 1e-4 --batch-size 4 --epochs 50 --early-stopping 7 --optimizer adam --multi-gpu --gpu",
+        {"patience": 7, "optimizer": "adam", "multi_gpu": True, "modalities": ["t1", "t1ce", "t2", "flair"]},
+    ),
+    "pretrained": (
+        "--fold 0 --modality flair --pretrained-path /path/to/medicalnet/resnet_50_23dataset.pth "
+        "--epochs 50 --batch-size 4 --lr 1e-4",
+        {"pretrained_path": "/path/to/medicalnet/resnet_50_23dataset.pth"},
+    ),
+    "multi": ("--fold 0 --modality flair --multi-gpu --batch-size 4 --epochs 50", {"multi_gpu": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(SEED_COMMANDS))
+def test_every_seed_command_line_parses_to_the_intended_configuration(name):
+    line, expected = SEED_COMMANDS[name]
+    cfg = config_from_args(build_parser().parse_args(["train", *shlex.split(line)]))
+    for key, value in expected.items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.preset == "final" and cfg.fold == 0
+
+
+def test_ldam_drw_preset_is_the_guides_defaults():
+    cfg = resolve("ldam-drw")
+    assert (cfg.modalities, cfg.loss, cfg.max_m, cfg.ldam_s, cfg.drw_start_epoch, cfg.sampler, cfg.dropout) == (
+        ["flair"],
+        "ldam",
+        0.5,
+        30.0,
+        15,
+        "shuffle",
+        0.5,
+    )
+    assert (cfg.patience, cfg.min_epochs, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) == (
+        7,
+        10,
+        50,
+        4,
+        1e-4,
+        1e-4,
+    )
+    final = resolve("final")
+    assert (
+        final.loss,
+        final.sampler,
+        final.grad_accum,
+        final.classifier_lr_mult,
+        final.dropout,
+        final.patience,
+        final.min_epochs,
+        final.ema_decay,
+        final.seed,
+    ) == ("ce", "weighted", 2, 2.0, 0.4, 10, 15, 0.0, 42)
+
+
+def test_the_seeds_script_runs_as_written_with_dry_run():
+    cmd = [
+        sys.executable,
+        "scripts/training/train_resnet50_3d.py",
+        *shlex.split(SEED_COMMANDS["integration"][0]),
+        "--dry-run",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    assert printed["loss"] == "ldam" and printed["ema_decay"] == 0.999 and printed["grad_accum"] == 2
+    assert "would train fold 0" in out.stdout and "triple balancing" in out.stderr
