@@ -25,7 +25,8 @@ class Profile:
 def profile_model(model: ResNet3D, in_channels: int, size: int, dtype=torch.float32) -> Profile:
     params = sum(p.numel() for p in model.parameters())
     meta = ResNet3D(model.depth, in_channels, model.num_classes, model.shortcut, model.layout).to("meta", dtype)
-    x = torch.empty(1, in_channels, size, size, size, device="meta", dtype=dtype)
+    batch = 2  # BatchNorm in training mode needs more than one value per channel, even at 1^3 feature maps
+    x = torch.empty(batch, in_channels, size, size, size, device="meta", dtype=dtype)
     with FlopCounterMode(display=False) as fwd:
         features = meta.feature_maps(x)
     saved = []
@@ -38,5 +39,9 @@ def profile_model(model: ResNet3D, in_channels: int, size: int, dtype=torch.floa
     with FlopCounterMode(display=False) as train, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         meta(x.requires_grad_(False)).sum().backward()
     return Profile(
-        params, fwd.get_total_flops() / 1e9, train.get_total_flops() / 1e9, sum(saved), tuple(features.shape[1:])
+        params,
+        fwd.get_total_flops() / 1e9 / batch,
+        train.get_total_flops() / 1e9 / batch,
+        sum(saved) // batch,
+        tuple(features.shape[1:]),
     )
