@@ -10,21 +10,10 @@ import time
 from pathlib import Path
 
 from gliograde import __version__
+from gliograde.data.brats import resolve_data_root
 from gliograde.errors import GliogradeError
 
 log = logging.getLogger("gliograde")
-
-
-def resolve_data_root(value: str | None) -> Path:
-    """--data-root, else $GLIOGRADE_DATA, else ./data/MICCAI_BraTS_2018_Data_Training."""
-    from gliograde.data.brats import HOW_TO_GET_DATA
-
-    root = value or os.environ.get("GLIOGRADE_DATA") or "data/MICCAI_BraTS_2018_Data_Training"
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        source = "--data-root" if value else ("GLIOGRADE_DATA" if os.environ.get("GLIOGRADE_DATA") else "the default")
-        raise GliogradeError(f"data root {path} (from {source}) does not exist. {HOW_TO_GET_DATA}")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- synth

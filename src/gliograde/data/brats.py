@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,19 @@ HOW_TO_GET_DATA = (
     "MICCAI_BraTS_2018_Data_Training/ (register at https://www.med.upenn.edu/sbia/brats2018/ to download it), "
     "or run `gliograde demo` / `gliograde synth --out DIR --cases 40` for a synthetic BraTS-like set."
 )
+
+
+DEFAULT_DATA_ROOT = "data/MICCAI_BraTS_2018_Data_Training"
+
+
+def resolve_data_root(value: str | None) -> Path:
+    """--data-root, else $GLIOGRADE_DATA, else ./data/MICCAI_BraTS_2018_Data_Training; it must exist."""
+    env = os.environ.get("GLIOGRADE_DATA")
+    path = Path(value or env or DEFAULT_DATA_ROOT).expanduser()
+    if not path.is_dir():
+        source = "--data-root" if value else ("GLIOGRADE_DATA" if env else "the default")
+        raise DataError(f"data root {path} (from {source}) does not exist. {HOW_TO_GET_DATA}")
+    return path
 
 
 def site_of(case_id: str) -> str:

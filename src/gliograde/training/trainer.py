@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gliograde import GRADES, __version__
 from gliograde.config import TrainConfig, validate
 from gliograde.data.augment import AugmentParams, augment_batch
+from gliograde.data.brats import resolve_data_root
 from gliograde.data.cache import VolumeCache, default_cache_path, open_cache, prepare_cache
 from gliograde.data.loader import CacheDataset, make_loaders
 from gliograde.data.splits import fold_indices, folds_for_cache
@@ -87,8 +89,6 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 def load_data(cfg: TrainConfig) -> tuple[VolumeCache, dict]:
     """The cache (a folder given by --cache-dir, else prepared from the data root if missing or stale) and folds."""
-    from gliograde.cli import resolve_data_root
-
     direct = Path(cfg.cache_dir)
     if (direct / "manifest.json").is_file():
         cache = open_cache(direct)
@@ -546,15 +546,7 @@ def evaluate_checkpoint(
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit its own recorded architecture: {e}") from e
     model.to(device).eval()
-    _, val_loader = make_loaders(
-        CacheDataset(cache, val_rows, channels),
-        CacheDataset(cache, val_rows, channels),
-        cfg.batch_size,
-        "shuffle",
-        torch.Generator(),
-        0,
-        False,
-    )
+    val_loader = DataLoader(CacheDataset(cache, val_rows, channels), batch_size=max(2 * cfg.batch_size, 8))
     loss, probs, labels = predict(model, val_loader, device, dtype, loss_fn)
     m = compute_metrics(labels, probs)
     if stored is not None and not math.isnan(stored) and abs(m["auc"] - stored) > 0.01:
