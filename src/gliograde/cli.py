@@ -230,8 +230,9 @@ def cmd_train(args) -> None:
 
     from gliograde.config import validate
 
-    cfg = validate(config_from_args(args), log)
+    cfg = config_from_args(args)
     if args.dry_run:
+        validate(cfg, log)  # train_fold validates (and warns) itself; only the dry run needs it here
         print(json.dumps(cfg.to_dict(), indent=2))
         what = f"resume {cfg.resume}" if cfg.resume else f"a new run in {cfg.output_dir}/runs/fold_{cfg.fold}/"
         print(
