@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gliograde import GRADES, __version__
@@ -490,7 +489,7 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
             break
 
     # ------------------------------------------------------------------------------------ final evaluation
-    final = evaluate_checkpoint(run_dir, cfg, cache, val_rows, channels, device, dtype, loss_fn, "auto")
+    final = evaluate_checkpoint(run_dir, cfg, val_loader, device, dtype, loss_fn, "auto")
     probs, labels = final.pop("_probs"), final.pop("_labels")
     preds = (probs >= 0.5).astype(np.int64)
     out = run_dir / "predictions"
@@ -526,7 +525,7 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
 
 
 def evaluate_checkpoint(
-    run_dir: Path, cfg: TrainConfig, cache, val_rows, channels, device, dtype, loss_fn, policy: str = "auto"
+    run_dir: Path, cfg: TrainConfig, val_loader, device, dtype, loss_fn, policy: str = "auto"
 ) -> dict:
     """Load the checkpoint chosen by the policy, re-score the validation set, compare with the stored AUC."""
     path = select_checkpoint(run_dir / "checkpoints", policy, ema_enabled=cfg.ema_decay > 0)
@@ -546,7 +545,6 @@ def evaluate_checkpoint(
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit its own recorded architecture: {e}") from e
     model.to(device).eval()
-    val_loader = DataLoader(CacheDataset(cache, val_rows, channels), batch_size=max(2 * cfg.batch_size, 8))
     loss, probs, labels = predict(model, val_loader, device, dtype, loss_fn)
     m = compute_metrics(labels, probs)
     if stored is not None and not math.isnan(stored) and abs(m["auc"] - stored) > 0.01:
