@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from gliograde import __version__
@@ -144,16 +145,21 @@ def cmd_model_info(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    """Every flag of the seeds, in both spellings where they use both. Flags not given keep the preset's value."""
+def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
+    """Every flag of the seeds, in both spellings where they use both. Flags not given keep the preset's value.
+
+    For `cv`, --folds selects folds (0-4) and K is --num-folds; --fold and --resume do not apply."""
     S = argparse.SUPPRESS
 
     def flag(*names, **kw):
         p.add_argument(*names, default=S, **kw)
 
     flag("--preset", choices=["final", "ldam-drw", "cpu-demo"], help="configuration preset (default: final)")
-    flag("--fold", type=int, help="fold to train, 0..K-1 (default 0)")
-    flag("--folds", type=int, help="number of folds K (default 5)")
+    if for_cv:
+        flag("--num-folds", "--k", dest="folds", type=int, help="number of folds K (default 5)")
+    else:
+        flag("--fold", type=int, help="fold to train, 0..K-1 (default 0)")
+        flag("--folds", type=int, help="number of folds K (default 5)")
     flag(
         "--modality", "--modalities", dest="modalities", help="one modality, 'all', or a comma list (t1,t1ce,t2,flair)"
     )
@@ -201,7 +207,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     flag("--cache-dir", "--cache_dir", dest="cache_dir", help="folder of caches, or one cache folder")
     flag("--output-dir", "--output_dir", dest="output_dir", help="default results/ResNet50-3D")
     flag("--plots-every", "--plots_every", dest="plots_every", type=int, help="per-epoch plots every N epochs")
-    flag("--resume", help="RUN_DIR of an interrupted run to continue from its last.pt")
+    if not for_cv:
+        flag("--resume", help="RUN_DIR of an interrupted run to continue from its last.pt")
     p.add_argument(
         "--dry-run",
         "--dry_run",
@@ -246,6 +253,113 @@ def cmd_train(args) -> None:
     train_fold(cfg)
 
 
+# ------------------------------------------------------------------------------------------------- cv
+def _add_cv(sub):
+    p = sub.add_parser("cv", help="train every fold with one configuration (resumable), then summarize")
+    add_train_flags(p, for_cv=True)
+    p.add_argument("--folds", dest="fold_list", default=None, help="folds to run, e.g. 0-4 or 0,2 (default: all K)")
+    p.add_argument("--parallel-folds", type=int, default=1, help="folds trained at once (one per GPU; default 1)")
+    p.add_argument("--allow-partial", action="store_true", help="summarize even if some folds are missing or failed")
+    p.set_defaults(func=cmd_cv)
+
+
+def print_summary(report: dict) -> None:
+    from gliograde.evaluation.summary import table_lines
+
+    p = report["pooled"]
+    lo, hi = p["auc_ci95"]
+    print("\n".join(table_lines(report)))
+    print(
+        f"Pooled out-of-fold ({p['n']} patients): AUC {p['auc']:.4f} (95% bootstrap CI {lo:.4f}-{hi:.4f}), "
+        f"F1 {p['f1']:.4f}, accuracy {p['accuracy']:.4f}, balanced accuracy {p['balanced_accuracy']:.4f}"
+    )
+    for w in report["warnings"]:
+        print(f"WARNING: {w}")
+    print(f"Summary: {Path(report['results_dir']) / 'summary.md'} (.csv, .json)")
+    print(f"Figures: {', '.join(report['figures'])}")
+
+
+def cmd_cv(args) -> None:
+    from gliograde.config import parse_fold_list
+    from gliograde.training.cv import run_cv
+
+    cfg = config_from_args(args)
+    folds = parse_fold_list(args.fold_list, cfg.folds)
+    if args.dry_run:
+        print(f"would train folds {folds} of {cfg.folds} ({cfg.preset} preset) into {cfg.output_dir}, then summarize")
+        return
+    print_summary(run_cv(cfg, folds, args.parallel_folds, args.allow_partial))
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="re-score a run's selected checkpoint into a new evaluation_* folder")
+    add_evaluate_flags(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def add_evaluate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="the run folder (results/.../runs/fold_k/run_...)")
+    p.add_argument(
+        "--checkpoint",
+        default="auto",
+        choices=["auto", "best", "best_ema"],
+        help="auto = best_ema.pt if present, else best.pt (last.pt is never evaluated)",
+    )
+    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, help="the cache, if it moved")
+
+
+def cmd_evaluate(args) -> None:
+    from gliograde.evaluation.evaluate import evaluate_run
+
+    evaluate_run(args.run, args.checkpoint, args.cache_dir)
+
+
+# ------------------------------------------------------------------------------------------ summarize
+def _add_summarize(sub):
+    p = sub.add_parser("summarize", help="per-fold table, mean ± std, pooled AUC with CI, site audit")
+    p.add_argument("--results", default="results/ResNet50-3D", help="the results folder (with runs/)")
+    p.add_argument("--runs", nargs="+", default=None, help="use these run folders instead of the newest per fold")
+    p.add_argument("--allow-partial", action="store_true", help="summarize fewer than K folds, labelled partial")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=cmd_summarize)
+
+
+def cmd_summarize(args) -> None:
+    from gliograde.evaluation.summary import summarize
+
+    print_summary(summarize(args.results, args.runs, args.allow_partial, args.bootstrap, args.seed))
+
+
+# -------------------------------------------------------------------------------------------- predict
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="P(HGG) of new cases from the folds' ensemble, with optional saliency")
+    p.add_argument("--runs", nargs="+", default=["results/ResNet50-3D"], help="results folder(s) or run folder(s)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--case", nargs="+", help="case folder(s) with the four modality files")
+    src.add_argument("--data-root", "--data_root", dest="data_root", help="a folder of case folders")
+    p.add_argument("--out", default=None, help="new folder for the outputs (default predictions/predict_<time>)")
+    p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "best_ema"])
+    p.add_argument("--tta", action="store_true", help="average over the 8 axis-flip versions of each volume")
+    p.add_argument("--saliency", action="store_true", help="Grad-CAM NIfTI on the case's grid + PNG per case")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> None:
+    from gliograde.data.brats import cases_to_predict, read_case_folder
+    from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
+
+    cases = [read_case_folder(c) for c in args.case] if args.case else cases_to_predict(args.data_root)
+    members = load_ensemble(args.runs, args.checkpoint)
+    log.info("ensemble of %d checkpoint(s); %d case(s) to predict", len(members), len(cases))
+    out = output_dir(args.out)
+    predict_cases(cases, members, out, args.tta, args.saliency)
+    log.info("predictions: %s (and .json)", out / "predictions.csv")
+    if args.saliency:
+        log.info("saliency maps: %s", out / "saliency")
+
+
 # ----------------------------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the embedded default job on a synthetic BraTS-like set (CPU, minutes)")
@@ -257,36 +371,39 @@ def _add_demo(sub):
 
 def cmd_demo(args) -> None:
     from gliograde.config import resolve
+    from gliograde.data.brats import discover_cases
     from gliograde.data.synthetic import synthesize
-    from gliograde.training.trainer import train_fold
+    from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
+    from gliograde.training.cv import run_cv
 
     out = Path(args.out)
     start = time.perf_counter()
-    log.info("[1/3] synthesizing %d BraTS-like cases (64 x 64 x 48 voxels, NIfTI, BraTS 2018 layout) ...", args.cases)
+    log.info("[1/4] synthesizing %d BraTS-like cases (64 x 64 x 48 voxels, NIfTI, BraTS 2018 layout) ...", args.cases)
     data, reused = synthesize(out / "data", args.cases, (64, 64, 48), seed=42, workers=args.workers)
     log.info("      %s %s", "reused" if reused else "wrote", data)
-    log.info("[2/3] preprocessing to a 32^3 cache and writing 5 stratified folds ...")
+    log.info("[2/4] preprocessing to a 32^3 cache and writing 5 stratified folds ...")
     cache, _ = prepare_and_split(data, out / "cache", 32, args.workers, False, 5, 42)
-    log.info("[3/3] training fold 0 with the cpu-demo preset (ResNet10-3D, 4 channels, 32^3) ...")
-    cfg = resolve("cpu-demo", cache_dir=str(cache.path), output_dir=str(out / "results" / "ResNet10-3D"))
-    result = train_fold(cfg)
-    f = result.final
-    log.info(
-        "demo finished in %.1f s: fold 0 validation AUC %.4f, F1 %.4f, accuracy %.4f (%s, epoch %d)",
-        time.perf_counter() - start,
-        f["auc"],
-        f["f1"],
-        f["accuracy"],
-        f["checkpoint"],
-        f["best_epoch"],
-    )
+    results = out / "results" / "ResNet10-3D"
+    log.info("[3/4] 5-fold cross-validation with the cpu-demo preset (ResNet10-3D, 4 channels, 32^3) ...")
+    cfg = resolve("cpu-demo", cache_dir=str(cache.path), output_dir=str(results))
+    report = run_cv(cfg, list(range(cfg.folds)))
+    log.info("[4/4] two new synthetic patients (never seen in training): 5-fold ensemble, flip TTA, Grad-CAM ...")
+    new, _ = synthesize(out / "new_cases", 2, (64, 64, 48), seed=2024, workers=1, first_index=args.cases)
+    members = load_ensemble([results])
+    pred_dir = out / "predictions" / datetime.now().strftime("predict_%Y%m%d_%H%M%S")
+    records = predict_cases(discover_cases(new).cases, members, output_dir(pred_dir), tta=True, saliency=True)
+    print_summary(report)
+    for r in records:
+        print(f"New case {r['case']} (true {r['true_grade']}): P(HGG) = {r['p_hgg']:.3f} -> {r['predicted_grade']}")
+    log.info("demo finished in %.1f s", time.perf_counter() - start)
     log.info("Outputs:")
     log.info("  synthetic BraTS folder : %s", data)
     log.info("  volume cache + folds   : %s (volumes.npy, cases.csv, manifest.json, folds.json)", cache.path)
-    log.info("  fold 0 run folder      : %s", result.run_dir)
-    log.info("    metrics              : %s", result.run_dir / "metrics" / "metrics.json")
-    log.info("    plots                : %s", result.run_dir / "plots")
-    log.info("    checkpoints          : %s", result.run_dir / "checkpoints")
+    log.info("  fold run folders       : %s", results / "runs" / "fold_*")
+    log.info("  CV summary             : %s (.csv, .json), cv_roc_curves.png, cv_pr_curves.png", results / "summary.md")
+    log.info("  new cases              : %s", new)
+    log.info("  predictions            : %s (.json)", pred_dir / "predictions.csv")
+    log.info("  saliency maps          : %s (NIfTI on each case's grid + PNG)", pred_dir / "saliency")
     log.info("Synthetic phantoms are far easier than real BraTS: this shows the pipeline, not a clinical result.")
 
 
@@ -296,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gliograde {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_prepare, _add_model_info, _add_train, _add_demo):
+    commands = (_add_synth, _add_prepare, _add_model_info, _add_train, _add_cv, _add_evaluate, _add_summarize)
+    for add in (*commands, _add_predict, _add_demo):
         add(sub)
     return parser
 

@@ -6,9 +6,11 @@ Resolution order: dataclass defaults < preset file < command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import yaml
 
@@ -189,3 +191,33 @@ def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig
             "--warmup-epochs %d >= --epochs %d: the learning rate never reaches its peak", cfg.warmup_epochs, cfg.epochs
         )
     return cfg
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration a run was trained with (its config/config.json)."""
+    path = Path(run_dir) / "config" / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a gliograde run folder (no config/config.json)")
+    try:
+        values = json.loads(path.read_text())["config"]
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in values.items() if k in names})
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} cannot be read as a run configuration ({type(e).__name__}: {e})") from e
+
+
+def parse_fold_list(spec: str | None, k: int) -> list[int]:
+    """'0-4', '0,2,4', '1-3,5' -> sorted fold numbers; None -> all K folds."""
+    if spec is None:
+        return list(range(k))
+    folds: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            folds.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(f"--folds {spec!r}: give folds like 0-4, 0,2,4 or 1-3,5") from None
+    bad = sorted(f for f in folds if not 0 <= f < k)
+    if bad or not folds:
+        raise ConfigError(f"--folds {spec!r}: folds {bad} are outside 0..{k - 1} (K = {k}, set by --num-folds)")
+    return sorted(folds)

@@ -25,6 +25,7 @@ HOW_TO_GET_DATA = (
 
 
 DEFAULT_DATA_ROOT = "data/MICCAI_BraTS_2018_Data_Training"
+UNKNOWN_GRADE = ""  # a case to predict
 
 
 def resolve_data_root(value: str | None) -> Path:
@@ -56,13 +57,15 @@ class Case:
     site: str = ""
 
     def __post_init__(self):
-        if self.grade not in GRADES:
+        if self.grade not in (*GRADES, UNKNOWN_GRADE):
             raise DataError(f"case {self.id}: grade {self.grade!r} is neither HGG nor LGG")
         if not self.site:
             object.__setattr__(self, "site", site_of(self.id))
 
     @property
     def label(self) -> int:
+        if self.grade == UNKNOWN_GRADE:
+            raise DataError(f"case {self.id} has no known grade")
         return GRADES.index(self.grade)
 
     @property
@@ -203,3 +206,39 @@ def discover_cases(root: str | Path, skip_incomplete: bool = False) -> Discovery
         extra = f" ({len(skipped)} incomplete, {len(ungraded)} ungraded)" if skipped or ungraded else ""
         raise DataError(f"no BraTS cases found in {root}{extra}; looked for {looked_for}. {HOW_TO_GET_DATA}")
     return Discovery(root, layout, cases, skipped, ungraded)
+
+
+def read_case_folder(folder: str | Path, grade: str = UNKNOWN_GRADE) -> Case:
+    """One case folder to predict: <id>_{t1,t1ce,t2,flair}.nii[.gz], or any single file per modality ending in
+    _<modality>.nii[.gz]. A missing or ambiguous modality is an error naming the folder and the file."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"case folder {folder} does not exist")
+    paths, problems = {}, []
+    for m in MODALITIES:
+        path = _find_file(folder, folder.name, m)
+        if path is None:
+            found = sorted(p for s in SUFFIXES for p in folder.glob(f"*_{m}{s}"))
+            if len(found) == 1:
+                path = found[0]
+            elif len(found) > 1:
+                problems.append(f"several {m} files ({', '.join(p.name for p in found)})")
+            else:
+                problems.append(f"no {m} file (*_{m}.nii.gz)")
+        paths[m] = path
+    if problems:
+        raise DataError(f"case {folder}: {'; '.join(problems)}; the four modalities {', '.join(MODALITIES)} are needed")
+    return Case(folder.name, grade, paths, _find_file(folder, folder.name, "seg"))
+
+
+def cases_to_predict(root: str | Path) -> list[Case]:
+    """Every case under a folder: a BraTS training layout (grades known) or plain case folders (grades unknown)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} does not exist or is not a folder")
+    if any((root / g).is_dir() for g in GRADES) or (root / MAPPING_FILE).is_file():
+        return discover_cases(root).cases
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise DataError(f"--data-root {root} holds no case folders")
+    return [read_case_folder(d) for d in folders]

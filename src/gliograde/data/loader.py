@@ -69,7 +69,12 @@ def make_loaders(
         generator=generator,
         **extra,
     )
-    val_loader = DataLoader(
+    return train_loader, make_val_loader(val, batch_size, workers, pin_memory)
+
+
+def make_val_loader(val: CacheDataset, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    """In order, no augmentation, batches of twice the training batch (no gradients are kept)."""
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if workers > 0 else {}
+    return DataLoader(
         val, batch_size=max(2 * batch_size, 8), shuffle=False, num_workers=workers, pin_memory=pin_memory, **extra
     )
-    return train_loader, val_loader

@@ -126,7 +126,7 @@ def synth_case(grade: str, shape=BRATS_SHAPE, seed: int | np.random.SeedSequence
     return images, seg
 
 
-def _case_ids_and_grades(n_cases: int, hgg_fraction: float, seed: int) -> list[tuple[str, str]]:
+def _case_ids_and_grades(n_cases: int, hgg_fraction: float, seed: int, first: int = 0) -> list[tuple[str, str]]:
     if n_cases < 2:
         raise DataError(f"--cases {n_cases}: at least 2 cases are needed (one per grade)")
     if not 0 < hgg_fraction < 1:
@@ -136,7 +136,7 @@ def _case_ids_and_grades(n_cases: int, hgg_fraction: float, seed: int) -> list[t
     grades = np.array(["HGG"] * n_hgg + ["LGG"] * (n_cases - n_hgg))
     rng.shuffle(grades)
     sites = rng.choice(SITES, n_cases)
-    return [(f"Brats18_{sites[i]}_{i:04d}_1", str(grades[i])) for i in range(n_cases)]
+    return [(f"Brats18_{sites[i]}_{first + i:04d}_1", str(grades[i])) for i in range(n_cases)]
 
 
 def _write_case(args) -> str:
@@ -163,8 +163,10 @@ def synthesize(
     hgg_fraction: float = BRATS2018_HGG_FRACTION,
     workers: int | None = None,
     progress: bool = True,
+    first_index: int = 0,
 ) -> tuple[Path, bool]:
-    """Write `n_cases` phantoms under out/HGG and out/LGG; returns (out, reused).
+    """Write `n_cases` phantoms under out/HGG and out/LGG; returns (out, reused). Case numbers start at
+    `first_index` (a second set with a higher start has ids no case of the first set has).
 
     A folder already holding the same synthetic set (same parameters) is reused; any other non-empty folder is
     refused. The set is written in a temporary sibling folder and renamed into place.
@@ -181,8 +183,9 @@ def synthesize(
         "seed": seed,
         "hgg_fraction": hgg_fraction,
         "version": 1,
+        **({"first_index": first_index} if first_index else {}),
     }
-    cases = _case_ids_and_grades(n_cases, hgg_fraction, seed)
+    cases = _case_ids_and_grades(n_cases, hgg_fraction, seed, first_index)
     if out.exists() and any(out.iterdir()):
         try:
             if json.loads((out / RECORD).read_text()) == params:

@@ -25,7 +25,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from gliograde import GRADES, __version__
+from gliograde import __version__
 from gliograde.config import TrainConfig, validate
 from gliograde.data.augment import AugmentParams, augment_batch
 from gliograde.data.brats import resolve_data_root
@@ -35,17 +35,10 @@ from gliograde.data.splits import fold_indices, folds_for_cache
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import PlotWriter
+from gliograde.evaluation.scoring import evaluate_checkpoint, predict
 from gliograde.networks import build_model
 from gliograde.networks.resnet3d import ResNet3D
-from gliograde.training.checkpoints import (
-    BEST,
-    BEST_EMA,
-    LAST,
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-    select_checkpoint,
-)
+from gliograde.training.checkpoints import BEST, BEST_EMA, LAST, load_checkpoint, save_checkpoint
 from gliograde.training.losses import drw_active, drw_weights, make_loss
 
 log = logging.getLogger("gliograde")
@@ -174,22 +167,6 @@ def improved(auc: float, f1: float, best: dict, min_delta: float) -> bool:
     if math.isnan(auc):
         return False
     return auc > best["auc"] + min_delta or (abs(auc - best["auc"]) <= 1e-12 and f1 > best["f1"])
-
-
-@torch.no_grad()
-def predict(model, loader, device, dtype, loss_fn) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mean loss, P(HGG), labels) over a loader, in eval mode and without gradients."""
-    model.eval()
-    total, n, probs, labels = 0.0, 0, [], []
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-            logits = model(x)
-        total += float(loss_fn(logits, y)) * len(y)
-        n += len(y)
-        probs.append(torch.softmax(logits.float(), 1)[:, 1].cpu())
-        labels.append(y.cpu())
-    return total / max(n, 1), torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -328,7 +305,13 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
         env = environment(device)
         write_json(
             run_dir / "config" / "config.json",
-            {"config": cfg.to_dict(), "environment": env, "seed": cfg.seed, "run_dir": str(run_dir)},
+            {
+                # the cache by absolute path, so that `evaluate` finds it from any working directory
+                "config": {**cfg.to_dict(), "cache_dir": str(cache.path.resolve())},
+                "environment": env,
+                "seed": cfg.seed,
+                "run_dir": str(run_dir),
+            },
         )
         log.info("Run folder: %s", run_dir)
 
@@ -342,6 +325,7 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
             "config_identity": cfg.identity(),
             "modalities": cfg.modalities,
             "size": cfg.size,
+            "preprocess": cache.manifest["params"],  # how to prepare a new case for this model (predict)
             "arch": {
                 "depth": cfg.depth,
                 "layout": cfg.layout,
@@ -489,7 +473,7 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
             break
 
     # ------------------------------------------------------------------------------------ final evaluation
-    final = evaluate_checkpoint(run_dir, cfg, val_loader, device, dtype, loss_fn, "auto")
+    final = evaluate_checkpoint(run_dir / "checkpoints", cfg.ema_decay > 0, val_loader, device, dtype, loss_fn)
     probs, labels = final.pop("_probs"), final.pop("_labels")
     preds = (probs >= 0.5).astype(np.int64)
     out = run_dir / "predictions"
@@ -522,43 +506,3 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
         run_dir,
     )
     return RunResult(run_dir, final, history)
-
-
-def evaluate_checkpoint(
-    run_dir: Path, cfg: TrainConfig, val_loader, device, dtype, loss_fn, policy: str = "auto"
-) -> dict:
-    """Load the checkpoint chosen by the policy, re-score the validation set, compare with the stored AUC."""
-    path = select_checkpoint(run_dir / "checkpoints", policy, ema_enabled=cfg.ema_decay > 0)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    stored = ckpt.get("val_metrics", {}).get("auc")
-    log.info(
-        "Using %s checkpoint: %s (epoch %s, stored validation AUC %.4f)",
-        "EMA best" if ckpt.get("is_ema") else "regular best",
-        path.name,
-        ckpt["epoch"],
-        stored,
-    )
-    arch = ckpt["arch"]
-    model = ResNet3D(arch["depth"], arch["in_channels"], arch["num_classes"], arch["shortcut"], arch["layout"])
-    try:
-        model.load_state_dict(ckpt["model_state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit its own recorded architecture: {e}") from e
-    model.to(device).eval()
-    loss, probs, labels = predict(model, val_loader, device, dtype, loss_fn)
-    m = compute_metrics(labels, probs)
-    if stored is not None and not math.isnan(stored) and abs(m["auc"] - stored) > 0.01:
-        log.warning(
-            "Evaluation AUC %.4f differs from the checkpoint's stored AUC %.4f by more than 0.01", m["auc"], stored
-        )
-    return {
-        **m,
-        "loss": loss,
-        "best_epoch": int(ckpt["epoch"]),
-        "checkpoint": path.name,
-        "checkpoint_auc": stored,
-        "used_ema": bool(ckpt.get("is_ema")),
-        "classes": list(GRADES),
-        "_probs": probs,
-        "_labels": labels,
-    }

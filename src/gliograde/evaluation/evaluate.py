@@ -1,0 +1,115 @@
+"""`gliograde evaluate`: re-score a finished (or interrupted) fold from its checkpoint, the saved folds and the cache.
+
+It rebuilds the fold's validation set exactly as training did, loads the checkpoint chosen by the policy
+(auto = best_ema if present, else best; never last), recomputes every metric and figure and writes them into a new
+`evaluation_YYYYMMDD_HHMMSS/` folder of the run. Nothing of the run is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gliograde.config import load_run_config
+from gliograde.data.loader import CacheDataset, make_val_loader
+from gliograde.data.splits import fold_indices
+from gliograde.errors import GliogradeError
+from gliograde.evaluation import plots
+from gliograde.evaluation.scoring import evaluate_checkpoint
+from gliograde.training.losses import make_loss
+from gliograde.training.trainer import amp_dtype, load_data, pick_device, write_json
+
+log = logging.getLogger("gliograde")
+
+
+class EvaluationError(GliogradeError):
+    pass
+
+
+@dataclass
+class Evaluation:
+    out_dir: Path
+    metrics: dict
+
+
+def new_evaluation_dir(run_dir: Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    for n in range(1, 1000):
+        out = run_dir / (f"evaluation_{stamp}" if n == 1 else f"evaluation_{stamp}_{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise EvaluationError(f"could not create a new evaluation folder in {run_dir}")
+
+
+def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | None = None) -> Evaluation:
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if cache_dir is not None:
+        cfg.cache_dir = cache_dir
+    try:
+        cache, folds = load_data(cfg)
+    except GliogradeError as e:
+        raise EvaluationError(f"{e} (the run was trained on the cache {cfg.cache_dir}; pass --cache-dir)") from e
+    train_rows, val_rows = fold_indices(cache, folds, cfg.fold)
+    val_ids = [cache.ids[r] for r in val_rows]
+    saved_ids = run_dir / "predictions" / "val_ids.json"
+    if saved_ids.is_file() and sorted(json.loads(saved_ids.read_text())) != sorted(val_ids):
+        raise EvaluationError(
+            f"the validation patients of fold {cfg.fold} in {cache.path / 'folds.json'} are not the ones this run was "
+            f"validated on ({saved_ids}); the folds changed since training, so a re-score would not be comparable"
+        )
+
+    device = pick_device(cfg)
+    dtype = amp_dtype(cfg, device)
+    channels = cache.channels(cfg.modalities)
+    loader = make_val_loader(CacheDataset(cache, val_rows, channels), cfg.batch_size, 0, device.type == "cuda")
+    counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
+    loss_fn = make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device)  # unweighted: DRW weights are not replayed
+    final = evaluate_checkpoint(run_dir / "checkpoints", cfg.ema_decay > 0, loader, device, dtype, loss_fn, policy)
+    probs, labels = final.pop("_probs"), final.pop("_labels")
+    stored = final["checkpoint_auc"]
+    final["auc_difference"] = None if stored is None else abs(final["auc"] - stored)
+
+    out = new_evaluation_dir(run_dir)
+    np.save(out / "val_probs.npy", probs)
+    np.save(out / "val_preds.npy", (probs >= 0.5).astype(np.int64))
+    np.save(out / "val_labels.npy", labels)
+    write_json(out / "val_ids.json", val_ids)
+    title = f"fold {cfg.fold}, re-evaluated ({final['checkpoint']}, epoch {final['best_epoch']})"
+    plots.confusion(final["confusion_matrix"], out / "confusion_matrix.png", title)
+    plots.roc(labels, probs, out / "roc_curve.png", title, final["auc"])
+    plots.pr(labels, probs, out / "pr_curve.png", title)
+    write_json(
+        out / "metrics.json",
+        {
+            "run_dir": str(run_dir),
+            "fold": cfg.fold,
+            "policy": policy,
+            "cache": str(cache.path),
+            "device": str(device),
+            "torch": torch.__version__,
+            "evaluated_at": datetime.now().isoformat(timespec="seconds"),
+            "final": final,
+        },
+    )
+    log.info(
+        "Fold %d re-evaluated: AUC %.4f (stored %s) F1 %.4f accuracy %.4f sensitivity %.4f specificity %.4f -> %s",
+        cfg.fold,
+        final["auc"],
+        "n/a" if stored is None else f"{stored:.4f}",
+        final["f1"],
+        final["accuracy"],
+        final["sensitivity"],
+        final["specificity"],
+        out,
+    )
+    return Evaluation(out, final)

@@ -1,0 +1,388 @@
+"""`gliograde summarize`: the cross-validation report.
+
+Per fold: the newest complete run (or the runs named). Reported:
+- the per-fold table and mean ± sample standard deviation (ddof = 1) over folds;
+- pooled out-of-fold results: each patient is predicted once, by the fold that held it out, so metrics over the
+  concatenated predictions use every patient; the AUC gets a seeded patient-level bootstrap 95 % interval;
+- ROC and PR figures: each fold, the mean curve with a ±1 std band, and the pooled curve;
+- a site audit: where a site holds one grade only, the site alone predicts the grade, and a high AUC may be
+  measuring the scanner. The mixed-grade 2013 cohort is reported alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy.stats import rankdata
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from gliograde import GRADES
+from gliograde.data.brats import site_of
+from gliograde.errors import GliogradeError
+from gliograde.evaluation.metrics import compute_metrics
+
+log = logging.getLogger("gliograde")
+METRICS = ("auc", "f1", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+MIXED_COHORT = "2013"  # the BraTS 2013 cases: the one site of BraTS 2018 with both grades
+
+
+class SummaryError(GliogradeError):
+    pass
+
+
+@dataclass
+class FoldRun:
+    fold: int
+    run_dir: Path
+    final: dict
+    folds: int  # K of the run's configuration
+    ids: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+
+
+# ------------------------------------------------------------------------------------------------ finding runs
+def _run_key(path: Path) -> tuple[str, int]:
+    m = re.fullmatch(r"run_(\d{8}_\d{6})(?:_(\d+))?", path.name)
+    return (m.group(1), int(m.group(2) or 1)) if m else ("", 0)
+
+
+def run_status(run_dir: Path) -> str:
+    """'complete', 'running' (or interrupted), or why the folder is not a readable run."""
+    try:
+        metrics = json.loads((run_dir / "metrics" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return "no readable metrics/metrics.json"
+    if metrics.get("status") != "complete":
+        return "running or interrupted"
+    if not (run_dir / "predictions" / "val_probs.npy").is_file():
+        return "complete but without predictions/"
+    return "complete"
+
+
+def read_run(run_dir: Path) -> FoldRun:
+    run_dir = Path(run_dir)
+    status = run_status(run_dir)
+    if status != "complete":
+        raise SummaryError(f"{run_dir}: {status}")
+    metrics = json.loads((run_dir / "metrics" / "metrics.json").read_text())
+    config = json.loads((run_dir / "config" / "config.json").read_text())["config"]
+    p = run_dir / "predictions"
+    ids = json.loads((p / "val_ids.json").read_text())
+    labels, probs = np.load(p / "val_labels.npy"), np.load(p / "val_probs.npy")
+    if not len(ids) == len(labels) == len(probs):
+        raise SummaryError(f"{p}: {len(ids)} ids, {len(labels)} labels and {len(probs)} probabilities")
+    return FoldRun(int(metrics["fold"]), run_dir, metrics["final"], int(config["folds"]), ids, labels, probs)
+
+
+def find_runs(results_dir: Path) -> tuple[dict[int, FoldRun], dict[int, str]]:
+    """The newest complete run of each fold under results_dir/runs/fold_k/, and why other folds have none."""
+    runs_root = Path(results_dir) / "runs"
+    if not runs_root.is_dir():
+        raise SummaryError(f"{results_dir} holds no runs/ folder; train folds first (gliograde cv or train)")
+    chosen, problems = {}, {}
+    for fold_dir in sorted(runs_root.glob("fold_*")):
+        m = re.fullmatch(r"fold_(\d+)", fold_dir.name)
+        if not m:
+            continue
+        fold = int(m.group(1))
+        candidates = sorted((d for d in fold_dir.glob("run_*") if d.is_dir()), key=_run_key, reverse=True)
+        for run in candidates:
+            if run_status(run) == "complete":
+                chosen[fold] = read_run(run)
+                break
+        else:
+            states = ", ".join(f"{r.name}: {run_status(r)}" for r in candidates) or "no runs"
+            problems[fold] = states
+    return chosen, problems
+
+
+# -------------------------------------------------------------------------------------------------- statistics
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1) of the fold values; std is NaN for a single fold."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def bootstrap_auc(labels, probs, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, int]:
+    """Percentile interval of the AUC over patient resamples (with replacement); resamples with one class only are
+    dropped. Returns (low, high, resamples used). Vectorised: the AUC is the normalised rank sum of the positives."""
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(labels), size=(n, len(labels)))
+    y, p = labels[idx], probs[idx]
+    n_pos = y.sum(1)
+    n_neg = len(labels) - n_pos
+    ok = (n_pos > 0) & (n_neg > 0)
+    ranks = rankdata(p[ok], axis=1)  # average ranks for ties, as the Mann-Whitney U statistic needs
+    auc = ((ranks * y[ok]).sum(1) - n_pos[ok] * (n_pos[ok] + 1) / 2) / (n_pos[ok] * n_neg[ok])
+    if len(auc) == 0:
+        return math.nan, math.nan, 0
+    alpha = (1 - level) / 2
+    low, high = np.quantile(auc, [alpha, 1 - alpha])
+    return float(low), float(high), len(auc)
+
+
+def site_audit(ids: list[str], labels, preds=None) -> dict:
+    """Cases, grades and (given predictions) accuracy per acquisition site, and how many patients sit in a site
+    that holds a single grade -- for them the site alone predicts the grade."""
+    labels = np.asarray(labels, dtype=np.int64)
+    sites = [site_of(i) for i in ids]
+    table = {}
+    for site in sorted(set(sites)):
+        rows = [k for k, s in enumerate(sites) if s == site]
+        counts = Counter(int(labels[k]) for k in rows)
+        entry = {"cases": len(rows), "HGG": counts.get(1, 0), "LGG": counts.get(0, 0)}
+        entry["single_grade"] = entry["HGG"] == 0 or entry["LGG"] == 0
+        if preds is not None:
+            entry["accuracy"] = float(np.mean(np.asarray(preds)[rows] == labels[rows]))
+        table[site] = entry
+    confounded = sum(e["cases"] for s, e in table.items() if e["single_grade"] and s != "unknown")
+    known = sum(e["cases"] for s, e in table.items() if s != "unknown")
+    return {
+        "sites": table,
+        "patients_in_single_grade_sites": confounded,
+        "patients_with_known_site": known,
+        "patients": len(ids),
+    }
+
+
+def site_warning(audit: dict) -> str | None:
+    n, known = audit["patients_in_single_grade_sites"], audit["patients_with_known_site"]
+    if known == 0 or n == 0:
+        return None
+    return (
+        f"{n} of {known} patients come from a site that holds a single grade: for them the acquisition site alone "
+        "predicts the grade, so a high AUC may partly measure the scanner or institution rather than the tumour. "
+        f"See the site table, and the mixed-grade {MIXED_COHORT} cohort on its own."
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ figures
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def cv_curves(runs: list[FoldRun], pooled_labels, pooled_probs, out_dir: Path) -> tuple[Path, Path]:
+    """cv_roc_curves.png and cv_pr_curves.png: per fold, mean ± 1 std over folds (interpolated), pooled."""
+    grid = np.linspace(0, 1, 201)
+    paths = (out_dir / "cv_roc_curves.png", out_dir / "cv_pr_curves.png")
+    for kind, path in zip(("roc", "pr"), paths, strict=True):
+        fig = Figure(figsize=(6, 5))
+        ax = fig.add_subplot()
+        curves = []
+        for r in runs:
+            if len(np.unique(r.labels)) < 2:
+                continue
+            if kind == "roc":
+                x, y, _ = roc_curve(r.labels, r.probs)
+                curves.append(np.interp(grid, x, y))
+                curves[-1][0] = 0.0
+            else:
+                y, x, _ = precision_recall_curve(r.labels, r.probs)
+                x, y = x[::-1], y[::-1]  # recall increasing
+                curves.append(np.interp(grid, x, y))
+            ax.plot(x, y, lw=1, alpha=0.45, label=f"fold {r.fold}")
+        if curves:
+            c = np.array(curves)
+            mean, std = c.mean(0), c.std(0, ddof=1) if len(c) > 1 else np.zeros_like(grid)
+            ax.plot(grid, mean, color="navy", lw=2, label="mean over folds")
+            ax.fill_between(grid, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color="navy", alpha=0.15)
+        if len(np.unique(pooled_labels)) == 2:
+            if kind == "roc":
+                x, y, _ = roc_curve(pooled_labels, pooled_probs)
+            else:
+                y, x, _ = precision_recall_curve(pooled_labels, pooled_probs)
+            ax.plot(x, y, color="darkred", lw=2, ls="--", label="pooled out-of-fold")
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], "k:", lw=1)
+            ax.set(xlabel="1 - specificity", ylabel="sensitivity (HGG)", title="ROC, cross-validation")
+        else:
+            ax.axhline(np.mean(pooled_labels), color="grey", ls=":", label="prevalence of HGG")
+            ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title="precision-recall, cross-validation")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=8, loc="lower right" if kind == "roc" else "lower left")
+        _save(fig, path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def summarize(
+    results_dir: str | Path,
+    runs: list[str | Path] | None = None,
+    allow_partial: bool = False,
+    bootstrap: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Build the report, write summary.{md,csv,json} and the two figures into results_dir; return the JSON."""
+    results_dir = Path(results_dir)
+    if runs:
+        chosen = {}
+        for r in runs:
+            fr = read_run(Path(r))
+            if fr.fold in chosen:
+                raise SummaryError(f"--runs names two runs of fold {fr.fold}: {chosen[fr.fold].run_dir} and {r}")
+            chosen[fr.fold] = fr
+        problems = {}
+    else:
+        chosen, problems = find_runs(results_dir)
+    if not chosen:
+        detail = "; ".join(f"fold {f}: {why}" for f, why in sorted(problems.items()))
+        raise SummaryError(f"no complete run under {results_dir}" + (f" ({detail})" if detail else ""))
+    ks = {r.folds for r in chosen.values()}
+    if len(ks) > 1:
+        raise SummaryError(f"the runs were trained with different numbers of folds {sorted(ks)}: not one CV")
+    k = ks.pop()
+    missing = [f for f in range(k) if f not in chosen]
+    partial = bool(missing)
+    if partial:
+        detail = ", ".join(f"fold {f} ({problems.get(f, 'no run')})" for f in missing)
+        if not allow_partial:
+            raise SummaryError(
+                f"{k}-fold CV incomplete: {detail}. Train the missing folds (gliograde cv resumes them), or pass "
+                "--allow-partial for a summary labelled partial"
+            )
+        log.warning("PARTIAL summary: %d of %d folds; missing %s", len(chosen), k, detail)
+    ordered = [chosen[f] for f in sorted(chosen)]
+    all_ids = [i for r in ordered for i in r.ids]
+    duplicated = sorted(i for i, c in Counter(all_ids).items() if c > 1)
+    if duplicated:
+        raise SummaryError(
+            f"patients validated in more than one fold ({duplicated[:5]}...): the runs used different splits"
+        )
+
+    rows = []
+    for r in ordered:
+        f = r.final
+        rows.append(
+            {
+                "fold": r.fold,
+                "run": str(r.run_dir),
+                "checkpoint": f.get("checkpoint"),
+                "best_epoch": f.get("best_epoch"),
+                "n": len(r.ids),
+                **{m: float(f[m]) for m in METRICS},
+            }
+        )
+    stats = {m: mean_std([row[m] for row in rows]) for m in METRICS}
+    labels = np.concatenate([r.labels for r in ordered])
+    probs = np.concatenate([r.probs for r in ordered])
+    pooled = compute_metrics(labels, probs)
+    low, high, used = bootstrap_auc(labels, probs, bootstrap, seed)
+    pooled.update({"auc_ci95": [low, high], "bootstrap": {"resamples": used, "seed": seed}})
+
+    preds = (probs >= 0.5).astype(np.int64)
+    audit = site_audit(all_ids, labels, preds)
+    cohort = [k_ for k_, i in enumerate(all_ids) if site_of(i) == MIXED_COHORT]
+    if cohort:
+        audit["mixed_cohort"] = {"site": MIXED_COHORT, **compute_metrics(labels[cohort], probs[cohort])}
+    warnings = [w for w in [site_warning(audit)] if w]
+    if partial:
+        warnings.insert(0, f"PARTIAL: {len(ordered)} of {k} folds (missing {missing}); not a {k}-fold result")
+
+    report = {
+        "results_dir": str(results_dir),
+        "k": k,
+        "partial": partial,
+        "missing_folds": missing,
+        "folds": rows,
+        "mean": {m: s[0] for m, s in stats.items()},
+        "std": {m: s[1] for m, s in stats.items()},
+        "std_definition": "sample standard deviation over folds (ddof = 1)",
+        "pooled": pooled,
+        "sites": audit,
+        "warnings": warnings,
+    }
+    roc_png, pr_png = cv_curves(ordered, labels, probs, results_dir)
+    report["figures"] = [str(roc_png), str(pr_png)]
+    _write(results_dir, report)
+    return report
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def table_lines(report: dict) -> list[str]:
+    """The per-fold markdown table with its mean ± std row (printed by the CLI too)."""
+    head = ["Fold", "Best epoch", "Checkpoint", "AUC", "F1", "Accuracy", "Sensitivity", "Specificity", "Bal. acc."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["folds"]:
+        cells = [str(r["fold"]), str(r["best_epoch"]), str(r["checkpoint"])] + [_fmt(r[m]) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    ms = [f"{_fmt(report['mean'][m])} ± {_fmt(report['std'][m])}" for m in METRICS]
+    label = "**Mean ± std**" + (" (PARTIAL)" if report["partial"] else "")
+    lines.append("| " + " | ".join([label, "", "", *ms]) + " |")
+    return lines
+
+
+def _write(out: Path, report: dict) -> None:
+    p = report["pooled"]
+    lo, hi = p["auc_ci95"]
+    title = f"# Cross-validation summary: {report['k']}-fold" + (" (PARTIAL)" if report["partial"] else "")
+    md = [title, ""]
+    md += [f"> **Warning.** {w}" for w in report["warnings"]] + ([""] if report["warnings"] else [])
+    md += ["## Per fold", "", *table_lines(report), "", f"Std: {report['std_definition']}.", ""]
+    md += [
+        "## Pooled out-of-fold",
+        "",
+        f"Each of the {p['n']} patients predicted once, by the fold that held it out.",
+        "",
+        f"- AUC {_fmt(p['auc'])} (95 % bootstrap CI {_fmt(lo)}-{_fmt(hi)}, {p['bootstrap']['resamples']} patient "
+        f"resamples, seed {p['bootstrap']['seed']})",
+        f"- F1 {_fmt(p['f1'])}, accuracy {_fmt(p['accuracy'])}, balanced accuracy {_fmt(p['balanced_accuracy'])}",
+        f"- sensitivity (HGG) {_fmt(p['sensitivity'])}, specificity (LGG) {_fmt(p['specificity'])}",
+        f"- confusion matrix (rows true {GRADES[0]}/{GRADES[1]}, columns predicted): {p['confusion_matrix']}",
+        "",
+        "## Sites",
+        "",
+        "| Site | Cases | HGG | LGG | Single grade | Accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    audit = report["sites"]
+    for site, e in audit["sites"].items():
+        md.append(
+            f"| {site} | {e['cases']} | {e['HGG']} | {e['LGG']} | {'yes' if e['single_grade'] else 'no'} | "
+            f"{_fmt(e.get('accuracy'))} |"
+        )
+    if "mixed_cohort" in audit:
+        c = audit["mixed_cohort"]
+        md += [
+            "",
+            f"Mixed-grade {c['site']} cohort alone ({c['n']} patients): AUC {_fmt(c['auc'])}, "
+            f"accuracy {_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, "
+            f"specificity {_fmt(c['specificity'])}.",
+        ]
+    md += ["", "## Figures", "", *(f"- {Path(f).name}" for f in report["figures"]), ""]
+    md += ["## Runs", "", *(f"- fold {r['fold']}: {r['run']}" for r in report["folds"]), ""]
+
+    def atomic(name: str, text: str) -> None:
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+
+    atomic("summary.md", "\n".join(md))
+    atomic("summary.json", json.dumps(report, indent=2))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["fold", "best_epoch", "checkpoint", *METRICS, "run"])
+    for r in report["folds"]:
+        w.writerow([r["fold"], r["best_epoch"], r["checkpoint"], *(r[m] for m in METRICS), r["run"]])
+    w.writerow(["mean", "", "", *(report["mean"][m] for m in METRICS), ""])
+    w.writerow(["std", "", "", *(report["std"][m] for m in METRICS), ""])
+    atomic("summary.csv", buf.getvalue())

@@ -1,0 +1,1 @@
+"""Using trained folds on new cases: the fold ensemble (predict) and Grad-CAM saliency maps."""

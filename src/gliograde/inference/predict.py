@@ -1,0 +1,216 @@
+"""`gliograde predict`: the folds' selected checkpoints as an ensemble on new cases.
+
+Each case is preprocessed exactly as the training cache was (the parameters travel in every checkpoint); the
+ensemble's P(HGG) is the mean of the folds' probabilities, each optionally averaged over the 8 axis-flip versions
+of the volume (test-time augmentation). With saliency, a Grad-CAM volume per case is taken back to the case's own
+voxel grid and saved as NIfTI, plus a PNG of three slices through its hottest voxel.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from gliograde import GRADES, MODALITIES, __version__
+from gliograde.config import load_run_config
+from gliograde.data.brats import UNKNOWN_GRADE, Case
+from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case, to_original_grid
+from gliograde.errors import GliogradeError
+from gliograde.evaluation.scoring import model_from_checkpoint
+from gliograde.evaluation.summary import find_runs
+from gliograde.inference.saliency import grad_cam, saliency_png
+from gliograde.networks.resnet3d import ResNet3D
+from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
+
+log = logging.getLogger("gliograde")
+FLIPS = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]  # 8 flip sets, () first
+
+
+class PredictError(GliogradeError):
+    pass
+
+
+@dataclass
+class Member:
+    """One fold's model of the ensemble and what its input must look like."""
+
+    fold: int | None
+    checkpoint: Path
+    model: ResNet3D
+    modalities: list[str]
+    size: int
+    preprocess: dict
+
+
+def _member(run_dir: Path, policy: str) -> Member:
+    try:
+        cfg = load_run_config(run_dir)
+        fold, ema = cfg.fold, cfg.ema_decay > 0
+    except GliogradeError:
+        fold, ema = None, True  # a bare checkpoints/ folder: auto still prefers best_ema, never last
+    path = select_checkpoint(run_dir / "checkpoints", policy, ema_enabled=ema)
+    ckpt = load_checkpoint(path)
+    pre = ckpt.get("preprocess")
+    if pre is None:
+        log.warning("%s records no preprocessing; assuming size %s and margin %d", path, ckpt["size"], DEFAULT_MARGIN)
+        pre = {"size": ckpt["size"], "margin": DEFAULT_MARGIN, "preprocess_version": PREPROCESS_VERSION}
+    return Member(fold, path, model_from_checkpoint(ckpt, path), list(ckpt["modalities"]), int(ckpt["size"]), pre)
+
+
+def load_ensemble(paths: list[str | Path], policy: str = "auto") -> list[Member]:
+    """Members from results folders (the newest complete run of each fold) and/or single run folders."""
+    members: list[Member] = []
+    for p in map(Path, paths):
+        if (p / "runs").is_dir():
+            runs, problems = find_runs(p)
+            for fold, why in sorted(problems.items()):
+                log.warning("%s: fold %d has no complete run (%s); the ensemble goes without it", p, fold, why)
+            members += [_member(r.run_dir, policy) for _, r in sorted(runs.items())]
+        elif (p / "checkpoints").is_dir():
+            members.append(_member(p, policy))
+        else:
+            raise PredictError(f"--runs {p}: not a results folder (with runs/) nor a run folder (with checkpoints/)")
+    if not members:
+        raise PredictError(f"no checkpoints found in {', '.join(map(str, paths))}")
+    ref = members[0]
+    for m in members[1:]:
+        for what, a, b in (
+            ("modalities", ref.modalities, m.modalities),
+            ("input size", ref.size, m.size),
+            ("preprocessing", ref.preprocess, m.preprocess),
+        ):
+            if a != b:
+                raise PredictError(
+                    f"the checkpoints disagree on {what}: {ref.checkpoint} has {a}, {m.checkpoint} has {b}; "
+                    "an ensemble needs models trained on the same input"
+                )
+    version = ref.preprocess.get("preprocess_version")
+    if version != PREPROCESS_VERSION:
+        raise PredictError(
+            f"{ref.checkpoint} was trained on volumes of preprocessing version {version}, but this gliograde "
+            f"preprocesses with version {PREPROCESS_VERSION}; new cases would not be prepared as in training"
+        )
+    return members
+
+
+@torch.no_grad()
+def _probability(model: ResNet3D, x: torch.Tensor, tta: bool, dtype) -> float:
+    batch = torch.cat([x.flip(d) if d else x for d in FLIPS]) if tta else x
+    with torch.autocast(x.device.type, dtype=dtype) if dtype else nullcontext():
+        logits = model(batch)
+    return float(torch.softmax(logits.float(), 1)[:, 1].mean())
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def output_dir(out: str | Path | None) -> Path:
+    """A new folder for the outputs: never one that already holds files."""
+    path = Path(out) if out else Path("predictions") / datetime.now().strftime("predict_%Y%m%d_%H%M%S")
+    if path.exists() and any(path.iterdir()):
+        raise PredictError(f"--out {path} already holds files; choose a new folder (nothing is overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def predict_cases(
+    cases: list[Case],
+    members: list[Member],
+    out: Path,
+    tta: bool = False,
+    saliency: bool = False,
+    device: torch.device | None = None,
+) -> list[dict]:
+    """Predict every case; write predictions.csv/.json (and saliency/) into `out`; return the records."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    ref = members[0]
+    channels = [MODALITIES.index(m) for m in ref.modalities]
+    for m in members:
+        m.model.to(device)
+    if saliency:
+        (out / "saliency").mkdir(exist_ok=True)
+    names = [f"fold_{m.fold}" if m.fold is not None else m.checkpoint.parent.parent.name for m in members]
+    records, failed = [], {}
+    for case in cases:
+        try:
+            volume, geometry = preprocess_case(case, ref.size, ref.preprocess.get("margin", DEFAULT_MARGIN))
+        except GliogradeError as e:
+            log.error("case %s: %s", case.id, e)
+            failed[case.id] = str(e)
+            continue
+        x = torch.from_numpy(volume[channels].astype(np.float32))[None].to(device)
+        per_model = [_probability(m.model, x, tta, dtype) for m in members]
+        p = float(np.mean(per_model))
+        record = {
+            "case": case.id,
+            "p_hgg": p,
+            "predicted_grade": GRADES[int(p >= 0.5)],
+            "true_grade": case.grade if case.grade != UNKNOWN_GRADE else None,
+            "folds": dict(zip(names, per_model, strict=True)),
+        }
+        if saliency:
+            cams = [grad_cam(m.model, x) for m in members]
+            cam = torch.stack([c[0][0] for c in cams]).mean(0).cpu().numpy()
+            image = to_original_grid(cam, geometry)
+            nii = out / "saliency" / f"{case.id}_gradcam.nii.gz"
+            nib.save(image, str(nii))
+            png = out / "saliency" / f"{case.id}_gradcam.png"
+            peak = saliency_png(image, case.paths["flair"], png, f"{case.id}: P(HGG) = {p:.3f}")
+            record["saliency"] = {
+                "nifti": str(nii),
+                "png": str(png),
+                "peak_voxel_ras": list(peak),
+                "layer": cams[0][1],
+                "method": "Grad-CAM of the HGG logit, mean over the ensemble, each map scaled to [0, 1]",
+            }
+        records.append(record)
+        folds = " (" + ", ".join(f"{v:.3f}" for v in per_model) + ")" if len(members) > 1 else ""
+        log.info("%s: P(HGG) = %.4f -> %s%s", case.id, p, record["predicted_grade"], folds)
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case", "p_hgg", "predicted_grade", "true_grade", *names])
+    for r in records:
+        w.writerow([r["case"], f"{r['p_hgg']:.6f}", r["predicted_grade"], r["true_grade"] or "", *r["folds"].values()])
+    _atomic(out / "predictions.csv", buf.getvalue())
+    meta = {
+        "gliograde": __version__,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "ensemble": [{"name": n, "checkpoint": str(m.checkpoint)} for n, m in zip(names, members, strict=True)],
+        "modalities": ref.modalities,
+        "preprocess": ref.preprocess,
+        "tta": f"mean over {len(FLIPS)} axis flips" if tta else None,
+        "threshold": 0.5,
+        "predictions": records,
+        "failed": failed,
+    }
+    _atomic(out / "predictions.json", json.dumps(meta, indent=2, allow_nan=True))
+    if failed:
+        raise PredictError(
+            f"{len(failed)} of {len(cases)} case(s) could not be predicted ({'; '.join(failed.values())}); "
+            f"the other {len(records)} are in {out / 'predictions.csv'}"
+        )
+    return records
+
+
+def accuracy_if_known(records: list[dict]) -> float:
+    known = [r for r in records if r["true_grade"]]
+    if not known:
+        return math.nan
+    return float(np.mean([r["predicted_grade"] == r["true_grade"] for r in known]))
