@@ -59,3 +59,40 @@ def synth_root(tmp_path_factory) -> Path:
 
     out, _ = synthesize(tmp_path_factory.mktemp("synth") / "data", 24, (48, 48, 40), seed=7, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(synth_root, tmp_path_factory):
+    """The synthetic set at 16^3 (5 folds when a test asks for them)."""
+    from gliograde.data.cache import open_cache, prepare_cache
+
+    out = tmp_path_factory.mktemp("tiny") / "cache-s16"
+    return open_cache(prepare_cache(synth_root, out, size=16, workers=1, progress=False).path)
+
+
+def tiny(cache, tmp_path, **kw):
+    """A cpu-demo configuration shrunk to seconds: 16^3, 3 epochs, batch 4, no worker processes."""
+    from gliograde.config import resolve
+
+    base = {
+        "cache_dir": str(cache.path),
+        "size": 16,
+        "epochs": 3,
+        "batch_size": 4,
+        "output_dir": str(tmp_path / "res"),
+        "num_workers": 0,
+        "min_epochs": 3,
+    }
+    return resolve("cpu-demo", **{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def cv_run(synth_root, tmp_path_factory):
+    """A finished 3-fold CV (ResNet-10, 16^3, 2 epochs) on its own cache: (cache, config, summary report)."""
+    from gliograde.data.cache import open_cache, prepare_cache
+    from gliograde.training.cv import run_cv
+
+    tmp = tmp_path_factory.mktemp("cv")
+    cache = open_cache(prepare_cache(synth_root, tmp / "cache-s16", size=16, workers=1, progress=False).path)
+    cfg = tiny(cache, tmp, folds=3, epochs=2, min_epochs=2)
+    return cache, cfg, run_cv(cfg, [0, 1, 2])

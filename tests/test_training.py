@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny
 
 from gliograde.cli import build_parser, config_from_args, main
 from gliograde.config import ConfigError, resolve, validate
@@ -21,25 +21,6 @@ from gliograde.training import trainer
 from gliograde.training.checkpoints import CheckpointError, select_checkpoint
 from gliograde.training.losses import LDAMLoss, drw_active, drw_weights
 from gliograde.training.trainer import improved, new_run_dir, train_fold
-
-
-@pytest.fixture(scope="session")
-def tiny_cache(synth_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "cache-s16"
-    return open_cache(prepare_cache(synth_root, out, size=16, workers=1, progress=False).path)
-
-
-def tiny(cache, tmp_path, **kw):
-    base = {
-        "cache_dir": str(cache.path),
-        "size": 16,
-        "epochs": 3,
-        "batch_size": 4,
-        "output_dir": str(tmp_path / "res"),
-        "num_workers": 0,
-        "min_epochs": 3,
-    }
-    return resolve("cpu-demo", **{**base, **kw})
 
 
 # ------------------------------------------------------------------------------------------ learning, folder

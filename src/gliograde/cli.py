@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 from gliograde import __version__
@@ -390,8 +389,8 @@ def cmd_demo(args) -> None:
     log.info("[4/4] two new synthetic patients (never seen in training): 5-fold ensemble, flip TTA, Grad-CAM ...")
     new, _ = synthesize(out / "new_cases", 2, (64, 64, 48), seed=2024, workers=1, first_index=args.cases)
     members = load_ensemble([results])
-    pred_dir = out / "predictions" / datetime.now().strftime("predict_%Y%m%d_%H%M%S")
-    records = predict_cases(discover_cases(new).cases, members, output_dir(pred_dir), tta=True, saliency=True)
+    pred_dir = output_dir(None, out / "predictions")
+    records = predict_cases(discover_cases(new).cases, members, pred_dir, tta=True, saliency=True)
     print_summary(report)
     for r in records:
         print(f"New case {r['case']} (true {r['true_grade']}): P(HGG) = {r['p_hgg']:.3f} -> {r['predicted_grade']}")

@@ -119,9 +119,20 @@ def _atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def output_dir(out: str | Path | None) -> Path:
-    """A new folder for the outputs: never one that already holds files."""
-    path = Path(out) if out else Path("predictions") / datetime.now().strftime("predict_%Y%m%d_%H%M%S")
+def output_dir(out: str | Path | None, parent: str | Path = "predictions") -> Path:
+    """The folder for the outputs: `out` if it is new or empty, else an error (nothing is overwritten);
+    by default a new parent/predict_YYYYMMDD_HHMMSS[_n]."""
+    if out is None:
+        stamp = datetime.now().strftime("predict_%Y%m%d_%H%M%S")
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            path = Path(parent) / (stamp if n == 1 else f"{stamp}_{n}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    path = Path(out)
     if path.exists() and any(path.iterdir()):
         raise PredictError(f"--out {path} already holds files; choose a new folder (nothing is overwritten)")
     path.mkdir(parents=True, exist_ok=True)
@@ -137,6 +148,9 @@ def predict_cases(
     device: torch.device | None = None,
 ) -> list[dict]:
     """Predict every case; write predictions.csv/.json (and saliency/) into `out`; return the records."""
+    repeated = sorted({c.id for c in cases if [d.id for d in cases].count(c.id) > 1})
+    if repeated:
+        raise PredictError(f"case id(s) {repeated} given twice; their outputs would overwrite each other")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None
     ref = members[0]
@@ -166,8 +180,12 @@ def predict_cases(
         }
         if saliency:
             cams = [grad_cam(m.model, x) for m in members]
-            cam = torch.stack([c[0][0] for c in cams]).mean(0).cpu().numpy()
+            cam = torch.stack([c[0][0] for c in cams]).mean(0)
+            cam = (cam / cam.max().clamp_min(1e-12)).cpu().numpy()  # the ensemble map scaled to peak 1 again
             image = to_original_grid(cam, geometry)
+            # the upsampled map blurs past the skull: cut it to the case's own brain mask on its own grid
+            brain = np.any([np.asarray(nib.load(str(f)).dataobj) != 0 for f in case.files], axis=0)
+            image = nib.Nifti1Image(image.get_fdata(dtype=np.float32) * brain, image.affine)
             nii = out / "saliency" / f"{case.id}_gradcam.nii.gz"
             nib.save(image, str(nii))
             png = out / "saliency" / f"{case.id}_gradcam.png"
@@ -177,7 +195,7 @@ def predict_cases(
                 "png": str(png),
                 "peak_voxel_ras": list(peak),
                 "layer": cams[0][1],
-                "method": "Grad-CAM of the HGG logit, mean over the ensemble, each map scaled to [0, 1]",
+                "method": "Grad-CAM of the HGG logit; each fold's map scaled to peak 1, averaged, scaled to peak 1",
             }
         records.append(record)
         folds = " (" + ", ".join(f"{v:.3f}" for v in per_model) + ")" if len(members) > 1 else ""

@@ -1,0 +1,220 @@
+"""Cross-validation: the summary's arithmetic and run selection, cv's resumption, and the standalone evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from gliograde.cli import main
+from gliograde.data.brats import site_of
+from gliograde.evaluation.evaluate import evaluate_run
+from gliograde.evaluation.metrics import compute_metrics
+from gliograde.evaluation.summary import (
+    SummaryError,
+    bootstrap_auc,
+    find_runs,
+    mean_std,
+    site_audit,
+    site_warning,
+    summarize,
+)
+from gliograde.training.checkpoints import CheckpointError
+from gliograde.training.cv import fold_plan, run_cv
+from gliograde.training.trainer import train_fold
+
+
+def fake_run(results, fold, k, ids, labels, probs, stamp="20260101_000000", status="complete"):
+    """A run folder as the trainer leaves it, with given validation predictions."""
+    run = results / "runs" / f"fold_{fold}" / f"run_{stamp}"
+    for sub in ("metrics", "config", "predictions", "checkpoints"):
+        (run / sub).mkdir(parents=True)
+    final = {**compute_metrics(labels, probs), "best_epoch": 3, "checkpoint": "best.pt"}
+    (run / "metrics" / "metrics.json").write_text(
+        json.dumps({"status": status, "fold": fold, "final": final if status == "complete" else None, "history": []})
+    )
+    (run / "config" / "config.json").write_text(json.dumps({"config": {"fold": fold, "folds": k}}))
+    np.save(run / "predictions" / "val_labels.npy", np.asarray(labels))
+    np.save(run / "predictions" / "val_probs.npy", np.asarray(probs))
+    (run / "predictions" / "val_ids.json").write_text(json.dumps(ids))
+    return run
+
+
+def fake_cv(results, k=3, n=20, seed=0, skip=()):
+    rng = np.random.default_rng(seed)
+    folds = []
+    for f in range(k):
+        if f in skip:
+            continue
+        labels = np.array([0] * 5 + [1] * (n - 5))
+        probs = np.clip(labels * 0.3 + rng.random(n) * 0.7, 0, 1)
+        ids = [f"Brats18_TCIA0{f}_{i:03d}_1" for i in range(n)]
+        folds.append((fake_run(results, f, k, ids, labels, probs), labels, probs))
+    return folds
+
+
+# ------------------------------------------------------------------------------------------------ arithmetic
+def test_summary_reports_mean_sample_std_and_pooled_auc(tmp_path):
+    folds = fake_cv(tmp_path, k=3)
+    report = summarize(tmp_path)
+    aucs = [roc_auc_score(labels, probs) for _, labels, probs in folds]
+    assert report["mean"]["auc"] == pytest.approx(np.mean(aucs))
+    assert report["std"]["auc"] == pytest.approx(np.std(aucs, ddof=1))
+    pooled_labels = np.concatenate([f[1] for f in folds])
+    pooled_probs = np.concatenate([f[2] for f in folds])
+    assert report["pooled"]["auc"] == pytest.approx(roc_auc_score(pooled_labels, pooled_probs))
+    lo, hi = report["pooled"]["auc_ci95"]
+    assert lo <= report["pooled"]["auc"] <= hi
+    assert [r["fold"] for r in report["folds"]] == [0, 1, 2] and not report["partial"]
+    assert set(report["mean"]) == {"auc", "f1", "accuracy", "sensitivity", "specificity", "balanced_accuracy"}
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert {"folds", "mean", "std", "pooled"} <= set(saved)
+    csv_rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("fold,best_epoch") and csv_rows[-2].startswith("mean") and len(csv_rows) == 6
+    md = (tmp_path / "summary.md").read_text()
+    assert "Mean ± std" in md and "Pooled out-of-fold" in md
+    for png in ("cv_roc_curves.png", "cv_pr_curves.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_the_seed_table_gives_the_seed_mean_and_std():
+    mean, std = mean_std([0.8079, 0.9016, 0.8952, 0.9206, 0.8714])  # training_journey_summary.md, Table 1
+    assert (round(mean, 4), round(std, 4)) == (0.8793, 0.0436)  # the seed prints 0.8794 (rounding of its inputs)
+    assert math.isnan(mean_std([0.9])[1])
+
+
+def test_bootstrap_equals_scikit_learn_resample_by_resample_and_is_seeded():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 40)
+    probs = np.round(rng.random(40) * 0.6 + labels * 0.3, 1)  # rounded: ties, which the rank formula must average
+    n, seed = 300, 11
+    idx = np.random.default_rng(seed).integers(0, 40, size=(n, 40))
+    reference = [roc_auc_score(labels[i], probs[i]) for i in idx if 0 < labels[i].sum() < 40]
+    lo, hi, used = bootstrap_auc(labels, probs, n, seed)
+    assert used == len(reference)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(reference, [0.025, 0.975])))
+    assert bootstrap_auc(labels, probs, n, seed) == (lo, hi, used)
+    assert bootstrap_auc(labels, probs, n, seed + 1)[:2] != (lo, hi)
+    assert lo <= roc_auc_score(labels, probs) <= hi
+
+
+def test_the_newest_complete_run_of_each_fold_is_chosen(tmp_path):
+    fake_cv(tmp_path, k=2)
+    labels, probs = np.array([0, 0, 1, 1] * 5), np.linspace(0, 1, 20)
+    ids = [f"Brats18_TCIA00_{i:03d}_1" for i in range(20)]
+    newer = fake_run(tmp_path, 0, 2, ids, labels, probs, stamp="20260101_000000_2")
+    fake_run(tmp_path, 0, 2, ids, labels, probs, stamp="20260102_000000", status="running")
+    runs, problems = find_runs(tmp_path)
+    assert runs[0].run_dir == newer and not problems
+
+
+def test_a_partial_cv_is_refused_unless_allowed_and_then_labelled(tmp_path):
+    fake_cv(tmp_path, k=3, skip=(2,))
+    fake_run(tmp_path, 2, 3, ["x"], [1], [0.5], status="running")
+    with pytest.raises(SummaryError, match=r"fold 2 \(run_20260101_000000: running or interrupted\)"):
+        summarize(tmp_path)
+    report = summarize(tmp_path, allow_partial=True)
+    assert report["partial"] and report["missing_folds"] == [2]
+    assert report["warnings"][0].startswith("PARTIAL")
+    assert "(PARTIAL)" in (tmp_path / "summary.md").read_text()
+    assert main(["summarize", "--results", str(tmp_path)]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ site audit
+def test_site_audit_on_the_real_sample_ids(sample_root):
+    from conftest import SAMPLE_HGG, SAMPLE_LGG
+
+    ids = SAMPLE_HGG + SAMPLE_LGG
+    labels = [1] * len(SAMPLE_HGG) + [0] * len(SAMPLE_LGG)
+    audit = site_audit(ids, labels, preds=labels)
+    assert set(audit["sites"]) == {"2013", "CBICA", "TCIA01", "TCIA02", "TCIA03", "TCIA10", "TCIA13"}
+    assert audit["sites"]["TCIA10"] == {"cases": 3, "HGG": 0, "LGG": 3, "single_grade": True, "accuracy": 1.0}
+    assert audit["patients_in_single_grade_sites"] == 9  # one case per site is single-grade by construction
+
+
+def test_site_audit_of_brats_2018_finds_the_site_confound(sample_root):
+    import csv
+
+    with (sample_root / "name_mapping_brats2019.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["BraTS_2018_subject_ID"] not in ("", "NA")]
+    ids = [r["BraTS_2018_subject_ID"] for r in rows]
+    labels = [int(r["Grade"] == "HGG") for r in rows]
+    audit = site_audit(ids, labels)
+    assert len(ids) == 285 and audit["patients_in_single_grade_sites"] == 255
+    assert not audit["sites"]["2013"]["single_grade"]
+    assert "255 of 285 patients" in site_warning(audit)
+    assert site_of("Brats18_2013_10_1") == "2013"
+
+
+# ---------------------------------------------------------------------------------------------- cv, evaluate
+def test_cv_trains_every_fold_and_summarizes(cv_run):
+    cache, cfg, report = cv_run
+    assert report["k"] == 3 and not report["partial"] and len(report["folds"]) == 3
+    for row in report["folds"]:
+        metrics = json.loads((Path(row["run"]) / "metrics" / "metrics.json").read_text())
+        assert metrics["final"]["auc"] == pytest.approx(row["auc"], nan_ok=True)
+    assert report["pooled"]["n"] == len(cache.ids)
+    assert (Path(cfg.output_dir) / "summary.md").is_file()
+
+
+def test_cv_skips_complete_folds_and_resumes_an_interrupted_one(cv_run):
+    _, cfg, report = cv_run
+    runs_before = sorted(Path(cfg.output_dir).glob("runs/fold_*/run_*"))
+    again = run_cv(cfg, [0, 1, 2])
+    assert [r["run"] for r in again["folds"]] == [r["run"] for r in report["folds"]]
+    assert sorted(Path(cfg.output_dir).glob("runs/fold_*/run_*")) == runs_before
+
+    def stop(epoch, run_dir):
+        raise KeyboardInterrupt
+
+    fold0 = dataclasses.replace(cfg, fold=0)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(fold0, on_epoch_end=stop)
+    state, run = fold_plan(fold0)
+    assert state == "resume"
+    resumed = run_cv(cfg, [0, 1, 2])
+    assert resumed["folds"][0]["run"] == str(run)
+    assert json.loads((run / "metrics" / "metrics.json").read_text())["status"] == "complete"
+    assert fold_plan(dataclasses.replace(fold0, lr=0.5))[0] == "new"  # another configuration is not resumed
+
+
+def test_evaluate_rescoring_matches_the_stored_auc_and_overwrites_nothing(cv_run):
+    _, _, report = cv_run
+    run = Path(report["folds"][1]["run"])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = evaluate_run(run)
+    stored = json.loads((run / "metrics" / "metrics.json").read_text())["final"]
+    assert result.metrics["auc"] == pytest.approx(stored["auc"], abs=1e-9, nan_ok=True)
+    assert result.metrics["checkpoint"] == "best.pt" and result.metrics["auc_difference"] < 1e-9
+    assert result.out_dir.parent == run and result.out_dir.name.startswith("evaluation_")
+    for name in ("metrics.json", "val_probs.npy", "val_ids.json", "roc_curve.png", "confusion_matrix.png"):
+        assert (result.out_dir / name).is_file()
+    assert {p: p.read_bytes() for p in before} == before
+    second = evaluate_run(run)
+    assert second.out_dir != result.out_dir
+    with pytest.raises(CheckpointError, match=r"best_ema\.pt does not exist"):
+        evaluate_run(run, "best_ema")
+
+
+def test_evaluate_and_cv_command_lines(cv_run, capsys):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    _, _, report = cv_run
+    run = report["folds"][0]["run"]
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts/evaluation/evaluate_fold.py"), "--run", run, "--checkpoint", "last"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "invalid choice: 'last'" in out.stderr
+    assert main(["evaluate", "--run", run]) == 0
+    assert main(["cv", "--preset", "cpu-demo", "--folds", "0-7", "--dry-run"]) == 2
+    assert "outside 0..4" in capsys.readouterr().err

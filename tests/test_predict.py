@@ -1,0 +1,129 @@
+"""predict: the fold ensemble on NIfTI cases, flip TTA, Grad-CAM back on the case's grid, and its refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import copy_case
+
+from gliograde import MODALITIES
+from gliograde.cli import main
+from gliograde.data.brats import discover_cases, read_case_folder
+from gliograde.errors import DataError
+from gliograde.evaluation.scoring import model_from_checkpoint
+from gliograde.inference.predict import PredictError, load_ensemble, output_dir, predict_cases
+from gliograde.inference.saliency import grad_cam
+from gliograde.training.checkpoints import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ensemble(cv_run):
+    _, cfg, _ = cv_run
+    return load_ensemble([cfg.output_dir])
+
+
+def test_the_ensemble_prepares_cases_as_the_cache_and_averages_the_folds(cv_run, ensemble, synth_root, tmp_path):
+    cache, _, _ = cv_run
+    assert [m.fold for m in ensemble] == [0, 1, 2] and all(m.checkpoint.name == "best.pt" for m in ensemble)
+    cases = discover_cases(synth_root).cases[:2]
+    records = predict_cases(cases, ensemble, output_dir(tmp_path / "out"))
+    for case, record in zip(cases, records, strict=True):
+        x = torch.from_numpy(cache.volumes[cache.ids.index(case.id)].astype(np.float32))[None]
+        expected = []
+        for m in ensemble:
+            model = model_from_checkpoint(load_checkpoint(m.checkpoint), m.checkpoint)
+            with torch.no_grad():
+                expected.append(float(torch.softmax(model(x), 1)[0, 1]))
+        assert list(record["folds"].values()) == pytest.approx(expected, abs=1e-6)
+        assert record["p_hgg"] == pytest.approx(np.mean(expected), abs=1e-6)
+        assert record["predicted_grade"] == ("HGG" if record["p_hgg"] >= 0.5 else "LGG")
+        assert record["true_grade"] == case.grade
+    header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0]
+    assert header == "case,p_hgg,predicted_grade,true_grade,fold_0,fold_1,fold_2"
+    with pytest.raises(PredictError, match="already holds files"):
+        output_dir(tmp_path / "out")
+    with pytest.raises(PredictError, match="twice"):
+        predict_cases([cases[0], cases[0]], ensemble, output_dir(tmp_path / "again"))
+
+
+def test_saliency_lies_on_the_case_grid_and_survives_another_orientation(ensemble, synth_root, tmp_path):
+    case = discover_cases(synth_root).cases[0]
+    # the same patient stored in another orientation (axes permuted and flipped, affine adjusted)
+    turned = tmp_path / "turned" / "turned_case"
+    turned.mkdir(parents=True)
+    ornt = np.array([[1, -1], [0, 1], [2, -1]])
+    for m in MODALITIES:
+        img = nib.load(str(case.paths[m]))
+        nib.save(img.as_reoriented(ornt), str(turned / f"{case.id}_{m}.nii.gz"))
+    records = predict_cases(
+        [case, read_case_folder(turned)], ensemble, output_dir(tmp_path / "out"), tta=True, saliency=True
+    )
+    assert records[0]["p_hgg"] == pytest.approx(records[1]["p_hgg"], abs=1e-6)
+    maps = []
+    for record, folder in zip(records, (case.paths["flair"].parent, turned), strict=True):
+        image = nib.load(record["saliency"]["nifti"])
+        flair = nib.load(str(next(folder.glob("*_flair.nii.gz"))))
+        assert image.shape == flair.shape and np.allclose(image.affine, flair.affine)
+        data = image.get_fdata()
+        assert data.min() >= 0 and 0.5 < data.max() <= 1 + 1e-6
+        brain = np.any([nib.load(str(p)).get_fdata() != 0 for p in folder.glob("*_t*.nii.gz")], axis=0) | (
+            flair.get_fdata() != 0
+        )
+        assert data[~brain].sum() < 0.05 * data.sum()  # the map lives in the head, not in the background
+        maps.append(nib.as_closest_canonical(image).get_fdata())
+        assert Path(record["saliency"]["png"]).is_file()
+    np.testing.assert_allclose(maps[0], maps[1], atol=1e-5)
+
+
+def test_grad_cam_picks_a_stage_that_can_localize():
+    from gliograde.networks.resnet3d import ResNet3D
+
+    model = ResNet3D(10, 4, 2)
+    x = torch.randn(1, 4, 32, 32, 32)
+    cam, layer = grad_cam(model, x)
+    assert layer == "layer2" and cam.shape == (1, 32, 32, 32)  # layer4 of a 32^3 input is one voxel
+    assert grad_cam(model, torch.randn(1, 4, 128, 128, 128))[1] == "layer4"
+
+
+def test_checkpoints_that_disagree_are_refused(cv_run, tmp_path):
+    _, _, report = cv_run
+    run = tmp_path / "other_run"
+    shutil.copytree(report["folds"][0]["run"], run)
+    path = run / "checkpoints" / "best.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["size"] = 32
+    torch.save(ckpt, path)
+    with pytest.raises(PredictError, match="disagree on input size"):
+        load_ensemble([report["folds"][1]["run"], run])
+    ckpt["size"], ckpt["modalities"] = 16, ["flair"]
+    torch.save(ckpt, path)
+    with pytest.raises(PredictError, match="disagree on modalities"):
+        load_ensemble([report["folds"][1]["run"], run])
+
+
+def test_a_case_lacking_a_modality_is_named(synth_root, tmp_path):
+    case = discover_cases(synth_root).cases[0]
+    folder = copy_case(synth_root, case.id, tmp_path, case.grade)
+    (folder / f"{case.id}_t1ce.nii.gz").unlink()
+    with pytest.raises(DataError, match=rf"{case.id}.*no t1ce file"):
+        read_case_folder(folder)
+    assert main(["predict", "--runs", str(tmp_path), "--case", str(folder)]) == 2
+
+
+def test_predict_command_line(cv_run, synth_root, tmp_path):
+    _, cfg, _ = cv_run
+    case = discover_cases(synth_root).cases[3]
+    # a plain folder of case folders with non-BraTS file names
+    plain = tmp_path / "new" / "patient_a"
+    plain.mkdir(parents=True)
+    for m in MODALITIES:
+        shutil.copy(case.paths[m], plain / f"scan_{m}.nii.gz")
+    out = tmp_path / "pred"
+    assert main(["predict", "--runs", cfg.output_dir, "--data-root", str(tmp_path / "new"), "--out", str(out)]) == 0
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("patient_a,")
