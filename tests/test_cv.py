@@ -218,3 +218,23 @@ def test_evaluate_and_cv_command_lines(cv_run, capsys):
     assert main(["evaluate", "--run", run]) == 0
     assert main(["cv", "--preset", "cpu-demo", "--folds", "0-7", "--dry-run"]) == 2
     assert "outside 0..4" in capsys.readouterr().err
+
+
+def test_parallel_folds_train_in_separate_processes_from_one_prepared_cache(synth_root, tmp_path):
+    from gliograde.config import resolve
+
+    cfg = resolve(
+        "cpu-demo",
+        data_root=str(synth_root),
+        cache_dir=str(tmp_path / "caches"),
+        output_dir=str(tmp_path / "res"),
+        size=16,
+        folds=2,
+        epochs=1,
+        min_epochs=1,
+        batch_size=4,
+        num_workers=0,
+    )
+    report = run_cv(cfg, [0, 1], parallel=2)
+    assert [r["fold"] for r in report["folds"]] == [0, 1] and not report["partial"]
+    assert [p.name for p in (tmp_path / "caches").iterdir()] == ["data-s16"]  # prepared once, by the parent

@@ -7,7 +7,6 @@ import math
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
     precision_recall_fscore_support,
     roc_auc_score,
@@ -30,7 +29,8 @@ def compute_metrics(labels, probs, threshold: float = 0.5) -> dict:
         "precision": float(p.mean()),
         "recall": float(r.mean()),
         "f1": float(f.mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+        # mean recall over the classes present (scikit-learn's definition, without its warning for one class)
+        "balanced_accuracy": float(np.mean([r[c] for c in (0, 1) if s[c] > 0])) if len(labels) else math.nan,
         "sensitivity": float(r[1]),  # recall of HGG
         "specificity": float(r[0]),  # recall of LGG
         "per_class": {

@@ -63,6 +63,11 @@ def _train_child(values: dict, gpu: int | None, threads: int, level: int) -> tup
 def run_cv(cfg: TrainConfig, folds: list[int], parallel: int = 1, allow_partial: bool = False) -> dict:
     """Train (or skip, or resume) each fold, then summarize the results folder; returns the summary."""
     validate(cfg, log)
+    from gliograde.training.trainer import load_data, train_fold
+
+    # the cache and folds.json are made once, here, not by folds racing each other in parallel processes
+    cache, _ = load_data(cfg)
+    cfg = dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()))
     todo, runs = [], {}
     for fold in folds:
         fcfg = dataclasses.replace(cfg, fold=fold, resume=None)
@@ -78,8 +83,6 @@ def run_cv(cfg: TrainConfig, folds: list[int], parallel: int = 1, allow_partial:
 
     failures: dict[int, str] = {}
     if parallel <= 1 or len(todo) <= 1:
-        from gliograde.training.trainer import train_fold
-
         for fcfg in todo:
             log.info("===== fold %d of %s =====", fcfg.fold, folds)
             try:
