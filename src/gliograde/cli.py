@@ -199,7 +199,20 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--tf32", dest="tf32", action="store_const", const=True)
     flag("--no-tf32", dest="tf32", action="store_const", const=False)
     flag("--gpu", action="store_const", const=True)
-    flag("--multi-gpu", "--multi_gpu", dest="multi_gpu", action="store_const", const=True)
+    flag("--multi-gpu", "--multi_gpu", dest="multi_gpu", action="store_const", const=True, help="DDP over all GPUs")
+    flag("--nproc", type=int, help="DDP processes for --multi-gpu (default: one per GPU; gloo on a CPU machine)")
+    flag("--sync-bn", "--sync_bn", dest="sync_bn", action="store_const", const=True, help="SyncBatchNorm under DDP")
+    flag(
+        "--data-path",
+        "--data_path",
+        dest="data_path",
+        choices=["auto", "device", "loader"],
+        help="device: volumes held beside the model, batches gathered by index; loader: the DataLoader "
+        "(default auto: device on a GPU, loader on the CPU)",
+    )
+    flag("--channels-last", dest="channels_last", action="store_const", const=True, help="default on for CUDA")
+    flag("--no-channels-last", dest="channels_last", action="store_const", const=False)
+    flag("--compile", action="store_const", const=True, help="torch.compile the model")
     flag("--num-workers", "--num_workers", dest="num_workers", type=int)
     flag("--seed", type=int)
     flag("--data-root", "--data_root", dest="data_root")

@@ -29,6 +29,9 @@ RUNTIME_FIELDS = {
     "cache_dir",
     "gpu",
     "multi_gpu",
+    "nproc",
+    "channels_last",
+    "compile",
     "preset",
 }
 
@@ -88,6 +91,11 @@ class TrainConfig:
     # execution
     gpu: bool = False
     multi_gpu: bool = False
+    nproc: int | None = None  # DDP processes for --multi-gpu (default: one per visible GPU)
+    sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only)
+    data_path: str = "auto"  # auto (device on a GPU, loader on the CPU) | device | loader
+    channels_last: bool | None = None  # channels_last_3d memory format; None = on for CUDA
+    compile: bool = False  # torch.compile the model
     amp: bool | None = None  # None = on for CUDA, off on CPU
     tf32: bool = True
     num_workers: int | None = None  # None = min(8, cpus)
@@ -165,6 +173,8 @@ def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig
     need(cfg.max_m > 0 and cfg.ldam_s > 0, "--max-m and --ldam-s must be positive")
     need(cfg.warmup_epochs >= 0 and cfg.plots_every >= 1, "--warmup-epochs must be >= 0 and --plots-every >= 1")
     need(cfg.folds >= 2, f"--folds must be at least 2, got {cfg.folds}")
+    need(cfg.data_path in ("auto", "device", "loader"), f"--data-path {cfg.data_path!r} is not auto, device or loader")
+    need(cfg.nproc is None or cfg.nproc >= 1, f"--nproc must be at least 1, got {cfg.nproc}")
     need(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold} is outside 0..{cfg.folds - 1}")
 
     if cfg.loss == "ldam" and cfg.drw_start_epoch is not None:

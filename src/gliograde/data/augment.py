@@ -51,8 +51,12 @@ def draw_params(batch: int, channels: int, p: AugmentParams, generator: torch.Ge
 
 def augment_batch(x: torch.Tensor, p: AugmentParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Augment a (B, C, D, H, W) batch; background (exact zeros) stays zero."""
-    b, c = x.shape[:2]
-    r = draw_params(b, c, p, generator)
+    return apply_params(x, draw_params(x.shape[0], x.shape[1], p, generator))
+
+
+def apply_params(x: torch.Tensor, r: dict) -> torch.Tensor:
+    """The augmentation of drawn parameters `r` (draw_params), on x's device, in one grid_sample."""
+    b = x.shape[0]
     signs = 1 - 2 * r["flips"].float()
     # theta maps output coordinates to input coordinates: flip, rotate, then divide by zoom
     a = _rotation(r["angles"]) * signs[:, None, :] / r["zoom"][:, None, None]

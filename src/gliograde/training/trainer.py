@@ -9,9 +9,11 @@ The run folder (training_journey_summary.md / resnet50_3d_training_guide.md):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import subprocess
 import time
@@ -22,14 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from gliograde import __version__
 from gliograde.config import TrainConfig, validate
-from gliograde.data.augment import AugmentParams, augment_batch
+from gliograde.data.augment import AugmentParams
 from gliograde.data.brats import resolve_data_root
 from gliograde.data.cache import VolumeCache, default_cache_path, open_cache, prepare_cache
+from gliograde.data.fast import DeviceStream, DeviceVolumes, LoaderStream
 from gliograde.data.loader import CacheDataset, make_loaders
 from gliograde.data.splits import fold_indices, folds_for_cache
 from gliograde.errors import GliogradeError
@@ -38,7 +43,9 @@ from gliograde.evaluation.plots import PlotWriter
 from gliograde.evaluation.scoring import evaluate_checkpoint, predict
 from gliograde.networks import build_model
 from gliograde.networks.resnet3d import ResNet3D
+from gliograde.training import distributed
 from gliograde.training.checkpoints import BEST, BEST_EMA, LAST, load_checkpoint, save_checkpoint
+from gliograde.training.distributed import Dist
 from gliograde.training.losses import drw_active, drw_weights, make_loss
 
 log = logging.getLogger("gliograde")
@@ -57,13 +64,10 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.multi_gpu and torch.cuda.device_count() < 2:
-        log.warning("--multi-gpu: %d GPU(s) visible, training on one device", torch.cuda.device_count())
-    elif cfg.multi_gpu:
-        log.warning("--multi-gpu: distributed training is not available yet; training on one GPU")
+def pick_device(cfg: TrainConfig, d: Dist | None = None) -> torch.device:
+    """This process's device: its own GPU under DDP, the GPU, or the CPU (with a warning where --gpu asked)."""
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", d.local_rank) if d is not None and d.active else torch.device("cuda")
     if cfg.gpu:
         log.warning("--gpu: CUDA is not available (CPU build of torch, or no GPU); training on the CPU")
     return torch.device("cpu")
@@ -143,7 +147,8 @@ def make_optimizer(model: ResNet3D, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, weight_decay=cfg.weight_decay)
+    fused = all(p.is_cuda for g in groups for p in g["params"])  # one kernel for all parameters on a GPU
+    return cls(groups, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -195,32 +200,68 @@ def write_json(path: Path, obj) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- the fold
-def train_fold(cfg: TrainConfig, on_epoch_end=None) -> RunResult:
+def train_fold(cfg: TrainConfig, on_epoch_end=None, run_dir: Path | None = None) -> RunResult:
+    """Train one fold. With --multi-gpu (and no torchrun around it) the fold goes to `distributed.launch`, which
+    runs this function once per GPU (or per --nproc gloo process); `run_dir` is then the folder it made."""
     validate(cfg, log)
+    if cfg.multi_gpu and "WORLD_SIZE" not in os.environ:
+        nproc = cfg.nproc or torch.cuda.device_count()
+        if nproc >= 2:
+            return _launch(cfg, nproc)
+        log.warning("--multi-gpu: %d GPU(s) visible, training on one device", torch.cuda.device_count())
+    d = distributed.setup()
+    try:
+        return _fold(cfg, d, on_epoch_end, run_dir)
+    finally:
+        distributed.teardown(d)
+
+
+def _launch(cfg: TrainConfig, nproc: int) -> RunResult:
+    """DDP started by this command: the cache and the run folder are made here, once, then the ranks train."""
+    cache, _ = load_data(cfg)
+    cfg = dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()))
+    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.output_dir, cfg.fold)
+    try:
+        distributed.launch(cfg, nproc, run_dir)
+    except Exception as e:  # a rank's exception arrives as the text of its traceback
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"distributed training of fold {cfg.fold} failed: {last}. Run folder: {run_dir}") from e
+    metrics = json.loads((run_dir / "metrics" / "metrics.json").read_text())
+    return RunResult(run_dir, metrics["final"], metrics["history"])
+
+
+def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunResult:
+    if d.active and not d.main:
+        dist.barrier()  # rank 0 prepares the cache and folds first; the others then only read them
     cache, folds = load_data(cfg)
+    if d.active and d.main:
+        dist.barrier()
     train_rows, val_rows = fold_indices(cache, folds, cfg.fold)
     channels = cache.channels(cfg.modalities)
 
-    # the run folder: new, or the interrupted one given by --resume
+    # the run folder: new, the interrupted one given by --resume, or the launcher's; rank 0 owns it
+    resume = None
     if cfg.resume:
         run_dir = Path(cfg.resume)
         resume = load_checkpoint(run_dir / "checkpoints" / LAST)
         if resume["config_identity"] != json.loads(json.dumps(cfg.identity())):
             diff = sorted(k for k, v in cfg.identity().items() if resume["config_identity"].get(k) != v)
             raise TrainingError(f"--resume {run_dir}: the run was made with another configuration (differs in {diff})")
-    else:
-        run_dir, resume = new_run_dir(cfg.output_dir, cfg.fold), None
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    handler = logging.FileHandler(run_dir / "logs" / f"train_{stamp}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    log.addHandler(handler)
-    level = log.level
-    if log.getEffectiveLevel() > logging.INFO:  # the run's log file gets INFO whatever the caller configured
-        log.setLevel(logging.INFO)
-    plots = PlotWriter(run_dir / "plots", "LDAM" if cfg.loss == "ldam" else "cross-entropy")
+    elif run_dir is None and d.main:
+        run_dir = new_run_dir(cfg.output_dir, cfg.fold)
+    run_dir = Path(distributed.broadcast(d, str(run_dir)))
+    handler, plots, level = None, None, log.level
+    if d.main:
+        stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+        handler = logging.FileHandler(run_dir / "logs" / f"train_{stamp}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        log.addHandler(handler)
+        if log.getEffectiveLevel() > logging.INFO:  # the run's log file gets INFO whatever the caller configured
+            log.setLevel(logging.INFO)
+        plots = PlotWriter(run_dir / "plots", "LDAM" if cfg.loss == "ldam" else "cross-entropy")
     try:
-        return _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end)
+        return _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(
             f"CUDA out of memory ({str(e).splitlines()[0]}). Use a smaller --batch-size (try 2 or 1) with "
@@ -231,50 +272,91 @@ def train_fold(cfg: TrainConfig, on_epoch_end=None) -> RunResult:
         log.warning("interrupted; resume with: gliograde train --fold %d --resume %s", cfg.fold, run_dir)
         raise
     finally:
-        plots.close()
-        log.removeHandler(handler)
+        if plots is not None:
+            plots.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
         log.setLevel(level)
-        handler.close()
 
 
-def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end) -> RunResult:
-    device = pick_device(cfg)
+def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end) -> RunResult:
+    device = pick_device(cfg, d)
     dtype = amp_dtype(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda") or d.active
+    if d.active and cfg.data_path == "loader":
+        log.warning("--data-path loader: DDP shards the device-resident data path; using it")
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)  # sampler and augmentation draws
+    generator = torch.Generator().manual_seed(cfg.seed)  # sampling and augmentation, identical on every rank
 
-    train_set = CacheDataset(cache, train_rows, channels)
-    val_set = CacheDataset(cache, val_rows, channels)
-    counts = np.bincount(train_set.labels, minlength=2).tolist()
-    if len(train_set) < cfg.batch_size * cfg.grad_accum:
+    counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
+    if len(train_rows) < cfg.batch_size * cfg.grad_accum * d.world:
         raise TrainingError(
-            f"--batch-size {cfg.batch_size} x accumulation {cfg.grad_accum} exceeds the "
-            f"{len(train_set)} training cases of fold {cfg.fold}"
+            f"--batch-size {cfg.batch_size} x accumulation {cfg.grad_accum} x {d.world} process(es) exceeds the "
+            f"{len(train_rows)} training cases of fold {cfg.fold}"
         )
-    train_loader, val_loader = make_loaders(
-        train_set, val_set, cfg.batch_size, cfg.sampler, generator, cfg.num_workers, device.type == "cuda"
+    augment = (
+        AugmentParams(cfg.flip_prob, cfg.rotate_deg, cfg.scale_range, cfg.intensity_scale, cfg.intensity_shift)
+        if cfg.augment
+        else None
     )
-    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    if on_device:  # the volumes live beside the model; batches are gathered by index
+        train_volumes = DeviceVolumes(cache, train_rows, channels, device)
+        val_volumes = DeviceVolumes(cache, val_rows, channels, device)
+        stream = DeviceStream(
+            train_volumes, cfg.batch_size, cfg.sampler, generator, augment, cfg.grad_accum, d.rank, d.world
+        )
+        steps_per_epoch = stream.steps
+        val_size = max(4 * cfg.batch_size, 16)
+
+        def val_batches(shard: bool = True):
+            return val_volumes.batches(val_size, *((d.rank, d.world) if shard else (0, 1)))
+
+        where = "on the device" if train_volumes.on_device else "in pinned host memory"
+        log.info("Data path: %.2f GB of volumes held %s, batches gathered by index", train_volumes.nbytes / 1e9, where)
+    else:  # the seeds' DataLoader over the memory-mapped cache
+        train_loader, val_loader = make_loaders(
+            CacheDataset(cache, train_rows, channels),
+            CacheDataset(cache, val_rows, channels),
+            cfg.batch_size,
+            cfg.sampler,
+            generator,
+            cfg.num_workers,
+            device.type == "cuda",
+        )
+        steps_per_epoch = len(train_loader) // cfg.grad_accum
+        stream = LoaderStream(train_loader, device, generator, augment, steps_per_epoch * cfg.grad_accum)
+
+        def val_batches(shard: bool = True):
+            return val_loader
+
     log.info(
         "Fold %d: %d training cases (%d LGG, %d HGG), %d validation cases; modalities %s; %d optimizer "
-        "steps per epoch on %s%s",
+        "steps per epoch on %s%s%s",
         cfg.fold,
-        len(train_set),
+        len(train_rows),
         counts[0],
         counts[1],
-        len(val_set),
+        len(val_rows),
         ",".join(cfg.modalities),
         steps_per_epoch,
         device,
         f" with {dtype} autocast" if dtype else "",
+        f" x {d.world} processes (DDP)" if d.active else "",
     )
 
     model = build_model(
         cfg.depth, len(channels), 2, cfg.shortcut, cfg.layout, cfg.dropout, None if resume else cfg.pretrained_path, log
     ).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    if d.active and cfg.sync_bn and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    torch.manual_seed(cfg.seed + d.rank)  # dropout: its own stream per rank
     ema = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         if cfg.ema_decay > 0
@@ -284,7 +366,6 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device)
-    augment = AugmentParams(cfg.flip_prob, cfg.rotate_deg, cfg.scale_range, cfg.intensity_scale, cfg.intensity_shift)
 
     history: list[dict] = []
     best = {"auc": -math.inf, "f1": -math.inf, "epoch": 0}
@@ -301,19 +382,23 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
         bad_epochs, start = resume["bad_epochs"], resume["epoch"] + 1
         set_rng_state(resume["rng_state"], generator)
         log.info("Resuming %s after epoch %d", run_dir, resume["epoch"])
-    else:
-        env = environment(device)
+    elif d.main:
         write_json(
             run_dir / "config" / "config.json",
             {
                 # the cache by absolute path, so that `evaluate` finds it from any working directory
                 "config": {**cfg.to_dict(), "cache_dir": str(cache.path.resolve())},
-                "environment": env,
+                "environment": {**environment(device), "processes": d.world, "data_path": stream.__class__.__name__},
                 "seed": cfg.seed,
                 "run_dir": str(run_dir),
             },
         )
         log.info("Run folder: %s", run_dir)
+    net = model
+    if d.active:  # gradients all-reduced across the ranks; the checkpoints hold `model`, never the wrapper
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
 
     def payload(epoch, state_dict, metrics, ema_weights=False) -> dict:
         return {
@@ -335,6 +420,11 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
             },
         }
 
+    def validation(m) -> tuple[float, np.ndarray, np.ndarray]:
+        """Loss, P(HGG) and labels of the whole validation set (each rank scores its share; all get all)."""
+        loss, probs, labels = predict(m, val_batches(), device, dtype, loss_fn)
+        return distributed.gather_predictions(d, loss, probs, labels)
+
     # ------------------------------------------------------------------------------------------ the epochs
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -343,28 +433,27 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
         if drw and not drw_active(cfg.loss, cfg.drw_start_epoch, epoch - 1):
             log.info("DRW activated at epoch %d: class weights %s", epoch, loss_fn.weight.tolist())
 
-        model.train()
-        total, seen, micro_batches = 0.0, 0, steps_per_epoch * cfg.grad_accum
-        bar = tqdm(train_loader, total=micro_batches, desc=f"epoch {epoch}", leave=False, disable=None)
+        net.train()
+        total, seen = 0.0, 0
+        bar = tqdm(stream, desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
         for i, (x, y) in enumerate(bar):
-            if i >= micro_batches:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.augment:
-                x = augment_batch(x, augment, generator)
-            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                logits = model(x)
-            loss = loss_fn(logits, y)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            step_ends = (i + 1) % cfg.grad_accum == 0
+            with net.no_sync() if d.active and not step_ends else nullcontext():  # all-reduce once per step
+                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                    logits = net(x)
+                loss = loss_fn(logits, y)
+                scaler.scale(loss / cfg.grad_accum).backward()
             value = float(loss.detach())
-            if not math.isfinite(value):
+            if not distributed.all_finite(d, value):
                 raise TrainingError(
                     f"non-finite training loss ({value}) at epoch {epoch}, step {i + 1}; stopped. "
                     f"Checkpoints of the previous epochs in {run_dir / 'checkpoints'} are intact. "
                     "Lower --lr, set --grad-clip, or check the input data."
                 )
-            scaler.scale(loss / cfg.grad_accum).backward()
             total, seen = total + value * len(y), seen + len(y)
-            if (i + 1) % cfg.grad_accum == 0:
+            if step_ends:
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -376,9 +465,9 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
                     ema.update_parameters(model)
             bar.set_postfix(loss=f"{value:.4f}")
         bar.close()
-        train_loss = total / max(seen, 1)
+        train_loss = distributed.mean(d, total / max(seen, 1))
 
-        val_loss, probs, labels = predict(model, val_loader, device, dtype, loss_fn)
+        val_loss, probs, labels = validation(model)
         m = compute_metrics(labels, probs)
         record = {
             "epoch": epoch,
@@ -403,42 +492,48 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
             "lr_head": optimizer.param_groups[1]["lr"],
             "drw_active": drw,
         }
+        # every rank holds the same metrics, so every rank takes the same decisions; rank 0 writes
         is_best = improved(m["auc"], m["f1"], best, cfg.min_delta)
         if is_best:
             best = {"auc": m["auc"], "f1": m["f1"], "epoch": epoch}
-            save_checkpoint(payload(epoch, model.state_dict(), m), run_dir / "checkpoints" / BEST)
+            if d.main:
+                save_checkpoint(payload(epoch, model.state_dict(), m), run_dir / "checkpoints" / BEST)
         ema_best = False
         if ema is not None:
-            ema_loss, ema_probs, ema_labels = predict(ema.module, val_loader, device, dtype, loss_fn)
+            ema_loss, ema_probs, ema_labels = validation(ema.module)
             em = compute_metrics(ema_labels, ema_probs)
             record.update({"ema_val_loss": ema_loss, "ema_val_auc": em["auc"], "ema_val_f1": em["f1"]})
             ema_best = improved(em["auc"], em["f1"], best_ema, cfg.min_delta)
             if ema_best:
                 best_ema = {"auc": em["auc"], "f1": em["f1"], "epoch": epoch}
-                save_checkpoint(payload(epoch, ema.module.state_dict(), em, True), run_dir / "checkpoints" / BEST_EMA)
+                if d.main:
+                    save_checkpoint(
+                        payload(epoch, ema.module.state_dict(), em, True), run_dir / "checkpoints" / BEST_EMA
+                    )
         bad_epochs = 0 if (is_best or ema_best) else bad_epochs + 1
         record.update({"is_best": is_best, "epoch_time_s": time.perf_counter() - t0})
         history.append(record)
 
-        save_checkpoint(
-            {
-                **payload(epoch, model.state_dict(), m),
-                "optimizer_state_dict": optimizer.state_dict(),
-                "scheduler_state_dict": scheduler.state_dict(),
-                "scaler_state_dict": scaler.state_dict(),
-                "ema_state_dict": ema.state_dict() if ema is not None else None,
-                "history": history,
-                "best": best,
-                "best_ema": best_ema,
-                "bad_epochs": bad_epochs,
-                "rng_state": rng_state(generator),
-            },
-            run_dir / "checkpoints" / LAST,
-        )
-        write_json(
-            run_dir / "metrics" / "metrics.json",
-            {"status": "running", "fold": cfg.fold, "final": None, "history": history},
-        )
+        if d.main:
+            save_checkpoint(
+                {
+                    **payload(epoch, model.state_dict(), m),
+                    "optimizer_state_dict": optimizer.state_dict(),
+                    "scheduler_state_dict": scheduler.state_dict(),
+                    "scaler_state_dict": scaler.state_dict(),
+                    "ema_state_dict": ema.state_dict() if ema is not None else None,
+                    "history": history,
+                    "best": best,
+                    "best_ema": best_ema,
+                    "bad_epochs": bad_epochs,
+                    "rng_state": rng_state(generator),
+                },
+                run_dir / "checkpoints" / LAST,
+            )
+            write_json(
+                run_dir / "metrics" / "metrics.json",
+                {"status": "running", "fold": cfg.fold, "final": None, "history": history},
+            )
         log.info(
             "Epoch %d/%d | train loss %.6f | val loss %.6f | AUC %.4f F1 %.4f acc %.4f | sens %.3f spec %.3f "
             "| FN %d FP %d | lr %.2e%s | %.1f s%s",
@@ -458,7 +553,7 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
             record["epoch_time_s"],
             " [best]" if is_best else "",
         )
-        if is_best or epoch % cfg.plots_every == 0:
+        if plots is not None and (is_best or epoch % cfg.plots_every == 0):
             plots.submit(history, labels, probs, m, f"_epoch_{epoch}", f"fold {cfg.fold}, epoch {epoch}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, run_dir)
@@ -472,8 +567,12 @@ def _train(cfg, cache, train_rows, val_rows, channels, run_dir, resume, plots, o
             )
             break
 
+    if not d.main:
+        return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
     # ------------------------------------------------------------------------------------ final evaluation
-    final = evaluate_checkpoint(run_dir / "checkpoints", cfg.ema_decay > 0, val_loader, device, dtype, loss_fn)
+    final = evaluate_checkpoint(
+        run_dir / "checkpoints", cfg.ema_decay > 0, val_batches(shard=False), device, dtype, loss_fn
+    )
     probs, labels = final.pop("_probs"), final.pop("_labels")
     preds = (probs >= 0.5).astype(np.int64)
     out = run_dir / "predictions"

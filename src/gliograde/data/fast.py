@@ -1,0 +1,126 @@
+"""The fast data path: training volumes held where the model is, micro-batches drawn by index.
+
+`DeviceVolumes` holds the cache rows of a fold as one float16 tensor: on the GPU when it fits (the whole BraTS 2018
+set at 128^3 is 4.8 GB), else in pinned host memory, copied per batch on a side stream; on the CPU, in RAM.
+`DeviceStream` draws an epoch of micro-batches with the same distributions as the DataLoader path
+(inverse-frequency sampling with replacement = WeightedRandomSampler, or a permutation = RandomSampler; the last
+incomplete batch dropped), augments each batch in one grid_sample call, and under DDP hands every rank its share.
+All random numbers come from one CPU generator that every rank advances identically, so W ranks see exactly the
+micro-batches that one process with W x the gradient accumulation would see.
+`LoaderStream` is the seeds' DataLoader path behind the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from gliograde.data.augment import AugmentParams, apply_params, draw_params
+from gliograde.data.cache import VolumeCache
+from gliograde.data.loader import inverse_frequency_weights
+
+DEVICE_MEMORY_FRACTION = 0.5  # at most this share of the free GPU memory is used for volumes
+
+
+class DeviceVolumes:
+    """Rows of a cache, selected channels, as one (N, C, S, S, S) float16 tensor; `gather` returns float32 batches
+    on `device`."""
+
+    def __init__(self, cache: VolumeCache, rows, channels: list[int], device: torch.device, chunk: int = 16):
+        rows = np.asarray(rows)
+        self.device, self.labels = device, torch.as_tensor(cache.labels[rows])
+        shape = (len(rows), len(channels), *cache.volumes.shape[2:])
+        self.nbytes = int(np.prod(shape)) * 2
+        self.on_device = device.type != "cuda" or self.nbytes < DEVICE_MEMORY_FRACTION * torch.cuda.mem_get_info()[0]
+        place = device if self.on_device else torch.device("cpu")
+        pin = device.type == "cuda" and not self.on_device
+        self.volumes = torch.empty(shape, dtype=torch.float16, device=place, pin_memory=pin)
+        for start in range(0, len(rows), chunk):  # chunked: never the whole fold twice in host memory
+            part = np.asarray(cache.volumes[rows[start : start + chunk]][:, channels], dtype=np.float16)
+            self.volumes[start : start + len(part)].copy_(torch.from_numpy(part))
+        self._stream = torch.cuda.Stream(device) if pin else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(volumes float32, labels) of the given indices, on the device."""
+        y = self.labels[idx].to(self.device, non_blocking=True)
+        if self.on_device:
+            return self.volumes[idx.to(self.volumes.device)].float(), y
+        batch = self.volumes.index_select(0, idx).pin_memory()
+        with torch.cuda.stream(self._stream):
+            x = batch.to(self.device, non_blocking=True)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        x.record_stream(torch.cuda.current_stream(self.device))
+        return x.float(), y
+
+    def batches(self, size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """In order, no augmentation (validation); under DDP each rank takes every world-th volume."""
+        mine = torch.arange(rank, len(self), world)
+        for start in range(0, len(mine), size):
+            yield self.gather(mine[start : start + size])
+
+
+def epoch_indices(labels: torch.Tensor, n: int, sampler: str, generator: torch.Generator) -> torch.Tensor:
+    """n training indices for one epoch, drawn exactly as WeightedRandomSampler / RandomSampler draw them."""
+    if sampler == "weighted":
+        return torch.multinomial(inverse_frequency_weights(labels.numpy()), n, replacement=True, generator=generator)
+    return torch.randperm(len(labels), generator=generator)[:n]
+
+
+class DeviceStream:
+    """One epoch of this rank's augmented micro-batches: `for x, y in stream: ...` (x float32 on the device)."""
+
+    def __init__(
+        self,
+        volumes: DeviceVolumes,
+        batch_size: int,
+        sampler: str,
+        generator: torch.Generator,
+        augment: AugmentParams | None,
+        grad_accum: int = 1,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.volumes, self.batch_size, self.sampler, self.generator = volumes, batch_size, sampler, generator
+        self.augment, self.grad_accum, self.rank, self.world = augment, grad_accum, rank, world
+        self.steps = len(volumes) // batch_size // (grad_accum * world)  # optimizer steps per epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.grad_accum  # this rank's micro-batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        b, per_step = self.batch_size, self.grad_accum * self.world
+        idx = epoch_indices(self.volumes.labels, len(self.volumes) // b * b, self.sampler, self.generator)
+        channels = self.volumes.volumes.shape[1]
+        for step in range(self.steps):
+            for k in range(per_step):  # rank-major: rank r takes micro-batches r*A .. r*A + A - 1 of the step
+                # every rank draws every micro-batch's parameters, so the generators stay identical
+                params = draw_params(b, channels, self.augment, self.generator) if self.augment else None
+                if k // self.grad_accum != self.rank:
+                    continue
+                m = step * per_step + k
+                x, y = self.volumes.gather(idx[m * b : (m + 1) * b])
+                yield (apply_params(x, params) if params else x), y
+
+
+class LoaderStream:
+    """The DataLoader path behind the same interface: batches moved to the device, then augmented there."""
+
+    def __init__(self, loader, device: torch.device, generator: torch.Generator, augment: AugmentParams | None, n: int):
+        self.loader, self.device, self.generator, self.augment, self.n = loader, device, generator, augment, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, (x, y) in enumerate(self.loader):
+            if i >= self.n:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.augment:
+                x = apply_params(x, draw_params(x.shape[0], x.shape[1], self.augment, self.generator))
+            yield x, y

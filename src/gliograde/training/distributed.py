@@ -1,0 +1,131 @@
+"""Data-parallel training of one fold (DistributedDataParallel): NCCL on GPUs, gloo on CPUs.
+
+Started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) or by `--multi-gpu` itself, which spawns one
+process per visible GPU (`--nproc N` to choose; on a machine without GPUs, N gloo processes on the CPU).
+Rank 0 owns the run folder; the other ranks train and validate their shares and write nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+log = logging.getLogger("gliograde")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def setup() -> Dist:
+    """The process group from the environment (torchrun or `launch`), or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    if rank != 0:
+        log.setLevel(logging.WARNING)  # one voice: rank 0 reports
+    return Dist(rank, world, local)
+
+
+def teardown(d: Dist) -> None:
+    if d.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(d: Dist, value):
+    """Rank 0's value on every rank."""
+    if not d.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_predictions(
+    d: Dist, loss: float, probs: np.ndarray, labels: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The whole validation set from every rank's share (rank r scored volumes r, r + W, ...), back in order, and
+    the mean loss over all of it."""
+    if not d.active:
+        return loss, probs, labels
+    parts = [None] * d.world
+    dist.all_gather_object(parts, (loss, probs, labels))
+    n = sum(len(p[1]) for p in parts)
+    out_p, out_l = np.empty(n, probs.dtype), np.empty(n, labels.dtype)
+    for r, (_, p, lab) in enumerate(parts):
+        out_p[r :: d.world], out_l[r :: d.world] = p, lab
+    return sum(part[0] * len(part[1]) for part in parts) / max(n, 1), out_p, out_l
+
+
+def all_finite(d: Dist, value: float) -> bool:
+    """Whether the value is finite on every rank (so that all ranks stop together, never one alone)."""
+    ok = math.isfinite(value)
+    if not d.active:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def mean(d: Dist, value: float) -> float:
+    """The mean of a per-rank float over the ranks."""
+    if not d.active:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / d.world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, values: dict, run_dir: str, level: int) -> None:
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    logging.basicConfig(level=level, format=f"[rank {rank}] %(levelname)s: %(message)s")
+    from pathlib import Path
+
+    from gliograde.config import TrainConfig
+    from gliograde.training.trainer import train_fold
+
+    train_fold(TrainConfig(**values), run_dir=Path(run_dir))
+
+
+def launch(cfg, nproc: int, run_dir) -> None:
+    """Train cfg's fold in nproc spawned processes (one per GPU, or gloo on the CPU) into the existing run_dir;
+    returns when all have finished, raises if one failed."""
+    values = dataclasses.replace(cfg, multi_gpu=False).to_dict()  # the ranks must not launch again
+    log.info("DDP: %d processes (%s)", nproc, "NCCL, one per GPU" if torch.cuda.is_available() else "gloo on the CPU")
+    args = (nproc, _free_port(), values, str(run_dir), log.getEffectiveLevel())
+    mp.start_processes(_worker, args=args, nprocs=nproc, start_method="spawn")

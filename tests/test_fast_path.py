@@ -1,0 +1,73 @@
+"""The device-resident data path: the DataLoader's sampling distributions, reproducible augmented batches, and
+DDP (two gloo processes on the CPU) giving the weights of one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+from gliograde.data.augment import AugmentParams, apply_params, draw_params
+from gliograde.data.fast import DeviceStream, DeviceVolumes, epoch_indices
+from gliograde.data.loader import inverse_frequency_weights
+from gliograde.data.splits import fold_indices, folds_for_cache
+from gliograde.training.trainer import train_fold
+
+
+def test_epoch_indices_are_the_dataloader_samplers_draws():
+    labels = torch.tensor([0] * 7 + [1] * 21)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    weighted = WeightedRandomSampler(inverse_frequency_weights(labels.numpy()), 28, replacement=True, generator=g1)
+    assert epoch_indices(labels, 28, "weighted", g2).tolist() == list(weighted)
+    g1, g2 = torch.Generator().manual_seed(6), torch.Generator().manual_seed(6)
+    assert epoch_indices(labels, 28, "shuffle", g2).tolist() == list(RandomSampler(range(28), generator=g1))
+
+
+def test_the_weighted_stream_balances_the_grades(tiny_cache):
+    train_rows, _ = fold_indices(tiny_cache, folds_for_cache(tiny_cache), 0)
+    volumes = DeviceVolumes(tiny_cache, train_rows, [0, 1, 2, 3], torch.device("cpu"))
+    assert volumes.on_device and volumes.volumes.dtype == torch.float16
+    assert volumes.labels.float().mean() > 0.7  # the fold itself is three quarters HGG
+    stream = DeviceStream(volumes, 4, "weighted", torch.Generator().manual_seed(0), None)
+    drawn = torch.cat([y for _ in range(200) for _, y in stream])
+    assert abs(drawn.float().mean().item() - 0.5) < 0.03
+
+
+def test_stream_batches_are_cache_volumes_augmented_in_draw_order(tiny_cache):
+    rows = np.arange(len(tiny_cache.ids))
+    volumes = DeviceVolumes(tiny_cache, rows, [3, 0], torch.device("cpu"))
+    p = AugmentParams()
+    stream = DeviceStream(volumes, 4, "shuffle", torch.Generator().manual_seed(1), p, grad_accum=2)
+    got = list(stream)
+    assert len(got) == len(stream) == 2 * (len(rows) // 4 // 2)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randperm(len(rows), generator=g)
+    for k, (x, y) in enumerate(got):
+        take = idx[4 * k : 4 * k + 4]
+        raw = torch.from_numpy(np.asarray(tiny_cache.volumes[take.numpy()][:, [3, 0]], dtype=np.float32))
+        assert torch.equal(y, torch.as_tensor(tiny_cache.labels[take.numpy()]))
+        assert torch.equal(x, apply_params(raw, draw_params(4, 2, p, g)))
+
+
+def test_ddp_with_two_gloo_processes_equals_one_process_with_the_same_global_batch(tiny_cache, tmp_path):
+    common = {"data_path": "device", "dropout": 0.0, "epochs": 2, "min_epochs": 2, "patience": 5, "batch_size": 2}
+    single = train_fold(tiny(tiny_cache, tmp_path / "one", grad_accum=2, **common))
+    ddp = train_fold(tiny(tiny_cache, tmp_path / "two", multi_gpu=True, nproc=2, **common))
+    assert ddp.run_dir.parent.parent.parent == tmp_path / "two" / "res"
+    assert ddp.final["checkpoint"] == "best.pt" and len(ddp.history) == 2
+    env = json.loads((ddp.run_dir / "config" / "config.json").read_text())["environment"]
+    assert env["processes"] == 2 and env["data_path"] == "DeviceStream"
+    a = torch.load(single.run_dir / "checkpoints" / "last.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(ddp.run_dir / "checkpoints" / "last.pt", weights_only=True)["model_state_dict"]
+    params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(params) > 20
+    for k in params:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the same steps on the same samples: training losses agree too
+    assert [h["train_loss"] for h in ddp.history] == pytest.approx([h["train_loss"] for h in single.history], 1e-4)
+    assert not list((tmp_path / "two" / "res").glob("runs/fold_0/run_*/evaluation_*"))
+    assert len(list((tmp_path / "two" / "res").glob("runs/fold_0/run_*"))) == 1  # rank 1 wrote no folder
