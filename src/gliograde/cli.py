@@ -372,6 +372,61 @@ def cmd_predict(args) -> None:
         log.info("saliency maps: %s", out / "saliency")
 
 
+# ---------------------------------------------------------------------------------------------- bench
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="the DataLoader+MONAI pipeline against the fast path; figures and JSON")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
+    p.add_argument("--depth", type=int, choices=[10, 18, 34, 50, 101, 152, 200], default=None)
+    p.add_argument("--layout", choices=["strided", "medicalnet"], default="strided")
+    p.add_argument("--size", type=int, default=None, help="volume edge (default 128 on a GPU, 48 on the CPU)")
+    p.add_argument("--channels", type=int, default=4, choices=[1, 2, 3, 4])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="measured batches per figure")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cases", type=int, default=None, help="synthetic cases in the benchmark cache")
+    p.add_argument("--workers", type=int, default=None, help="baseline DataLoader workers (default min(8, cpus))")
+    p.add_argument("--preprocess-cases", type=int, default=0, help="cases for the preprocessing figure (0 = 4/core)")
+    p.add_argument(
+        "--preprocess-shape", type=int, nargs=3, default=[240, 240, 155], metavar=("X", "Y", "Z"), help="their grid"
+    )
+    p.add_argument("--json", default=None, help="write the figures here as JSON")
+    p.add_argument("--workdir", default=None, help="keep the synthetic data and cache here (default: a temp folder)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from gliograde.bench import BenchConfig, defaults, run_bench, table, write_report
+    from gliograde.data.loader import default_workers
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GliogradeError("--device cuda: CUDA is not available (CPU build of torch, or no GPU)")
+    d = defaults(device)
+    cfg = BenchConfig(
+        device=device,
+        depth=args.depth or d["depth"],
+        layout=args.layout,
+        size=args.size or d["size"],
+        channels=args.channels,
+        batch_size=args.batch_size or d["batch_size"],
+        steps=args.steps or d["steps"],
+        warmup=args.warmup,
+        cases=args.cases or d["cases"],
+        workers=default_workers() if args.workers is None else args.workers,
+        preprocess_cases=args.preprocess_cases,
+        preprocess_shape=tuple(args.preprocess_shape),
+    )
+    if cfg.cases < 2 * cfg.batch_size:
+        raise GliogradeError(f"--cases {cfg.cases} is too few for batches of {cfg.batch_size}")
+    report = run_bench(cfg, Path(args.workdir) if args.workdir else None, log=log.info)
+    print(table(report))
+    if args.json:
+        write_report(report, args.json)
+        log.info("figures written to %s", args.json)
+
+
 # ----------------------------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the embedded default job on a synthetic BraTS-like set (CPU, minutes)")
@@ -426,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = (_add_synth, _add_prepare, _add_model_info, _add_train, _add_cv, _add_evaluate, _add_summarize)
-    for add in (*commands, _add_predict, _add_demo):
+    for add in (*commands, _add_predict, _add_bench, _add_demo):
         add(sub)
     return parser
 

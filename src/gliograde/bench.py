@@ -1,0 +1,348 @@
+"""`gliograde bench`: the seeds' data pipeline against the fast path, side by side, on one synthetic cache.
+
+Baseline: a DataLoader over the memory-mapped cache with MONAI per-sample transforms (axis flips, RandAffine, channel-
+wise intensity scale and shift) in worker processes (pinned memory, persistent workers, prefetch 4), as a MONAI user
+writes it. Fast: the volumes held beside the model, batches gathered by index and augmented in one grid_sample.
+Both feed the same train step (same network, AMP/channels_last/fused Adam on a GPU). Measured for each: volumes/s of
+data delivery alone and of the full train step, the share of step time spent waiting for data, peak memory; on a
+GPU also TFLOP/s and MFU. Plus preprocessing: the parallel cache writer against a sequential loop over the cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from gliograde import __version__
+from gliograde.data.augment import AugmentParams
+from gliograde.data.brats import discover_cases
+from gliograde.data.cache import VolumeCache, open_cache, prepare_cache
+from gliograde.data.fast import DeviceStream, DeviceVolumes
+from gliograde.data.loader import CacheDataset, inverse_frequency_weights
+from gliograde.data.preprocess import preprocess_case
+from gliograde.data.synthetic import synthesize
+from gliograde.networks.profile import profile_model
+from gliograde.networks.resnet3d import ResNet3D
+
+# dense bf16 tensor peak (no sparsity), by device name, for MFU
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+@dataclass
+class BenchConfig:
+    device: str
+    depth: int
+    layout: str
+    size: int
+    channels: int
+    batch_size: int
+    steps: int
+    warmup: int
+    cases: int
+    workers: int
+    preprocess_cases: int = 0  # 0 = four per core, at least 8
+    preprocess_shape: tuple[int, int, int] = (240, 240, 155)  # the BraTS grid
+
+
+def defaults(device: str) -> dict:
+    """A ResNet50-3D at 128^3 on a GPU; something a 2-core machine finishes in a minute or two on the CPU."""
+    if device == "cuda":
+        return {"depth": 50, "size": 128, "batch_size": 8, "steps": 30, "cases": 64}
+    return {"depth": 10, "size": 48, "batch_size": 4, "steps": 10, "cases": 24}
+
+
+# -------------------------------------------------------------------------------------------- measurement aids
+class PeakRss:
+    """Peak resident memory of this process plus its children (DataLoader workers), sampled every 20 ms."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                out += [int(c) for c in task.read_text().split()]
+        return out
+
+    def _run(self):
+        me = os.getpid()
+        while not self._stop.is_set():
+            pids, todo = [], [me]
+            while todo:
+                pid = todo.pop()
+                pids.append(pid)
+                todo += self._children(pid)
+            self.peak = max(self.peak, sum(self._rss(p) for p in pids))
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class MonaiAugmented(Dataset):
+    """Per-sample MONAI transforms of the same families and ranges as the fast path, run in the workers."""
+
+    def __init__(self, base: CacheDataset, p: AugmentParams):
+        from monai.transforms import Compose, RandAffine, RandFlip, RandScaleIntensity, RandShiftIntensity
+
+        self.base = base
+        rad = math.radians(p.rotate_deg)
+        self.transform = Compose(
+            [
+                *(RandFlip(prob=p.flip_prob, spatial_axis=a) for a in range(3)),
+                RandAffine(prob=1.0, rotate_range=(rad,) * 3, scale_range=(p.scale_range,) * 3, padding_mode="zeros"),
+                RandScaleIntensity(factors=p.intensity_scale, prob=1.0, channel_wise=True),
+                RandShiftIntensity(offsets=p.intensity_shift, prob=1.0, channel_wise=True),
+            ]
+        )
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return torch.as_tensor(self.transform(x)).float(), y
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines
+def baseline_batches(cache: VolumeCache, rows, cfg: BenchConfig, device: torch.device):
+    dataset = MonaiAugmented(CacheDataset(cache, rows, list(range(cfg.channels))), AugmentParams())
+    sampler = WeightedRandomSampler(inverse_frequency_weights(dataset.base.labels), 10**6, replacement=True)
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if cfg.workers > 0 else {}
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        **extra,
+    )
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def fast_batches(cache: VolumeCache, rows, cfg: BenchConfig, device: torch.device):
+    volumes = DeviceVolumes(cache, rows, list(range(cfg.channels)), device)
+    stream = DeviceStream(volumes, cfg.batch_size, "weighted", torch.Generator().manual_seed(0), AugmentParams())
+    while True:
+        yield from stream
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(make_batches, cfg: BenchConfig, device: torch.device, model_parts) -> dict:
+    """Data alone, then data + train step; waits are host time blocked on the next batch (GPU synchronized)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, optimizer, loss_fn, dtype, channels_last = model_parts
+    with PeakRss() as rss:
+        batches = make_batches()
+        # warm-up: worker start-up, first copies; and drain what the workers prefetched meanwhile (workers x 4
+        # batches), so that the rate measured next is the steady one, not the read-out of a full queue
+        for _ in range(cfg.warmup + 4 * cfg.workers):
+            next(batches)
+        sync(device)
+        data_steps = 5 * cfg.steps  # delivery alone is cheap to measure: a longer window, a steadier figure
+        t0 = time.perf_counter()
+        for _ in range(data_steps):
+            next(batches)
+        sync(device)
+        data_s = time.perf_counter() - t0
+
+        def step(x, y):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(max(cfg.warmup, 2)):  # cudnn benchmark picks its kernels here
+            step(*next(batches))
+        sync(device)
+        wait = 0.0
+        t0 = time.perf_counter()
+        for _ in range(cfg.steps):
+            w = time.perf_counter()
+            x, y = next(batches)
+            sync(device)
+            wait += time.perf_counter() - w
+            step(x, y)
+            sync(device)
+        train_s = time.perf_counter() - t0
+        batches.close()
+    n = cfg.steps * cfg.batch_size
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "data_vols_per_s": data_steps * cfg.batch_size / data_s,
+        "train_vols_per_s": n / train_s,
+        "data_wait_fraction": wait / train_s,
+        "peak_mem_bytes": gpu_peak if gpu_peak is not None else rss.peak,
+        "peak_host_rss_bytes": rss.peak,
+        "peak_gpu_bytes": gpu_peak,
+    }
+
+
+def preprocessing(work: Path, cfg: BenchConfig) -> dict:
+    """Cases/s of preparing BraTS-sized cases: a plain sequential loop against the parallel cache writer."""
+    workers = os.cpu_count() or 1
+    n = cfg.preprocess_cases or max(8, 4 * workers)  # enough cases to amortize the workers' start-up
+    data, _ = synthesize(work / "preprocess-data", n, cfg.preprocess_shape, seed=1, progress=False)
+    cases = discover_cases(data).cases
+    t0 = time.perf_counter()
+    for case in cases:  # the plain loop: one process, case after case
+        preprocess_case(case, cfg.size)
+    sequential = len(cases) / (time.perf_counter() - t0)
+    result = prepare_cache(data, work / "preprocess-cache", size=cfg.size, workers=workers, progress=False)
+    return {
+        "cases": len(cases),
+        "shape": list(cfg.preprocess_shape),
+        "sequential_cases_per_s": sequential,
+        "parallel_cases_per_s": result.cases_per_s,
+        "workers": workers,
+        "speedup": result.cases_per_s / sequential,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():  # most specific names first
+        if key in name:
+            return value
+    return None
+
+
+def run_bench(cfg: BenchConfig, workdir: Path | None = None, log=print) -> dict:
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    tmp = tempfile.TemporaryDirectory(prefix="gliograde-bench-") if workdir is None else None
+    work = Path(tmp.name if tmp else workdir)
+    try:
+        shape = (round(cfg.size * 1.25), round(cfg.size * 1.25), cfg.size)
+        log(f"synthesizing {cfg.cases} cases of {shape} voxels for the data pipelines ...")
+        data, _ = synthesize(work / "data", cfg.cases, shape, seed=0, progress=False)
+        cache = open_cache(prepare_cache(data, work / "cache", size=cfg.size, progress=False).path)
+        log(f"preprocessing {cfg.preprocess_shape} cases: a sequential loop against the parallel cache writer ...")
+        pre = preprocessing(work, cfg)
+        rows = np.arange(len(cache.ids))
+
+        torch.manual_seed(0)
+        model = ResNet3D(cfg.depth, cfg.channels, 2, "B", cfg.layout).to(device)
+        channels_last = device.type == "cuda"
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        fused = True if device.type == "cuda" else None
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused)
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        parts = (model.train(), optimizer, torch.nn.CrossEntropyLoss(), dtype, channels_last)
+        results = {}
+        for name, make in (("baseline", baseline_batches), ("fast", fast_batches)):
+            log(f"{name}: {cfg.steps} batches of {cfg.batch_size} x {cfg.channels} x {cfg.size}^3 ...")
+            results[name] = measure(lambda make=make: make(cache, rows, cfg, device), cfg, device, parts)
+
+        gflop = profile_model(model, cfg.channels, cfg.size).gflop_train
+        peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+        for r in results.values():
+            r["tflops"] = r["train_vols_per_s"] * gflop / 1e3
+            r["mfu"] = r["tflops"] / peak if peak else None
+        return {
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "gliograde": __version__,
+            "config": cfg.__dict__,
+            "gflop_per_volume_train": gflop,
+            "peak_bf16_tflops": peak,
+            "preprocess": pre,
+            "baseline": results["baseline"],
+            "fast": results["fast"],
+            "speedup": {
+                "data": results["fast"]["data_vols_per_s"] / results["baseline"]["data_vols_per_s"],
+                "train": results["fast"]["train_vols_per_s"] / results["baseline"]["train_vols_per_s"],
+            },
+        }
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+def table(report: dict) -> str:
+    b, f, s, p = report["baseline"], report["fast"], report["speedup"], report["preprocess"]
+
+    def mem(x):
+        return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
+
+    def opt(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    rows = [
+        ("", "baseline (DataLoader+MONAI)", "fast (on-device)", "fast / baseline"),
+        ("data, volumes/s", f"{b['data_vols_per_s']:.1f}", f"{f['data_vols_per_s']:.1f}", f"{s['data']:.2f}x"),
+        ("train step, volumes/s", f"{b['train_vols_per_s']:.1f}", f"{f['train_vols_per_s']:.1f}", f"{s['train']:.2f}x"),
+        ("waiting for data", f"{b['data_wait_fraction']:.1%}", f"{f['data_wait_fraction']:.1%}", ""),
+        ("peak memory", mem(b["peak_mem_bytes"]), mem(f["peak_mem_bytes"]), ""),
+        ("TFLOP/s", f"{b['tflops']:.2f}", f"{f['tflops']:.2f}", ""),
+        ("MFU (bf16 peak)", opt(b["mfu"], ".1%"), opt(f["mfu"], ".1%"), ""),
+        (
+            "preprocess, cases/s",
+            f"{p['sequential_cases_per_s']:.2f} (sequential)",
+            f"{p['parallel_cases_per_s']:.2f} ({p['workers']} workers)",
+            f"{p['speedup']:.2f}x",
+        ),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    c = report["config"]
+    head = (
+        f"{report['device']} | torch {report['torch']} | ResNet{c['depth']}-3D {c['layout']}, "
+        f"batch {c['batch_size']} x {c['channels']} x {c['size']}^3, {c['steps']} steps, {c['workers']} loader workers"
+    )
+    lines = [head] + ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
