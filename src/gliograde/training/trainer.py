@@ -83,6 +83,20 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+@torch.no_grad()
+def bf16_agrees(model: ResNet3D, x: torch.Tensor, tolerance: float = 0.05) -> tuple[bool, float]:
+    """bf16 against fp32 on one batch: cuDNN 9.10.2 computes large bf16 conv3d wrongly (PyTorch issue #163539);
+    a disagreement of the probabilities beyond `tolerance` means this GPU stack must not train in bf16."""
+    was_training = model.training
+    model.eval()
+    reference = torch.softmax(model(x).float(), 1)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        low = torch.softmax(model(x).float(), 1)
+    model.train(was_training)
+    diff = float((reference - low).abs().max())
+    return diff <= tolerance, diff
+
+
 def load_data(cfg: TrainConfig) -> tuple[VolumeCache, dict]:
     """The cache (a folder given by --cache-dir, else prepared from the data root if missing or stale) and folds."""
     direct = Path(cfg.cache_dir)
@@ -316,7 +330,7 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
         def val_batches(shard: bool = True):
             return val_volumes.batches(val_size, *((d.rank, d.world) if shard else (0, 1)))
 
-        where = "on the device" if train_volumes.on_device else "in pinned host memory"
+        where = f"on {device}" if train_volumes.on_device else "in pinned host memory"
         log.info("Data path: %.2f GB of volumes held %s, batches gathered by index", train_volumes.nbytes / 1e9, where)
     else:  # the seeds' DataLoader over the memory-mapped cache
         train_loader, val_loader = make_loaders(
@@ -362,6 +376,12 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
         if cfg.ema_decay > 0
         else None
     )
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        x, _ = next(iter(val_batches(shard=False)))
+        ok, diff = bf16_agrees(model, x[:2])
+        if not ok:
+            log.warning("bf16 autocast disagrees with fp32 by %.3f on a validation batch; training in fp16", diff)
+            dtype = torch.float16
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
