@@ -15,11 +15,13 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from gliograde import GRADES
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path, dpi: int = 100, tight: bool = True) -> None:
+    """Render with Agg and write atomically (a temporary file renamed into place)."""
     FigureCanvasAgg(fig)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=dpi)
     tmp.replace(path)
 
 
@@ -34,7 +36,7 @@ def loss_curve(history: list[dict], path: Path, loss_name: str) -> None:
         ax.axvline(drw[0], color="grey", ls="--", label="DRW on")
     ax.set(xlabel="epoch", ylabel=f"{loss_name} loss", title=f"{loss_name} loss")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def learning_curves(history: list[dict], path: Path, loss_name: str) -> None:
@@ -57,7 +59,7 @@ def learning_curves(history: list[dict], path: Path, loss_name: str) -> None:
     axes[1, 1].set(title="learning rate (end of epoch)", xlabel="epoch")
     for ax in axes.flat:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def confusion(cm, path: Path, title: str) -> None:
@@ -79,7 +81,7 @@ def confusion(cm, path: Path, title: str) -> None:
         ylabel="true",
         title=title,
     )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def roc(labels, probs, path: Path, title: str, auc: float) -> None:
@@ -91,7 +93,7 @@ def roc(labels, probs, path: Path, title: str, auc: float) -> None:
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity (HGG)", title=title)
     ax.legend(loc="lower right")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def pr(labels, probs, path: Path, title: str) -> None:
@@ -103,7 +105,7 @@ def pr(labels, probs, path: Path, title: str) -> None:
         ax.axhline(np.mean(labels), color="grey", ls=":", label="prevalence of HGG")
     ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title=title, ylim=(0, 1.02))
     ax.legend(loc="lower left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 class PlotWriter:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.stats import rankdata
 from sklearn.metrics import precision_recall_curve, roc_curve
@@ -31,6 +30,7 @@ from gliograde import GRADES
 from gliograde.data.brats import site_of
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.metrics import compute_metrics
+from gliograde.evaluation.plots import save_figure
 
 log = logging.getLogger("gliograde")
 METRICS = ("auc", "f1", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
@@ -170,14 +170,6 @@ def site_warning(audit: dict) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------ figures
-def _save(fig: Figure, path: Path) -> None:
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-
-
 def cv_curves(runs: list[FoldRun], pooled_labels, pooled_probs, out_dir: Path) -> tuple[Path, Path]:
     """cv_roc_curves.png and cv_pr_curves.png: per fold, mean ± 1 std over folds (interpolated), pooled."""
     grid = np.linspace(0, 1, 201)
@@ -217,7 +209,7 @@ def cv_curves(runs: list[FoldRun], pooled_labels, pooled_probs, out_dir: Path) -
             ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title="precision-recall, cross-validation")
         ax.set(xlim=(0, 1), ylim=(0, 1.02))
         ax.legend(fontsize=8, loc="lower right" if kind == "roc" else "lower left")
-        _save(fig, path)
+        save_figure(fig, path, dpi=110)
     return paths
 
 

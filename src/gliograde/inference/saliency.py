@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gliograde.evaluation.plots import save_figure
 from gliograde.networks.resnet3d import ResNet3D
 
 MIN_EDGE = 4  # a map coarser than 4 voxels per edge cannot localize anything
@@ -73,8 +73,5 @@ def saliency_png(saliency: nib.Nifti1Image, flair_path: Path, path: Path, title:
         ax.set(title=name, xticks=[], yticks=[])
     fig.colorbar(shown, ax=fig.axes, shrink=0.8, label="Grad-CAM (HGG)")
     fig.suptitle(f"{title}; slices through voxel {peak}")
-    FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=90, tight=False)  # the shared colour bar does not fit tight_layout
     return peak
