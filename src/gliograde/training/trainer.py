@@ -370,7 +370,7 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
         model = model.to(memory_format=torch.channels_last_3d)
     if d.active and cfg.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    torch.manual_seed(cfg.seed + d.rank)  # dropout: its own stream per rank
+    torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: a stream of its own per rank, not a replay of the init
     ema = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         if cfg.ema_decay > 0
