@@ -1,7 +1,7 @@
 """The fast data path: training volumes held where the model is, micro-batches drawn by index.
 
 `DeviceVolumes` holds the cache rows of a fold as one float16 tensor: on the GPU when it fits (the whole BraTS 2018
-set at 128^3 is 4.8 GB), else in pinned host memory, copied per batch on a side stream; on the CPU, in RAM.
+set at 128^3 is 4.8 GB), else in pinned host memory, copied a batch ahead on a side stream; on the CPU, in RAM.
 `DeviceStream` draws an epoch of micro-batches with the same distributions as the DataLoader path
 (inverse-frequency sampling with replacement = WeightedRandomSampler, or a permutation = RandomSampler; the last
 incomplete batch dropped), augments each batch in one grid_sample call, and under DDP hands every rank its share.
@@ -45,17 +45,30 @@ class DeviceVolumes:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(volumes float32, labels) of the given indices, on the device."""
+    def start(self, idx: torch.Tensor):
+        """Begin bringing a batch to the device: (x float16, y, the copy's CUDA event or None). From pinned host
+        memory the copy runs on a side stream, so it overlaps whatever the default stream is computing."""
         y = self.labels[idx].to(self.device, non_blocking=True)
         if self.on_device:
-            return self.volumes[idx.to(self.volumes.device)].float(), y
+            return self.volumes[idx.to(self.volumes.device)], y, None
         batch = self.volumes.index_select(0, idx).pin_memory()
         with torch.cuda.stream(self._stream):
             x = batch.to(self.device, non_blocking=True)
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        x.record_stream(torch.cuda.current_stream(self.device))
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return x, y, done
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor, done) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch as float32, once its copy (if any) has landed; call where it is about to be used."""
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            x.record_stream(stream)  # allocated on the side stream, used on this one
         return x.float(), y
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(volumes float32, labels) of the given indices, on the device."""
+        return self.finish(*self.start(idx))
 
     def batches(self, size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """In order, no augmentation (validation); under DDP each rank takes every world-th volume."""
@@ -96,6 +109,7 @@ class DeviceStream:
         b, per_step = self.batch_size, self.grad_accum * self.world
         idx = epoch_indices(self.volumes.labels, len(self.volumes) // b * b, self.sampler, self.generator)
         channels = self.volumes.volumes.shape[1]
+        pending = None  # one batch ahead: its copy overlaps the step on the batch before it
         for step in range(self.steps):
             for k in range(per_step):  # rank-major: rank r takes micro-batches r*A .. r*A + A - 1 of the step
                 # every rank draws every micro-batch's parameters, so the generators stay identical
@@ -103,8 +117,16 @@ class DeviceStream:
                 if k // self.grad_accum != self.rank:
                     continue
                 m = step * per_step + k
-                x, y = self.volumes.gather(idx[m * b : (m + 1) * b])
-                yield (apply_params(x, params) if params else x), y
+                started = (self.volumes.start(idx[m * b : (m + 1) * b]), params)
+                if pending is not None:
+                    yield self._ready(*pending)
+                pending = started
+        if pending is not None:
+            yield self._ready(*pending)
+
+    def _ready(self, started, params) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.volumes.finish(*started)
+        return (apply_params(x, params) if params else x), y
 
 
 class LoaderStream:
