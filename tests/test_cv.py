@@ -238,3 +238,14 @@ def test_parallel_folds_train_in_separate_processes_from_one_prepared_cache(synt
     report = run_cv(cfg, [0, 1], parallel=2)
     assert [r["fold"] for r in report["folds"]] == [0, 1] and not report["partial"]
     assert [p.name for p in (tmp_path / "caches").iterdir()] == ["data-s16"]  # prepared once, by the parent
+
+
+def test_fold_lists_parse_and_bad_ones_are_explained():
+    from gliograde.config import ConfigError, parse_fold_list
+
+    assert parse_fold_list(None, 5) == [0, 1, 2, 3, 4]
+    assert parse_fold_list("0-4", 5) == [0, 1, 2, 3, 4]
+    assert parse_fold_list("3,1-2,1", 5) == [1, 2, 3]
+    for bad, why in (("2-1", "ranges low-high"), ("a", "give folds like"), ("0-7", r"\[5, 6, 7\] are outside")):
+        with pytest.raises(ConfigError, match=why):
+            parse_fold_list(bad, 5)

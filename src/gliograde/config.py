@@ -224,9 +224,12 @@ def parse_fold_list(spec: str | None, k: int) -> list[int]:
     try:
         for part in spec.split(","):
             lo, _, hi = part.strip().partition("-")
-            folds.update(range(int(lo), int(hi or lo) + 1))
+            lo, hi = int(lo), int(hi or lo)
+            if hi < lo:
+                raise ValueError
+            folds.update(range(lo, hi + 1))
     except ValueError:
-        raise ConfigError(f"--folds {spec!r}: give folds like 0-4, 0,2,4 or 1-3,5") from None
+        raise ConfigError(f"--folds {spec!r}: give folds like 0-4, 0,2,4 or 1-3,5 (ranges low-high)") from None
     bad = sorted(f for f in folds if not 0 <= f < k)
     if bad or not folds:
         raise ConfigError(f"--folds {spec!r}: folds {bad} are outside 0..{k - 1} (K = {k}, set by --num-folds)")
