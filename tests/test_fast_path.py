@@ -89,3 +89,24 @@ def test_the_bf16_check_accepts_agreement_and_catches_a_wrong_kernel(monkeypatch
 
     monkeypatch.setattr(torch.nn.functional, "conv3d", broken)
     assert not bf16_agrees(model, x)[0]
+
+
+def test_augmentation_is_exact_where_it_can_be_and_draws_within_its_ranges():
+    x = torch.zeros(2, 3, 12, 10, 8)
+    x[:, :, 2:9, 3:8, 1:6] = torch.randn(2, 3, 7, 5, 5)
+    flip_all = AugmentParams(flip_prob=1.0, rotate_deg=0, scale_range=0, intensity_scale=0, intensity_shift=0)
+    r = draw_params(2, 3, flip_all, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(apply_params(x, r), x.flip(2, 3, 4), atol=1e-5, rtol=1e-5)
+    identity = AugmentParams(flip_prob=0.0, rotate_deg=0, scale_range=0, intensity_scale=0.5, intensity_shift=0.5)
+    r = draw_params(2, 3, identity, torch.Generator().manual_seed(1))
+    out = apply_params(x, r)
+    brain = (x != 0).any(1, keepdim=True).expand_as(x)
+    assert (out[~brain] == 0).all()  # background stays exactly zero whatever the shift
+    expected = x * r["scale"][:, :, None, None, None] + r["shift"][:, :, None, None, None]
+    torch.testing.assert_close(out[brain], expected[brain], atol=1e-5, rtol=1e-5)
+    p = AugmentParams()
+    r = draw_params(20000, 4, p, torch.Generator().manual_seed(2))
+    assert abs(r["flips"].float().mean().item() - p.flip_prob) < 0.01
+    assert r["angles"].abs().max() <= np.radians(p.rotate_deg) + 1e-6
+    assert ((r["zoom"] - 1).abs() <= p.scale_range + 1e-6).all()
+    assert ((r["scale"] - 1).abs() <= p.intensity_scale + 1e-6).all() and (r["shift"].abs() <= p.intensity_shift).all()
