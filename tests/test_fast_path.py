@@ -110,3 +110,12 @@ def test_augmentation_is_exact_where_it_can_be_and_draws_within_its_ranges():
     assert r["angles"].abs().max() <= np.radians(p.rotate_deg) + 1e-6
     assert ((r["zoom"] - 1).abs() <= p.scale_range + 1e-6).all()
     assert ((r["scale"] - 1).abs() <= p.intensity_scale + 1e-6).all() and (r["shift"].abs() <= p.intensity_shift).all()
+
+
+def test_the_broadcast_affine_grid_equals_torchs():
+    from gliograde.data.augment import affine_grid
+
+    theta = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(0))
+    for size in ((7, 5, 9), (16, 16, 16)):
+        expected = torch.nn.functional.affine_grid(theta, [3, 2, *size], align_corners=False)
+        torch.testing.assert_close(affine_grid(theta, size), expected, atol=1e-5, rtol=1e-5)
