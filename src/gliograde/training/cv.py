@@ -48,16 +48,22 @@ def fold_plan(cfg: TrainConfig) -> tuple[str, Path | None]:
     return "new", None
 
 
-def _train_child(values: dict, gpu: int | None, threads: int, level: int) -> tuple[int, str, dict]:
-    """A fold in a spawned process: pin its GPU before CUDA starts, share the cores, prefix its log lines."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format=f"[fold {values['fold']}] %(levelname)s: %(message)s")
-    from gliograde.training.trainer import train_fold
+def _train_child(values: dict, free_gpus, threads: int, level: int) -> tuple[int, str, dict]:
+    """A fold in a spawned process: take a free GPU (pinned before CUDA starts) and give it back at the end,
+    share the cores, prefix its log lines."""
+    gpu = free_gpus.get() if free_gpus is not None else None
+    try:
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        torch.set_num_threads(threads)
+        logging.basicConfig(level=level, format=f"[fold {values['fold']}] %(levelname)s: %(message)s")
+        from gliograde.training.trainer import train_fold
 
-    result = train_fold(TrainConfig(**values))
-    return values["fold"], str(result.run_dir), result.final
+        result = train_fold(TrainConfig(**values))
+        return values["fold"], str(result.run_dir), result.final
+    finally:
+        if gpu is not None:
+            free_gpus.put(gpu)
 
 
 def run_cv(cfg: TrainConfig, folds: list[int], parallel: int = 1, allow_partial: bool = False) -> dict:
@@ -95,12 +101,15 @@ def run_cv(cfg: TrainConfig, folds: list[int], parallel: int = 1, allow_partial:
         workers = min(parallel, len(todo), gpus) if gpus else min(parallel, len(todo))
         threads = max(1, (os.cpu_count() or 1) // workers)
         log.info("training %d folds, %d at a time%s", len(todo), workers, f" on {gpus} GPUs" if gpus else "")
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        ctx = get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+            free_gpus = None
+            if gpus:  # a fold takes whichever GPU is free, never one still busy with another fold
+                free_gpus = manager.Queue()
+                for g in range(gpus):
+                    free_gpus.put(g)
             level = log.getEffectiveLevel()
-            futures = {
-                pool.submit(_train_child, f.to_dict(), (i % gpus) if gpus else None, threads, level): f
-                for i, f in enumerate(todo)
-            }
+            futures = {pool.submit(_train_child, f.to_dict(), free_gpus, threads, level): f for f in todo}
             for fut in as_completed(futures):
                 fold = futures[fut].fold
                 try:
