@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from gliograde.data.augment import AugmentParams, apply_params, draw_params
+from gliograde.data.augment import AugmentParams, apply_params, augment_batch, draw_params
 from gliograde.data.cache import VolumeCache
 from gliograde.data.loader import inverse_frequency_weights
 
@@ -144,5 +144,5 @@ class LoaderStream:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.augment:
-                x = apply_params(x, draw_params(x.shape[0], x.shape[1], self.augment, self.generator))
+                x = augment_batch(x, self.augment, self.generator)
             yield x, y

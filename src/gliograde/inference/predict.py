@@ -13,7 +13,6 @@ import io
 import itertools
 import json
 import logging
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -225,10 +224,3 @@ def predict_cases(
             f"the other {len(records)} are in {out / 'predictions.csv'}"
         )
     return records
-
-
-def accuracy_if_known(records: list[dict]) -> float:
-    known = [r for r in records if r["true_grade"]]
-    if not known:
-        return math.nan
-    return float(np.mean([r["predicted_grade"] == r["true_grade"] for r in known]))
