@@ -11,7 +11,6 @@ GPU also TFLOP/s and MFU. Plus preprocessing: the parallel cache writer against 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -33,6 +32,7 @@ from gliograde.data.fast import DeviceStream, DeviceVolumes
 from gliograde.data.loader import CacheDataset, inverse_frequency_weights
 from gliograde.data.preprocess import preprocess_case
 from gliograde.data.synthetic import synthesize
+from gliograde.files import write_json
 from gliograde.networks.profile import profile_model
 from gliograde.networks.resnet3d import ResNet3D
 
@@ -343,6 +343,4 @@ def table(report: dict) -> str:
 def write_report(report: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    write_json(path, report)

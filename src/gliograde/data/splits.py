@@ -12,6 +12,7 @@ from sklearn.model_selection import StratifiedKFold
 from gliograde import GRADES
 from gliograde.data.cache import VolumeCache
 from gliograde.errors import DataError
+from gliograde.files import write_json
 
 FOLDS_FILE = "folds.json"
 
@@ -65,9 +66,7 @@ def folds_for_cache(cache: VolumeCache, k: int = 5, seed: int = 42) -> dict:
             )
         return folds
     folds = make_folds(cache.ids, cache.labels, k, seed)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(folds, indent=1))
-    tmp.replace(path)
+    write_json(path, folds, indent=1)
     return folds
 
 

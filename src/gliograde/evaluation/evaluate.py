@@ -22,8 +22,9 @@ from gliograde.data.splits import fold_indices
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import plots
 from gliograde.evaluation.scoring import evaluate_checkpoint
+from gliograde.files import new_stamped_dir, write_json
 from gliograde.training.losses import make_loss
-from gliograde.training.trainer import amp_dtype, load_data, pick_device, write_json
+from gliograde.training.trainer import amp_dtype, load_data, pick_device
 
 log = logging.getLogger("gliograde")
 
@@ -36,18 +37,6 @@ class EvaluationError(GliogradeError):
 class Evaluation:
     out_dir: Path
     metrics: dict
-
-
-def new_evaluation_dir(run_dir: Path) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    for n in range(1, 1000):
-        out = run_dir / (f"evaluation_{stamp}" if n == 1 else f"evaluation_{stamp}_{n}")
-        try:
-            out.mkdir()
-            return out
-        except FileExistsError:
-            continue
-    raise EvaluationError(f"could not create a new evaluation folder in {run_dir}")
 
 
 def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | None = None) -> Evaluation:
@@ -79,7 +68,7 @@ def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | Non
     stored = final["checkpoint_auc"]
     final["auc_difference"] = None if stored is None else abs(final["auc"] - stored)
 
-    out = new_evaluation_dir(run_dir)
+    out = new_stamped_dir(run_dir, "evaluation")
     np.save(out / "val_probs.npy", probs)
     np.save(out / "val_preds.npy", (probs >= 0.5).astype(np.int64))
     np.save(out / "val_labels.npy", labels)

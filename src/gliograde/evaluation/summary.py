@@ -31,6 +31,7 @@ from gliograde.data.brats import site_of
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import save_figure
+from gliograde.files import write_json, write_text_atomic
 
 log = logging.getLogger("gliograde")
 METRICS = ("auc", "f1", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
@@ -53,7 +54,7 @@ class FoldRun:
 
 
 # ------------------------------------------------------------------------------------------------ finding runs
-def _run_key(path: Path) -> tuple[str, int]:
+def run_order_key(path: Path) -> tuple[str, int]:
     m = re.fullmatch(r"run_(\d{8}_\d{6})(?:_(\d+))?", path.name)
     return (m.group(1), int(m.group(2) or 1)) if m else ("", 0)
 
@@ -97,7 +98,7 @@ def find_runs(results_dir: Path) -> tuple[dict[int, FoldRun], dict[int, str]]:
         if not m:
             continue
         fold = int(m.group(1))
-        candidates = sorted((d for d in fold_dir.glob("run_*") if d.is_dir()), key=_run_key, reverse=True)
+        candidates = sorted((d for d in fold_dir.glob("run_*") if d.is_dir()), key=run_order_key, reverse=True)
         for run in candidates:
             if run_status(run) == "complete":
                 chosen[fold] = read_run(run)
@@ -363,13 +364,8 @@ def _write(out: Path, report: dict) -> None:
     md += ["", "## Figures", "", *(f"- {Path(f).name}" for f in report["figures"]), ""]
     md += ["## Runs", "", *(f"- fold {r['fold']}: {r['run']}" for r in report["folds"]), ""]
 
-    def atomic(name: str, text: str) -> None:
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
-
-    atomic("summary.md", "\n".join(md))
-    atomic("summary.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "summary.md", "\n".join(md))
+    write_json(out / "summary.json", report)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["fold", "best_epoch", "checkpoint", *METRICS, "run"])
@@ -377,4 +373,4 @@ def _write(out: Path, report: dict) -> None:
         w.writerow([r["fold"], r["best_epoch"], r["checkpoint"], *(r[m] for m in METRICS), r["run"]])
     w.writerow(["mean", "", "", *(report["mean"][m] for m in METRICS), ""])
     w.writerow(["std", "", "", *(report["std"][m] for m in METRICS), ""])
-    atomic("summary.csv", buf.getvalue())
+    write_text_atomic(out / "summary.csv", buf.getvalue())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, prepro
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.scoring import model_from_checkpoint
 from gliograde.evaluation.summary import find_runs
+from gliograde.files import new_stamped_dir, write_json, write_text_atomic
 from gliograde.inference.saliency import grad_cam, saliency_png
 from gliograde.networks.resnet3d import ResNet3D
 from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
@@ -112,25 +112,11 @@ def _probability(model: ResNet3D, x: torch.Tensor, tta: bool, dtype) -> float:
     return float(torch.softmax(logits.float(), 1)[:, 1].mean())
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def output_dir(out: str | Path | None, parent: str | Path = "predictions") -> Path:
     """The folder for the outputs: `out` if it is new or empty, else an error (nothing is overwritten);
     by default a new parent/predict_YYYYMMDD_HHMMSS[_n]."""
     if out is None:
-        stamp = datetime.now().strftime("predict_%Y%m%d_%H%M%S")
-        Path(parent).mkdir(parents=True, exist_ok=True)
-        for n in range(1, 1000):
-            path = Path(parent) / (stamp if n == 1 else f"{stamp}_{n}")
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
+        return new_stamped_dir(parent, "predict")
     path = Path(out)
     if path.exists() and any(path.iterdir()):
         raise PredictError(f"--out {path} already holds files; choose a new folder (nothing is overwritten)")
@@ -205,7 +191,7 @@ def predict_cases(
     w.writerow(["case", "p_hgg", "predicted_grade", "true_grade", *names])
     for r in records:
         w.writerow([r["case"], f"{r['p_hgg']:.6f}", r["predicted_grade"], r["true_grade"] or "", *r["folds"].values()])
-    _atomic(out / "predictions.csv", buf.getvalue())
+    write_text_atomic(out / "predictions.csv", buf.getvalue())
     meta = {
         "gliograde": __version__,
         "created": datetime.now().isoformat(timespec="seconds"),
@@ -217,7 +203,7 @@ def predict_cases(
         "predictions": records,
         "failed": failed,
     }
-    _atomic(out / "predictions.json", json.dumps(meta, indent=2, allow_nan=True))
+    write_json(out / "predictions.json", meta)
     if failed:
         raise PredictError(
             f"{len(failed)} of {len(cases)} case(s) could not be predicted ({'; '.join(failed.values())}); "

@@ -18,7 +18,7 @@ import torch
 
 from gliograde.config import TrainConfig, load_run_config, validate
 from gliograde.errors import GliogradeError
-from gliograde.evaluation.summary import _run_key, run_status, summarize
+from gliograde.evaluation.summary import run_order_key, run_status, summarize
 from gliograde.training.checkpoints import LAST
 
 log = logging.getLogger("gliograde")
@@ -34,7 +34,7 @@ def fold_plan(cfg: TrainConfig) -> tuple[str, Path | None]:
     if not parent.is_dir():
         return "new", None
     want = cfg.identity()
-    for run in sorted((d for d in parent.glob("run_*") if d.is_dir()), key=_run_key, reverse=True):
+    for run in sorted((d for d in parent.glob("run_*") if d.is_dir()), key=run_order_key, reverse=True):
         try:
             same = load_run_config(run).identity() == want
         except GliogradeError:

@@ -41,6 +41,7 @@ from gliograde.errors import GliogradeError
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import PlotWriter
 from gliograde.evaluation.scoring import evaluate_checkpoint, predict
+from gliograde.files import new_stamped_dir, write_json
 from gliograde.networks import build_model
 from gliograde.networks.resnet3d import ResNet3D
 from gliograde.training import distributed
@@ -113,19 +114,10 @@ def load_data(cfg: TrainConfig) -> tuple[VolumeCache, dict]:
 
 def new_run_dir(output_dir: str, fold: int) -> Path:
     """runs/fold_k/run_YYYYMMDD_HHMMSS, with a suffix when two runs start in the same second (never shared)."""
-    parent = Path(output_dir) / "runs" / f"fold_{fold}"
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    for n in range(1, 1000):
-        run = parent / (f"run_{stamp}" if n == 1 else f"run_{stamp}_{n}")
-        try:
-            run.mkdir()
-        except FileExistsError:
-            continue
-        for sub in RUN_DIRS:
-            (run / sub).mkdir()
-        return run
-    raise TrainingError(f"could not create a new run folder in {parent}")
+    run = new_stamped_dir(Path(output_dir) / "runs" / f"fold_{fold}", "run")
+    for sub in RUN_DIRS:
+        (run / sub).mkdir()
+    return run
 
 
 def git_commit() -> str | None:
@@ -205,12 +197,6 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 def summary(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
     return {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()), "std": float(v.std())}
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------- the fold
