@@ -249,3 +249,19 @@ def test_fold_lists_parse_and_bad_ones_are_explained():
     for bad, why in (("2-1", "ranges low-high"), ("a", "give folds like"), ("0-7", r"\[5, 6, 7\] are outside")):
         with pytest.raises(ConfigError, match=why):
             parse_fold_list(bad, 5)
+
+
+def test_evaluate_refuses_a_run_whose_folds_have_changed(cv_run, tmp_path):
+    import shutil
+
+    from gliograde.evaluation.evaluate import EvaluationError
+
+    _, _, report = cv_run
+    run = tmp_path / "run_copy"
+    shutil.copytree(report["folds"][2]["run"], run)
+    ids = json.loads((run / "predictions" / "val_ids.json").read_text())
+    (run / "predictions" / "val_ids.json").write_text(json.dumps([*ids[1:], "Brats18_SYNA_9999_1"]))
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(EvaluationError, match="the folds changed since training"):
+        evaluate_run(run)
+    assert sorted(p.name for p in run.iterdir()) == before  # no evaluation folder left behind
