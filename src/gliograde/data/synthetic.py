@@ -8,6 +8,14 @@ a smooth bias field and noise, and one tumour whose look follows its grade as in
 
 The grades overlap on purpose (some HGG enhance weakly, some LGG have an enhancing focus, sizes overlap), so the
 task is learnable but not trivial. Everything is drawn from `seed`: the same seed gives the same files.
+
+Sets whose answer is known, for checking that a pipeline learns the tumour and not something else (`signal`):
+
+- "grade" (default): the appearance follows the case's grade, as above;
+- "none": each phantom is drawn with an appearance grade independent of the case's label (the grades shuffled at
+  random, same HGG share), so the images hold no information about the label: an honest pipeline scores AUC ~0.5;
+- "site": the images hold no grade information (as in "none"), but every site holds one grade only (half of the
+  sites HGG, half LGG, no mixed 2013-style cohort): only the site, encoded in the case id, predicts the grade.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from gliograde.errors import DataError
 BRATS_SHAPE = (240, 240, 155)
 BRATS2018_HGG_FRACTION = 210 / 285
 SITES = ("SYNA", "SYNB", "SYNC")
+# signal="site": single-grade sites named like the real single-grade BraTS 2018 sites (three per grade, so a
+# site-grouped 2- or 3-fold CV is possible)
+SITE_SIGNAL_SITES = {"HGG": ("CBICA", "TCIA01", "TCIA02"), "LGG": ("TCIA10", "TCIA12", "TCIA13")}
+SIGNALS = ("grade", "none", "site")
 RECORD = "synth.json"
 
 # Base intensities per tissue and modality (t1, t1ce, t2, flair): WM bright on T1, CSF bright on T2, dark on FLAIR.
@@ -126,7 +138,16 @@ def synth_case(grade: str, shape=BRATS_SHAPE, seed: int | np.random.SeedSequence
     return images, seg
 
 
-def _case_ids_and_grades(n_cases: int, hgg_fraction: float, seed: int, first: int = 0) -> list[tuple[str, str]]:
+def synthetic_plan(
+    n_cases: int, hgg_fraction: float, seed: int, first: int = 0, signal: str = "grade"
+) -> list[tuple[str, str, str]]:
+    """(case id, grade = label and folder, appearance grade the phantom is drawn with) for each case of a set.
+
+    Ids and labels do not depend on `signal` except for the sites of signal="site"; the appearance grade is the
+    label for "grade", and an independent shuffle of the labels (its own random stream) for "none" and "site".
+    """
+    if signal not in SIGNALS:
+        raise DataError(f"--signal {signal!r}: choose one of {', '.join(SIGNALS)}")
     if n_cases < 2:
         raise DataError(f"--cases {n_cases}: at least 2 cases are needed (one per grade)")
     if not 0 < hgg_fraction < 1:
@@ -135,16 +156,30 @@ def _case_ids_and_grades(n_cases: int, hgg_fraction: float, seed: int, first: in
     rng = np.random.default_rng(seed)
     grades = np.array(["HGG"] * n_hgg + ["LGG"] * (n_cases - n_hgg))
     rng.shuffle(grades)
-    sites = rng.choice(SITES, n_cases)
-    return [(f"Brats18_{sites[i]}_{first + i:04d}_1", str(grades[i])) for i in range(n_cases)]
+    if signal == "site":  # each grade's cases spread evenly over that grade's own sites
+        sites = np.empty(n_cases, dtype=object)
+        for grade, names in SITE_SIGNAL_SITES.items():
+            rows = np.flatnonzero(grades == grade)
+            sites[rows] = rng.permutation(np.resize(np.array(names), len(rows)))
+    else:
+        sites = rng.choice(SITES, n_cases)
+    if signal == "grade":
+        looks = grades
+    else:  # a stream of its own: the labels' draws (and so the ids and folders) stay those of signal="grade"
+        looks = np.random.default_rng(np.random.SeedSequence([seed, 0x51C7A1])).permutation(grades)
+    return [(f"Brats18_{sites[i]}_{first + i:04d}_1", str(grades[i]), str(looks[i])) for i in range(n_cases)]
+
+
+def _case_ids_and_grades(n_cases: int, hgg_fraction: float, seed: int, first: int = 0) -> list[tuple[str, str]]:
+    return [(cid, grade) for cid, grade, _ in synthetic_plan(n_cases, hgg_fraction, seed, first)]
 
 
 def _write_case(args) -> str:
-    folder, case_id, grade, shape, seed, index = args
+    folder, case_id, grade, shape, seed, index, *look = args
     import torch
 
     torch.set_num_threads(1)
-    images, seg = synth_case(grade, shape, np.random.SeedSequence([seed, index]))
+    images, seg = synth_case(look[0] if look else grade, shape, np.random.SeedSequence([seed, index]))
     case_dir = Path(folder) / grade / case_id
     case_dir.mkdir(parents=True, exist_ok=True)
     affine = brats_affine(shape)
@@ -164,9 +199,11 @@ def synthesize(
     workers: int | None = None,
     progress: bool = True,
     first_index: int = 0,
+    signal: str = "grade",
 ) -> tuple[Path, bool]:
     """Write `n_cases` phantoms under out/HGG and out/LGG; returns (out, reused). Case numbers start at
-    `first_index` (a second set with a higher start has ids no case of the first set has).
+    `first_index` (a second set with a higher start has ids no case of the first set has). `signal` says what
+    predicts the grade: "grade" (the tumour's look), "none" (nothing) or "site" (the site only); see the module.
 
     A folder already holding the same synthetic set (same parameters) is reused; any other non-empty folder is
     refused. The set is written in a temporary sibling folder and renamed into place.
@@ -184,8 +221,9 @@ def synthesize(
         "hgg_fraction": hgg_fraction,
         "version": 1,
         **({"first_index": first_index} if first_index else {}),
+        **({"signal": signal} if signal != "grade" else {}),  # the default's record is that of earlier versions
     }
-    cases = _case_ids_and_grades(n_cases, hgg_fraction, seed, first_index)
+    cases = synthetic_plan(n_cases, hgg_fraction, seed, first_index, signal)
     if out.exists() and any(out.iterdir()):
         try:
             if json.loads((out / RECORD).read_text()) == params:
@@ -195,7 +233,7 @@ def synthesize(
         raise DataError(f"{out} exists and is not empty (and is not this synthetic set); choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    jobs = [(str(tmp), cid, grade, shape, seed, i) for i, (cid, grade) in enumerate(cases)]
+    jobs = [(str(tmp), cid, grade, shape, seed, i, look) for i, (cid, grade, look) in enumerate(cases)]
     workers = max(1, min(workers or os.cpu_count() or 1, n_cases))
     try:
         with tqdm(total=n_cases, desc="synth", unit="case", disable=not progress) as bar:

@@ -1,0 +1,147 @@
+"""The site-only baseline: how well the acquisition site alone, read from the case id, predicts the grade under the
+same patient-level folds as the networks.
+
+For each outer fold a logistic regression on one-hot site indicators is fitted on the fold's training patients and
+predicts P(HGG) of its validation patients. A site unseen in training gets the intercept only (the training prior),
+so with site-grouped folds the baseline cannot do better than chance; with folds that share sites, a high baseline
+AUC says how much of a network's AUC the site alone could explain.
+
+Protocols:
+
+- "inner": fitted on the fold's `fit` patients, decision threshold chosen on its `select` patients (Youden's J);
+- "outer": fitted on all of the fold's `train` patients, threshold 0.5.
+
+A folds file without inner splits (old schema) makes "inner" fall back to "outer", said so in the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.preprocessing import OneHotEncoder
+
+from gliograde.data.brats import site_of
+from gliograde.errors import DataError
+
+PROTOCOLS = ("inner", "outer")
+NO_INNER = "outer (no inner split in folds.json)"
+
+
+def youden_threshold(labels, probs, default: float = 0.5) -> float:
+    """The threshold maximising Youden's J (sensitivity + specificity - 1) on (labels, probs): a case is called
+    positive when prob >= threshold. `default` when one class is absent. Ties: the highest threshold."""
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    if len(labels) == 0 or labels.min() == labels.max():
+        return float(default)
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    finite = np.isfinite(thresholds)
+    j = np.where(finite, tpr - fpr, -np.inf)
+    return float(thresholds[int(np.argmax(j))])
+
+
+def _auc(labels, probs) -> float:
+    labels = np.asarray(labels)
+    if len(labels) == 0 or labels.min() == labels.max():
+        return math.nan
+    return float(roc_auc_score(labels, probs))
+
+
+def _fold_entries(folds: dict, repeat: int) -> list[dict]:
+    if repeat < 0:
+        raise DataError(f"repeat {repeat} must be at least 0")
+    if "repeat_sets" in folds:
+        sets = folds["repeat_sets"]
+        try:
+            entry = sets[repeat] if not isinstance(sets, dict) else sets.get(repeat, sets.get(str(repeat)))
+        except IndexError:
+            entry = None
+        if entry is None:
+            raise DataError(f"repeat {repeat} is not in folds.json ({len(sets)} repeat set(s))")
+        return list(entry["folds"] if isinstance(entry, dict) else entry)
+    if "folds" in folds:
+        if repeat != 0:
+            raise DataError(f"repeat {repeat}: this folds.json holds a single set of folds (repeat 0)")
+        return list(folds["folds"])
+    raise DataError("not a folds dict: neither 'repeat_sets' nor 'folds' is present")
+
+
+def _site_model(sites: list[str], labels: np.ndarray):
+    """A predict(sites) -> P(HGG) function fitted on (sites, labels); constant prior when one grade is absent."""
+    if len(labels) == 0:
+        raise DataError("a fold has no training patients for the site baseline")
+    if labels.min() == labels.max():
+        prior = float(labels.mean())
+        return lambda new: np.full(len(new), prior)
+    encoder = OneHotEncoder(handle_unknown="ignore")
+    x = encoder.fit_transform(np.array(sites, dtype=object).reshape(-1, 1))
+    model = LogisticRegression(C=1.0).fit(x, labels)
+    return lambda new: model.predict_proba(encoder.transform(np.array(new, dtype=object).reshape(-1, 1)))[:, 1]
+
+
+def site_baseline(ids, labels, folds: dict, repeat: int = 0, protocol: str = "inner") -> dict:
+    """Out-of-fold P(HGG) from the site alone, for each outer fold of `folds` (repeat `repeat`).
+
+    `ids` and `labels` (1 = HGG, 0 = LGG) name the patients; the folds' `train`/`fit`/`select`/`val` lists are case
+    ids among them. Returns {"protocol", "per_fold": [{"fold", "auc", "n", "threshold"}], "pooled": {"auc", "n",
+    "threshold_policy", "sensitivity", "specificity", "balanced_accuracy"}, "ids", "probs", "labels"}; ids/probs/
+    labels are the validation patients in the order of `ids`. AUCs are NaN where a class is absent.
+    """
+    if protocol not in PROTOCOLS:
+        raise DataError(f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    ids = [str(i) for i in ids]
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(ids) != len(labels):
+        raise DataError(f"{len(ids)} ids but {len(labels)} labels")
+    label_of = dict(zip(ids, labels.tolist(), strict=True))
+    entries = _fold_entries(folds, repeat)
+    if protocol == "inner" and not all(e.get("fit") and e.get("select") for e in entries):
+        protocol = NO_INNER
+    inner = protocol == "inner"
+
+    def part(entry: dict, name: str) -> tuple[list[str], np.ndarray]:
+        unknown = [c for c in entry[name] if c not in label_of]
+        if unknown:
+            raise DataError(f"fold {entry.get('fold')}: {len(unknown)} {name} case(s) not among the ids: {unknown[:5]}")
+        return list(entry[name]), np.array([label_of[c] for c in entry[name]], dtype=np.int64)
+
+    per_fold, prob_of, called = [], {}, {}
+    for k, entry in enumerate(entries):
+        fold = entry.get("fold", k)
+        train_ids, train_y = part(entry, "fit" if inner else "train")
+        val_ids, val_y = part(entry, "val")
+        predict = _site_model([site_of(c) for c in train_ids], train_y)
+        threshold = 0.5
+        if inner:
+            select_ids, select_y = part(entry, "select")
+            threshold = youden_threshold(select_y, predict([site_of(c) for c in select_ids]))
+        probs = predict([site_of(c) for c in val_ids]) if val_ids else np.zeros(0)
+        for c, p in zip(val_ids, probs, strict=True):
+            if c in prob_of:
+                raise DataError(f"case {c} is in the validation part of two folds of repeat {repeat}")
+            prob_of[c], called[c] = float(p), int(p >= threshold)
+        per_fold.append({"fold": fold, "auc": _auc(val_y, probs), "n": len(val_ids), "threshold": threshold})
+
+    out_ids = [c for c in ids if c in prob_of]
+    out_y = np.array([label_of[c] for c in out_ids], dtype=np.int64)
+    out_p = np.array([prob_of[c] for c in out_ids], dtype=np.float64)
+    pred = np.array([called[c] for c in out_ids], dtype=np.int64)
+    sens = float(pred[out_y == 1].mean()) if (out_y == 1).any() else math.nan
+    spec = float(1 - pred[out_y == 0].mean()) if (out_y == 0).any() else math.nan
+    return {
+        "protocol": protocol,
+        "per_fold": per_fold,
+        "pooled": {
+            "auc": _auc(out_y, out_p),
+            "n": len(out_ids),
+            "threshold_policy": "youden on select (per fold)" if inner else "fixed 0.5",
+            "sensitivity": sens,
+            "specificity": spec,
+            "balanced_accuracy": (sens + spec) / 2,
+        },
+        "ids": out_ids,
+        "probs": out_p.tolist(),
+        "labels": out_y.tolist(),
+    }
