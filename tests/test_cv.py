@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from gliograde.cli import main
@@ -265,3 +267,40 @@ def test_evaluate_refuses_a_run_whose_folds_have_changed(cv_run, tmp_path):
     with pytest.raises(EvaluationError, match="the folds changed since training"):
         evaluate_run(run)
     assert sorted(p.name for p in run.iterdir()) == before  # no evaluation folder left behind
+
+
+def test_parallel_folds_map_gpus_through_the_parents_visible_list():
+    from gliograde.training.cv import physical_gpus
+
+    assert physical_gpus(2, "2,5") == ["2", "5"]  # this process's GPU 1 is the physical GPU 5
+    assert physical_gpus(2, None) == ["0", "1"]
+    assert physical_gpus(1, "GPU-uuid-a, GPU-uuid-b") == ["GPU-uuid-a"]
+    assert physical_gpus(0, "") == []
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "--batch-size 4"),
+        (lambda: RuntimeError("an unexpected bug"), "RuntimeError: an unexpected bug"),
+    ],
+)
+def test_a_fold_that_fails_in_its_process_is_named_and_reported_not_raised(monkeypatch, error, expected):
+    import queue
+
+    from gliograde.config import resolve
+    from gliograde.training import cv, trainer
+
+    def boom(cfg, **_):
+        raise error()
+
+    monkeypatch.setattr(trainer, "train_fold", boom)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the child's core share, not this process's
+    results = queue.Queue()
+    values = resolve("final", fold=3, batch_size=4).to_dict()
+    cv._train_child(values, None, 1, logging.WARNING, results)
+    fold, run_dir, detail = results.get_nowait()
+    assert (fold, run_dir) == (3, None)
+    assert expected in detail
+    if "batch-size" in expected:
+        assert "--gradient-accumulation-steps" in detail and "memory" in detail

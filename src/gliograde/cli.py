@@ -198,7 +198,13 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--no-amp", dest="amp", action="store_const", const=False)
     flag("--tf32", dest="tf32", action="store_const", const=True)
     flag("--no-tf32", dest="tf32", action="store_const", const=False)
-    flag("--gpu", action="store_const", const=True)
+    flag("--gpu", action="store_const", const=True, help="train on the GPU (the same as --device cuda)")
+    flag("--device", choices=["auto", "cuda", "cpu"], help="default auto: the GPU where CUDA works, else the CPU")
+    flag(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="default auto: bf16 autocast on a GPU after a self-check against fp32 (fp32 if it fails), fp32 on the CPU",
+    )
     flag("--multi-gpu", "--multi_gpu", dest="multi_gpu", action="store_const", const=True, help="DDP over all GPUs")
     flag("--nproc", type=int, help="DDP processes for --multi-gpu (default: one per GPU; gloo on a CPU machine)")
     flag("--sync-bn", "--sync_bn", dest="sync_bn", action="store_const", const=True, help="SyncBatchNorm under DDP")

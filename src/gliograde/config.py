@@ -28,6 +28,8 @@ RUNTIME_FIELDS = {
     "data_root",
     "cache_dir",
     "gpu",
+    "device",
+    "precision",
     "multi_gpu",
     "nproc",
     "channels_last",
@@ -89,7 +91,9 @@ class TrainConfig:
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
     # execution
-    gpu: bool = False
+    gpu: bool = False  # the seeds' --gpu: the same as --device cuda
+    device: str = "auto"  # auto (the GPU where CUDA works) | cuda | cpu
+    precision: str = "auto"  # auto (bf16 after a self-check on a GPU, fp32 on the CPU) | bf16 | fp16 | fp32
     multi_gpu: bool = False
     nproc: int | None = None  # DDP processes for --multi-gpu (default: one per visible GPU)
     sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only)
@@ -174,6 +178,12 @@ def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig
     need(cfg.warmup_epochs >= 0 and cfg.plots_every >= 1, "--warmup-epochs must be >= 0 and --plots-every >= 1")
     need(cfg.folds >= 2, f"--folds must be at least 2, got {cfg.folds}")
     need(cfg.data_path in ("auto", "device", "loader"), f"--data-path {cfg.data_path!r} is not auto, device or loader")
+    need(cfg.device in ("auto", "cuda", "cpu"), f"--device {cfg.device!r} is not auto, cuda or cpu")
+    need(
+        cfg.precision in ("auto", "bf16", "fp16", "fp32"),
+        f"--precision {cfg.precision!r} is not auto, bf16, fp16 or fp32",
+    )
+    need(not (cfg.gpu and cfg.device == "cpu"), "--gpu together with --device cpu")
     need(cfg.nproc is None or cfg.nproc >= 1, f"--nproc must be at least 1, got {cfg.nproc}")
     need(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold} is outside 0..{cfg.folds - 1}")
 

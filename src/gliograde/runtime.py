@@ -26,10 +26,11 @@ log = logging.getLogger("gliograde")
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-# bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operation). Over a ResNet-50 the pooled features of a correct
-# kernel stay within ~1-2 % of fp32 and the gradients within ~5 %; a wrong kernel is off by O(1).
+# bf16 keeps 8 mantissa bits. Measured on the CPU with correct kernels (ResNet-10 at 32^3, ResNet-50 at 64^3, random
+# init): pooled features within 0.5 % of fp32, parameter gradients within ~17 % (the backward pass compounds rounding
+# through every layer). A wrong kernel is off by O(1) in both.
 FEATURE_TOLERANCE = 0.05
-GRADIENT_TOLERANCE = 0.15
+GRADIENT_TOLERANCE = 0.5
 
 
 class DeviceError(GliogradeError):
@@ -192,6 +193,24 @@ def decide_precision(
         raise DeviceError(f"--precision bf16: {message}; use --precision fp32 or another cuDNN")
     log.warning("%s; running in fp32", message)
     return Precision("fp32", "fp32: the bf16 self-check failed", check, warning=message + "; ran in fp32")
+
+
+def oom_message(error: BaseException, batch_size: int, grad_accum: int) -> str:
+    """A CUDA out-of-memory, said with the batch size and the GPU's memory, and what to change."""
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated(index) / 2**30
+        where = f"{torch.cuda.get_device_name(index)} ({total:.1f} GiB; {peak:.1f} GiB peak allocated by this run)"
+    else:
+        where = "the GPU"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    smaller = max(1, batch_size // 2)
+    return (
+        f"CUDA out of memory at --batch-size {batch_size} on {where}: {first}. Lower --batch-size (e.g. {smaller}) "
+        f"and raise --gradient-accumulation-steps to {grad_accum * batch_size // smaller} to keep the effective "
+        "batch; check that AMP is on and that no other process holds GPU memory"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- RNG states

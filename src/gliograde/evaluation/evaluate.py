@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gliograde import runtime
 from gliograde.config import load_run_config
 from gliograde.data.loader import CacheDataset, make_val_loader
+from gliograde.data.source import load_data
 from gliograde.data.splits import fold_indices
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import plots
 from gliograde.evaluation.scoring import evaluate_checkpoint
 from gliograde.files import new_stamped_dir, write_json
 from gliograde.training.losses import make_loss
-from gliograde.training.trainer import amp_dtype, load_data, pick_device
 
 log = logging.getLogger("gliograde")
 
@@ -57,13 +58,14 @@ def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | Non
             f"validated on ({saved_ids}); the folds changed since training, so a re-score would not be comparable"
         )
 
-    device = pick_device(cfg)
-    dtype = amp_dtype(cfg, device)
+    device = runtime.pick_device("cuda" if cfg.gpu else cfg.device)
     channels = cache.channels(cfg.modalities)
     loader = make_val_loader(CacheDataset(cache, val_rows, channels), cfg.batch_size, 0, device.type == "cuda")
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
     loss_fn = make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device)  # unweighted: DRW weights are not replayed
-    final = evaluate_checkpoint(run_dir / "checkpoints", cfg.ema_decay > 0, loader, device, dtype, loss_fn, policy)
+    final = evaluate_checkpoint(
+        run_dir / "checkpoints", cfg.ema_decay > 0, loader, device, (cfg.precision, cfg.amp), loss_fn, policy
+    )
     probs, labels = final.pop("_probs"), final.pop("_labels")
     stored = final["checkpoint_auc"]
     final["auc_difference"] = None if stored is None else abs(final["auc"] - stored)

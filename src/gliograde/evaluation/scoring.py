@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gliograde import GRADES
+from gliograde import GRADES, runtime
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.networks.resnet3d import ResNet3D
 from gliograde.training.checkpoints import CheckpointError, load_checkpoint, select_checkpoint
@@ -48,11 +48,19 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> ResNet3D:
 
 
 def evaluate_checkpoint(
-    checkpoints_dir: Path, ema_enabled: bool, val_loader, device, dtype, loss_fn, policy: str = "auto"
+    checkpoints_dir: Path,
+    ema_enabled: bool,
+    val_loader,
+    device,
+    precision: tuple[str, bool | None],
+    loss_fn,
+    policy: str = "auto",
 ) -> dict:
     """Load the checkpoint chosen by the policy, re-score the validation set, compare with the stored AUC.
 
-    The result holds every metric plus `_probs` and `_labels` (arrays, for the caller to save and plot).
+    `precision` is the run's (--precision, --amp) request; the decision, bf16 self-check included, is
+    `runtime.decide_precision`'s on this model and a real validation batch, the same as training made.
+    The result holds every metric, the precision record, plus `_probs` and `_labels` (arrays, for the caller).
     """
     path = select_checkpoint(checkpoints_dir, policy, ema_enabled=ema_enabled)
     ckpt = load_checkpoint(path, map_location="cpu")
@@ -65,7 +73,10 @@ def evaluate_checkpoint(
         stored if stored is not None else math.nan,
     )
     model = model_from_checkpoint(ckpt, path).to(device)
-    loss, probs, labels = predict(model, val_loader, device, dtype, loss_fn)
+    sample = next(iter(val_loader))[0][:2].to(device)
+    decided = runtime.decide_precision(*precision, device, model, sample)
+    del sample
+    loss, probs, labels = predict(model, val_loader, device, decided.dtype, loss_fn)
     m = compute_metrics(labels, probs)
     if stored is not None and not math.isnan(stored) and abs(m["auc"] - stored) > 0.01:
         log.warning(
@@ -79,6 +90,7 @@ def evaluate_checkpoint(
         "checkpoint_auc": stored,
         "used_ema": bool(ckpt.get("is_ema")),
         "classes": list(GRADES),
+        "precision": decided.to_dict(),
         "_probs": probs,
         "_labels": labels,
     }

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from gliograde import GRADES, MODALITIES, __version__
+from gliograde import GRADES, MODALITIES, __version__, runtime
 from gliograde.config import load_run_config
 from gliograde.data.brats import UNKNOWN_GRADE, Case
 from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case, to_original_grid
@@ -136,8 +136,8 @@ def predict_cases(
     repeated = sorted({c.id for c in cases if [d.id for d in cases].count(c.id) > 1})
     if repeated:
         raise PredictError(f"case id(s) {repeated} given twice; their outputs would overwrite each other")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    device = device or runtime.pick_device("auto")
+    precision = None  # decided on the first case (a real input), as training and `evaluate` decide it
     ref = members[0]
     channels = [MODALITIES.index(m) for m in ref.modalities]
     for m in members:
@@ -154,6 +154,10 @@ def predict_cases(
             failed[case.id] = str(e)
             continue
         x = torch.from_numpy(volume[channels].astype(np.float32))[None].to(device)
+        if precision is None:
+            precision = runtime.decide_precision("auto", None, device, ref.model, x)
+            log.info("Precision: %s", precision.reason)
+        dtype = precision.dtype
         per_model = [_probability(m.model, x, tta, dtype) for m in members]
         p = float(np.mean(per_model))
         record = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import queue
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -48,28 +48,83 @@ def fold_plan(cfg: TrainConfig) -> tuple[str, Path | None]:
     return "new", None
 
 
-def _train_child(values: dict, free_gpus, threads: int, level: int) -> tuple[int, str, dict]:
-    """A fold in a spawned process: take a free GPU (pinned before CUDA starts) and give it back at the end,
-    share the cores, prefix its log lines."""
-    gpu = free_gpus.get() if free_gpus is not None else None
+def physical_gpus(count: int, visible: str | None) -> list[str]:
+    """The ids to put in a child's CUDA_VISIBLE_DEVICES for this process's GPUs 0..count-1: this process may itself
+    see a subset (CUDA_VISIBLE_DEVICES=2,5 makes its GPU 1 the physical GPU 5), so index through that list."""
+    if visible is None or not visible.strip():
+        return [str(i) for i in range(count)]
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    return ids[:count]
+
+
+def _train_child(values: dict, gpu: str | None, threads: int, level: int, results) -> None:
+    """A fold in a spawned process of its own (so that its GPU can be pinned before CUDA starts): train, and send
+    (fold, run_dir, final) or (fold, None, reason) back. Every failure is caught and named, a CUDA out-of-memory
+    included, so that one fold's failure never takes the others down."""
+    fold = values["fold"]
     try:
         if gpu is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         torch.set_num_threads(threads)
-        logging.basicConfig(level=level, format=f"[fold {values['fold']}] %(levelname)s: %(message)s")
+        logging.basicConfig(level=level, format=f"[fold {fold}] %(levelname)s: %(message)s")
         from gliograde.training.trainer import train_fold
 
         result = train_fold(TrainConfig(**values))
-        return values["fold"], str(result.run_dir), result.final
-    finally:
-        if gpu is not None:
-            free_gpus.put(gpu)
+        results.put((fold, str(result.run_dir), result.final))
+    except GliogradeError as e:
+        results.put((fold, None, str(e)))
+    except torch.cuda.OutOfMemoryError as e:
+        from gliograde import runtime
+
+        results.put((fold, None, runtime.oom_message(e, values["batch_size"], values["grad_accum"])))
+    except BaseException as e:  # a bug or a signal: named, logged in full here, and reported to the parent
+        log.exception("fold %d failed", fold)
+        results.put((fold, None, f"{type(e).__name__}: {e}"))
+
+
+def _train_parallel(todo: list[TrainConfig], workers: int, gpus: list[str], threads: int) -> tuple[dict, dict]:
+    """Train the folds in spawned processes, `workers` at a time, each on a free GPU of its own where there are
+    GPUs; a process per fold (never reused: a CUDA context cannot change GPU). Returns (runs, failures)."""
+    ctx = get_context("spawn")
+    results = ctx.Queue()
+    free: list[str | None] = list(gpus) if gpus else [None] * workers
+    pending, running, runs, failures = list(todo), {}, {}, {}
+    level = log.getEffectiveLevel()
+    while pending or running:
+        while pending and free and len(running) < workers:
+            fcfg, gpu = pending.pop(0), free.pop(0)
+            proc = ctx.Process(target=_train_child, args=(fcfg.to_dict(), gpu, threads, level, results))
+            proc.start()
+            running[fcfg.fold] = (proc, gpu)
+        try:
+            fold, run_dir, detail = results.get(timeout=2.0)
+        except queue.Empty:  # a child that died without a word (killed, out of host memory) is a failed fold
+            for fold, (proc, gpu) in list(running.items()):
+                if proc.exitcode not in (None, 0):
+                    failures[fold] = f"its process died with exit code {proc.exitcode}"
+                    log.error("fold %d failed: %s", fold, failures[fold])
+                    running.pop(fold)
+                    free.append(gpu)
+            continue
+        if fold not in running:  # already counted as died
+            continue
+        proc, gpu = running.pop(fold)
+        proc.join()
+        free.append(gpu)
+        if run_dir is None:
+            log.error("fold %d failed: %s", fold, detail)
+            failures[fold] = detail
+        else:
+            runs[fold] = Path(run_dir)
+            log.info("fold %d finished: AUC %.4f (%s)", fold, detail["auc"], run_dir)
+    return runs, failures
 
 
 def run_cv(cfg: TrainConfig, folds: list[int], parallel: int = 1, allow_partial: bool = False) -> dict:
     """Train (or skip, or resume) each fold, then summarize the results folder; returns the summary."""
     validate(cfg, log)
-    from gliograde.training.trainer import load_data, train_fold
+    from gliograde.data.source import load_data
+    from gliograde.training.trainer import train_fold
 
     # the cache and folds.json are made once, here, not by folds racing each other in parallel processes
     cache, _ = load_data(cfg)
@@ -97,28 +152,14 @@ def run_cv(cfg: TrainConfig, folds: list[int], parallel: int = 1, allow_partial:
                 log.error("fold %d failed: %s", fcfg.fold, e)
                 failures[fcfg.fold] = str(e)
     else:
-        gpus = torch.cuda.device_count()
-        workers = min(parallel, len(todo), gpus) if gpus else min(parallel, len(todo))
+        gpus = physical_gpus(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        workers = min(parallel, len(todo), len(gpus)) if gpus else min(parallel, len(todo))
         threads = max(1, (os.cpu_count() or 1) // workers)
-        log.info("training %d folds, %d at a time%s", len(todo), workers, f" on {gpus} GPUs" if gpus else "")
-        ctx = get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
-            free_gpus = None
-            if gpus:  # a fold takes whichever GPU is free, never one still busy with another fold
-                free_gpus = manager.Queue()
-                for g in range(gpus):
-                    free_gpus.put(g)
-            level = log.getEffectiveLevel()
-            futures = {pool.submit(_train_child, f.to_dict(), free_gpus, threads, level): f for f in todo}
-            for fut in as_completed(futures):
-                fold = futures[fut].fold
-                try:
-                    _, run_dir, final = fut.result()
-                    runs[fold] = Path(run_dir)
-                    log.info("fold %d finished: AUC %.4f (%s)", fold, final["auc"], run_dir)
-                except GliogradeError as e:
-                    log.error("fold %d failed: %s", fold, e)
-                    failures[fold] = str(e)
+        where = f" on GPUs {','.join(gpus)}" if gpus else ""
+        log.info("training %d folds, %d at a time%s", len(todo), workers, where)
+        done, failed = _train_parallel(todo, workers, gpus, threads)
+        runs.update(done)
+        failures.update(failed)
     if failures and not allow_partial:
         detail = "; ".join(f"fold {f}: {why}" for f, why in sorted(failures.items()))
         raise CVError(f"{len(failures)} fold(s) failed ({detail}). Completed folds are kept; run cv again to resume.")

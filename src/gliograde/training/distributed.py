@@ -47,10 +47,16 @@ def setup() -> Dist:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group(backend(cuda), rank=rank, world_size=world)
     if rank != 0:
         log.setLevel(logging.WARNING)  # one voice: rank 0 reports
     return Dist(rank, world, local)
+
+
+def backend(cuda: bool) -> str:
+    """NCCL for the GPU tensors (gradients, SyncBatchNorm) and gloo for the host-side reductions (the finite-loss
+    vote, the loss mean, gathered predictions): NCCL alone refuses CPU tensors and DDP would die at the first step."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def teardown(d: Dist) -> None:
@@ -108,7 +114,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, values: dict, run_dir: str, level: int) -> None:
+def _worker(rank: int, entry, world: int, port: int, values: dict, run_dir: str, level: int) -> None:
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     os.environ.update({k: str(v) for k, v in env.items()})
     if not torch.cuda.is_available():
@@ -117,15 +123,15 @@ def _worker(rank: int, world: int, port: int, values: dict, run_dir: str, level:
     from pathlib import Path
 
     from gliograde.config import TrainConfig
-    from gliograde.training.trainer import train_fold
 
-    train_fold(TrainConfig(**values), run_dir=Path(run_dir))
+    entry(TrainConfig(**values), run_dir=Path(run_dir))
 
 
-def launch(cfg, nproc: int, run_dir) -> None:
-    """Train cfg's fold in nproc spawned processes (one per GPU, or gloo on the CPU) into the existing run_dir;
-    returns when all have finished, raises if one failed."""
+def launch(entry, cfg, nproc: int, run_dir) -> None:
+    """Run `entry(cfg, run_dir=...)` (a module-level function: the trainer's `train_fold`) in nproc spawned processes
+    (one per GPU, or gloo on the CPU) into the existing run_dir; returns when all have finished, raises if one
+    failed. The trainer hands itself in, so that this module never imports it."""
     values = dataclasses.replace(cfg, multi_gpu=False).to_dict()  # the ranks must not launch again
     log.info("DDP: %d processes (%s)", nproc, "NCCL, one per GPU" if torch.cuda.is_available() else "gloo on the CPU")
-    args = (nproc, _free_port(), values, str(run_dir), log.getEffectiveLevel())
+    args = (entry, nproc, _free_port(), values, str(run_dir), log.getEffectiveLevel())
     mp.start_processes(_worker, args=args, nprocs=nproc, start_method="spawn")

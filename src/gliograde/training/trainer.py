@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,14 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from gliograde import __version__
+from gliograde import runtime
 from gliograde.config import TrainConfig, validate
 from gliograde.data.augment import AugmentParams
-from gliograde.data.brats import resolve_data_root
-from gliograde.data.cache import VolumeCache, default_cache_path, open_cache, prepare_cache
 from gliograde.data.fast import DeviceStream, DeviceVolumes, LoaderStream
 from gliograde.data.loader import CacheDataset, make_loaders
-from gliograde.data.splits import fold_indices, folds_for_cache
+from gliograde.data.source import load_data
+from gliograde.data.splits import fold_indices
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import PlotWriter
@@ -65,83 +62,12 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
-def pick_device(cfg: TrainConfig, d: Dist | None = None) -> torch.device:
-    """This process's device: its own GPU under DDP, the GPU, or the CPU (with a warning where --gpu asked)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", d.local_rank) if d is not None and d.active else torch.device("cuda")
-    if cfg.gpu:
-        log.warning("--gpu: CUDA is not available (CPU build of torch, or no GPU); training on the CPU")
-    return torch.device("cpu")
-
-
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); off on the CPU unless --amp."""
-    use = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    if not use:
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-@torch.no_grad()
-def bf16_agrees(model: ResNet3D, x: torch.Tensor, tolerance: float = 0.05) -> tuple[bool, float]:
-    """bf16 against fp32 on one batch: cuDNN 9.10.2 computes large bf16 conv3d wrongly (PyTorch issue #163539);
-    a disagreement of the probabilities beyond `tolerance` means this GPU stack must not train in bf16."""
-    was_training = model.training
-    model.eval()
-    reference = torch.softmax(model(x).float(), 1)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16):
-        low = torch.softmax(model(x).float(), 1)
-    model.train(was_training)
-    diff = float((reference - low).abs().max())
-    return diff <= tolerance, diff
-
-
-def load_data(cfg: TrainConfig) -> tuple[VolumeCache, dict]:
-    """The cache (a folder given by --cache-dir, else prepared from the data root if missing or stale) and folds."""
-    direct = Path(cfg.cache_dir)
-    if (direct / "manifest.json").is_file():
-        cache = open_cache(direct)
-    else:
-        root = resolve_data_root(cfg.data_root)
-        log.info("Preparing (or checking) the volume cache of %s ...", root)
-        cache = open_cache(prepare_cache(root, default_cache_path(root, cfg.size, cfg.cache_dir), size=cfg.size).path)
-    if cache.size != cfg.size:
-        raise GliogradeError(f"cache {cache.path} holds {cache.size}^3 volumes, but --size is {cfg.size}")
-    return cache, folds_for_cache(cache, cfg.folds, cfg.split_seed)
-
-
 def new_run_dir(output_dir: str, fold: int) -> Path:
     """runs/fold_k/run_YYYYMMDD_HHMMSS, with a suffix when two runs start in the same second (never shared)."""
     run = new_stamped_dir(Path(output_dir) / "runs" / f"fold_{fold}", "run")
     for sub in RUN_DIRS:
         (run / sub).mkdir()
     return run
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device) -> dict:
-    import monai
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "gliograde": __version__,
-        "git_commit": git_commit(),
-        "device": f"{device.type}: {name}",
-    }
 
 
 def make_optimizer(model: ResNet3D, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -180,18 +106,30 @@ def improved(auc: float, f1: float, best: dict, min_delta: float) -> bool:
     return auc > best["auc"] + min_delta or (abs(auc - best["auc"]) <= 1e-12 and f1 > best["f1"])
 
 
+def batch_record(cfg: TrainConfig, world: int) -> dict:
+    """The batch one optimizer step sees: per process x accumulation x processes. DDP multiplies it by the number of
+    processes (the learning rate is not rescaled), so a run records both and says when they differ."""
+    configured = cfg.batch_size * cfg.grad_accum
+    return {
+        "per_process": cfg.batch_size,
+        "accumulation": cfg.grad_accum,
+        "processes": world,
+        "global": configured * world,
+        "configured": configured,
+    }
+
+
 def rng_state(generator: torch.Generator) -> dict:
     state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["cuda"] = runtime.cuda_rng_states()
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator) -> str | None:
+    """Restores the saved generators; returns a note where the run had a different number of GPUs than this machine."""
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return runtime.restore_cuda_rng_states(state.get("cuda", []))
 
 
 def summary(values) -> dict:
@@ -222,7 +160,7 @@ def _launch(cfg: TrainConfig, nproc: int) -> RunResult:
     cfg = dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()))
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.output_dir, cfg.fold)
     try:
-        distributed.launch(cfg, nproc, run_dir)
+        distributed.launch(train_fold, cfg, nproc, run_dir)
     except Exception as e:  # a rank's exception arrives as the text of its traceback
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TrainingError(f"distributed training of fold {cfg.fold} failed: {last}. Run folder: {run_dir}") from e
@@ -263,11 +201,7 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
     try:
         return _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end)
     except torch.cuda.OutOfMemoryError as e:
-        raise TrainingError(
-            f"CUDA out of memory ({str(e).splitlines()[0]}). Use a smaller --batch-size (try 2 or 1) with "
-            "--gradient-accumulation-steps to keep the effective batch, make sure AMP is on (--amp), and check that "
-            "no other process holds GPU memory."
-        ) from e
+        raise TrainingError(f"fold {cfg.fold}: {runtime.oom_message(e, cfg.batch_size, cfg.grad_accum)}") from e
     except KeyboardInterrupt:
         log.warning("interrupted; resume with: gliograde train --fold %d --resume %s", cfg.fold, run_dir)
         raise
@@ -281,11 +215,8 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
 
 
 def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end) -> RunResult:
-    device = pick_device(cfg, d)
-    dtype = amp_dtype(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    device = runtime.pick_device("cuda" if cfg.gpu else cfg.device, d.local_rank)
+    runtime.configure_backends(device, cfg.tf32)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda") or d.active
     if d.active and cfg.data_path == "loader":
@@ -298,6 +229,17 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
         raise TrainingError(
             f"--batch-size {cfg.batch_size} x accumulation {cfg.grad_accum} x {d.world} process(es) exceeds the "
             f"{len(train_rows)} training cases of fold {cfg.fold}"
+        )
+    batch = batch_record(cfg, d.world)
+    if batch["global"] != batch["configured"]:
+        log.warning(
+            "DDP: the effective batch is %d (%d per process x %d accumulation x %d processes), not the configured %d; "
+            "the learning rate is not rescaled",
+            batch["global"],
+            cfg.batch_size,
+            cfg.grad_accum,
+            d.world,
+            batch["configured"],
         )
     augment = (
         AugmentParams(cfg.flip_prob, cfg.rotate_deg, cfg.scale_range, cfg.intensity_scale, cfg.intensity_shift)
@@ -336,7 +278,7 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
 
     log.info(
         "Fold %d: %d training cases (%d LGG, %d HGG), %d validation cases; modalities %s; %d optimizer "
-        "steps per epoch on %s%s%s",
+        "steps per epoch on %s%s",
         cfg.fold,
         len(train_rows),
         counts[0],
@@ -345,7 +287,6 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
         ",".join(cfg.modalities),
         steps_per_epoch,
         device,
-        f" with {dtype} autocast" if dtype else "",
         f" x {d.world} processes (DDP)" if d.active else "",
     )
 
@@ -362,12 +303,12 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
         if cfg.ema_decay > 0
         else None
     )
-    if dtype == torch.bfloat16 and device.type == "cuda":
-        x, _ = next(iter(val_batches(shard=False)))
-        ok, diff = bf16_agrees(model, x[:2])
-        if not ok:
-            log.warning("bf16 autocast disagrees with fp32 by %.3f on a validation batch; training in fp16", diff)
-            dtype = torch.float16
+    # the same decision (and bf16 self-check, on a real input of this run's size) as `evaluate` and `predict` make
+    sample = next(iter(val_batches(shard=False)))[0][:2].to(device)  # the loader path yields host batches
+    precision = runtime.decide_precision(cfg.precision, cfg.amp, device, model, sample)
+    dtype = precision.dtype
+    del sample
+    log.info("Precision: %s", precision.reason)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -386,7 +327,9 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
             ema.load_state_dict(resume["ema_state_dict"])
         history, best, best_ema = resume["history"], resume["best"], resume["best_ema"]
         bad_epochs, start = resume["bad_epochs"], resume["epoch"] + 1
-        set_rng_state(resume["rng_state"], generator)
+        note = set_rng_state(resume["rng_state"], generator)
+        if note:
+            log.warning("--resume: %s", note)
         log.info("Resuming %s after epoch %d", run_dir, resume["epoch"])
     elif d.main:
         write_json(
@@ -394,8 +337,13 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
             {
                 # the cache by absolute path, so that `evaluate` finds it from any working directory
                 "config": {**cfg.to_dict(), "cache_dir": str(cache.path.resolve())},
-                "environment": {**environment(device), "processes": d.world, "data_path": stream.__class__.__name__},
+                "environment": {
+                    **runtime.environment(device, precision),
+                    "processes": d.world,
+                    "data_path": stream.__class__.__name__,
+                },
                 "seed": cfg.seed,
+                "batch": batch_record(cfg, d.world),
                 "run_dir": str(run_dir),
             },
         )
@@ -577,7 +525,7 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
         return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
     # ------------------------------------------------------------------------------------ final evaluation
     final = evaluate_checkpoint(
-        run_dir / "checkpoints", cfg.ema_decay > 0, val_batches(shard=False), device, dtype, loss_fn
+        run_dir / "checkpoints", cfg.ema_decay > 0, val_batches(shard=False), device, (cfg.precision, cfg.amp), loss_fn
     )
     probs, labels = final.pop("_probs"), final.pop("_labels")
     preds = (probs >= 0.5).astype(np.int64)

@@ -1,0 +1,488 @@
+"""Honest statistics for binary classification (label 1 = HGG positive): confidence intervals, paired tests,
+calibration and threshold selection. numpy + scipy + scikit-learn (+ matplotlib's object API for one figure).
+
+Conventions: a case is called positive when ``prob >= threshold`` (the same rule as ``sklearn.metrics.roc_curve``);
+all 95% intervals use ``z = 1.959963984540054`` unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import optimize, special
+from scipy import stats as sps
+from sklearn.metrics import roc_curve
+
+Z95 = 1.959963984540054
+
+__all__ = [
+    "apply_temperature",
+    "bootstrap_auc",
+    "brier",
+    "corrected_resampled_ttest",
+    "delong_auc",
+    "delong_paired",
+    "ece",
+    "fit_temperature",
+    "logit",
+    "logit_adjust",
+    "mcnemar_exact",
+    "paired_bootstrap_delta_auc",
+    "rates_with_ci",
+    "reliability",
+    "reliability_figure",
+    "sensitivity_at_specificity",
+    "sigmoid",
+    "threshold_at_specificity",
+    "wilson",
+    "youden_threshold",
+]
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def _vector(x, name: str, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if n is not None and arr.size != n:
+        raise ValueError(f"{name} has length {arr.size} but labels have length {n}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains {int(np.sum(~np.isfinite(arr)))} non-finite value(s) (nan/inf)")
+    return arr
+
+
+def _labels(labels) -> np.ndarray:
+    arr = _vector(labels, "labels")
+    bad = ~np.isin(arr, (0.0, 1.0))
+    if bad.any():
+        raise ValueError(f"labels must be 0/1, found other values such as {arr[bad][:3].tolist()}")
+    return arr.astype(np.int64)
+
+
+def _probs(probs, n: int | None = None, name: str = "probs") -> np.ndarray:
+    arr = _vector(probs, name, n)
+    if arr.min() < 0.0 or arr.max() > 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got range [{arr.min():g}, {arr.max():g}]")
+    return arr
+
+
+def _both_classes(y: np.ndarray, minimum: int = 1) -> tuple[int, int]:
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"labels contain only one class (n_pos={n_pos}, n_neg={n_neg}); AUC is undefined")
+    if n_pos < minimum or n_neg < minimum:
+        raise ValueError(f"need at least {minimum} positives and {minimum} negatives, got n_pos={n_pos}, n_neg={n_neg}")
+    return n_pos, n_neg
+
+
+def _prob_array(x, name: str = "probs") -> np.ndarray:
+    """Any-shape probabilities in [0, 1], all finite (for element-wise transforms)."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite value(s) (nan/inf)")
+    if arr.min() < 0.0 or arr.max() > 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got range [{arr.min():g}, {arr.max():g}]")
+    return arr
+
+
+def _prior(p: float, name: str) -> float:
+    p = float(p)
+    if not (0.0 < p < 1.0):
+        raise ValueError(f"{name} must lie strictly in (0, 1), got {p}")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------- DeLong
+def _delong_core(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fast DeLong (Sun & Xu 2014): AUCs (k,) and their covariance (k, k) for score rows ``scores`` (k, N)."""
+    pos, neg = scores[:, y == 1], scores[:, y == 0]
+    m, n = pos.shape[1], neg.shape[1]
+    tx = sps.rankdata(pos, axis=1)  # midranks within positives
+    ty = sps.rankdata(neg, axis=1)  # midranks within negatives
+    tz = sps.rankdata(np.concatenate([pos, neg], axis=1), axis=1)  # midranks over all
+    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    v01 = (tz[:, :m] - tx) / n  # structural components of positives
+    v10 = 1.0 - (tz[:, m:] - ty) / m  # structural components of negatives
+    cov = np.atleast_2d(np.cov(v01)) / m + np.atleast_2d(np.cov(v10)) / n
+    return aucs, cov
+
+
+def delong_auc(labels, scores, z: float = Z95) -> dict:
+    """ROC AUC with its DeLong standard error (fast midrank algorithm of Sun & Xu 2014) and a 95% CI.
+
+    The CI is built on the logit scale, ``expit(logit(auc) ± z·se/(auc(1-auc)))``, so it stays inside (0, 1);
+    when AUC is exactly 0 or 1 (or se is 0) it falls back to the normal interval clipped to [0, 1], which is then
+    degenerate. Needs at least 2 cases of each class (the DeLong variance uses sample variances per class).
+    """
+    y = _labels(labels)
+    s = _vector(scores, "scores", y.size)
+    n_pos, n_neg = _both_classes(y, minimum=2)
+    aucs, cov = _delong_core(y, s[None, :])
+    auc, se = float(aucs[0]), float(math.sqrt(max(cov[0, 0], 0.0)))
+    if 0.0 < auc < 1.0 and se > 0.0:
+        centre, half = special.logit(auc), z * se / (auc * (1.0 - auc))
+        lo, hi = float(special.expit(centre - half)), float(special.expit(centre + half))
+    else:
+        lo, hi = max(0.0, auc - z * se), min(1.0, auc + z * se)
+    return {"auc": auc, "se": se, "ci_low": lo, "ci_high": hi, "n": int(y.size), "n_pos": n_pos, "n_neg": n_neg}
+
+
+def delong_paired(labels, scores_a, scores_b, z: float = Z95) -> dict:
+    """Two-sided DeLong test of AUC(a) - AUC(b) for two scorings of the same cases, with a normal 95% CI on delta.
+
+    When the standard error of the difference is 0 (e.g. identical scores) z is 0 and p is 1 if delta is 0;
+    a non-zero delta with zero se has no defined test and gives z = p = nan.
+    """
+    y = _labels(labels)
+    a = _vector(scores_a, "scores_a", y.size)
+    b = _vector(scores_b, "scores_b", y.size)
+    _both_classes(y, minimum=2)
+    aucs, cov = _delong_core(y, np.vstack([a, b]))
+    delta = float(aucs[0] - aucs[1])
+    se = float(math.sqrt(max(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1], 0.0)))
+    if se > 1e-15:
+        zstat = delta / se
+        p = float(2.0 * sps.norm.sf(abs(zstat)))
+    elif abs(delta) <= 1e-15:
+        zstat, p = 0.0, 1.0
+    else:
+        zstat, p = math.nan, math.nan
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "delta": delta,
+        "se": se,
+        "z": float(zstat),
+        "p_value": min(1.0, p) if not math.isnan(p) else p,
+        "ci_low": max(-1.0, delta - z * se),
+        "ci_high": min(1.0, delta + z * se),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- proportions
+def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (k, n may be non-integer effective counts); n=0 → (nan, nan)."""
+    k, n = float(k), float(n)
+    if not (math.isfinite(k) and math.isfinite(n)) or n < 0 or k < 0 or k > n:
+        raise ValueError(f"wilson needs finite 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return (math.nan, math.nan)
+    p, z2 = k / n, z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2.0 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n)) / denom
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact endpoints where rounding would miss them
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return (low, high)
+
+
+def _rate(k: float, n: float, z: float) -> dict:
+    lo, hi = wilson(k, n, z)
+    value = k / n if n > 0 else math.nan
+    return {"value": float(value), "ci_low": lo, "ci_high": hi, "k": k, "n": n}
+
+
+def rates_with_ci(labels, probs, threshold: float = 0.5, z: float = Z95) -> dict:
+    """Sensitivity, specificity, balanced accuracy, accuracy, PPV and NPV at ``prob >= threshold``, each as
+    ``{value, ci_low, ci_high, k, n}`` with a Wilson interval; the confusion counts are included too.
+
+    Balanced accuracy BA = (sens + spec)/2 is not a binomial proportion, and averaging the two Wilson bounds is
+    wrong (too wide). Its CI is a Wilson interval on an *effective* sample size with the same variance:
+    ``var = (s(1-s)/n_pos + p(1-p)/n_neg)/4``, ``n_eff = BA(1-BA)/var``, ``k_eff = BA·n_eff``. When var is 0
+    (sens and spec both 0 or 1) ``n_eff = 4/(1/n_pos + 1/n_neg)``, the value the formula takes when sens = spec.
+    Undefined rates (empty denominators) are nan.
+    """
+    y = _labels(labels)
+    p = _probs(probs, y.size)
+    pred = p >= float(threshold)
+    tp = int(np.sum(pred & (y == 1)))
+    fn = int(np.sum(~pred & (y == 1)))
+    tn = int(np.sum(~pred & (y == 0)))
+    fp = int(np.sum(pred & (y == 0)))
+    n_pos, n_neg = tp + fn, tn + fp
+    out = {
+        "threshold": float(threshold),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "sensitivity": _rate(tp, n_pos, z),
+        "specificity": _rate(tn, n_neg, z),
+        "accuracy": _rate(tp + tn, y.size, z),
+        "ppv": _rate(tp, tp + fp, z),
+        "npv": _rate(tn, tn + fn, z),
+    }
+    if n_pos == 0 or n_neg == 0:
+        out["balanced_accuracy"] = {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "k": 0.0, "n": 0.0}
+        return out
+    sens, spec = tp / n_pos, tn / n_neg
+    ba = 0.5 * (sens + spec)
+    var = (sens * (1.0 - sens) / n_pos + spec * (1.0 - spec) / n_neg) / 4.0
+    n_eff = ba * (1.0 - ba) / var if var > 0 else 4.0 / (1.0 / n_pos + 1.0 / n_neg)
+    k_eff = ba * n_eff
+    lo, hi = wilson(min(k_eff, n_eff), n_eff, z)
+    out["balanced_accuracy"] = {"value": float(ba), "ci_low": lo, "ci_high": hi, "k": float(k_eff), "n": float(n_eff)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- bootstrap
+def _auc_fast(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Mann-Whitney AUC (ties count 1/2) via midranks."""
+    m, n = pos.size, neg.size
+    ranks = sps.rankdata(np.concatenate([pos, neg]))
+    return float((ranks[:m].sum() - m * (m + 1) / 2.0) / (m * n))
+
+
+def _check_boot(n_boot: int) -> int:
+    n_boot = int(n_boot)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    return n_boot
+
+
+def bootstrap_auc(labels, scores, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """AUC with a stratified (resample positives and negatives separately) percentile bootstrap CI.
+
+    Also returns ``se``, the standard deviation of the bootstrap AUCs.
+    """
+    y = _labels(labels)
+    s = _vector(scores, "scores", y.size)
+    _both_classes(y)
+    n_boot = _check_boot(n_boot)
+    pos, neg = s[y == 1], s[y == 0]
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        boots[i] = _auc_fast(rng.choice(pos, pos.size), rng.choice(neg, neg.size))
+    lo, hi = np.quantile(boots, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return {
+        "auc": _auc_fast(pos, neg),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "se": float(boots.std(ddof=1)) if n_boot > 1 else math.nan,
+        "n_boot": n_boot,
+    }
+
+
+def paired_bootstrap_delta_auc(labels, a, b, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """AUC(a) - AUC(b) with a stratified paired bootstrap (same resampled cases for both) percentile CI.
+
+    ``p_value = min(1, 2·(1 + min(#{delta* <= 0}, #{delta* >= 0})) / (n_boot + 1))``: the two-sided share of
+    bootstrap deltas on the far side of 0, with the +1 correction so that p is never 0.
+    """
+    y = _labels(labels)
+    sa = _vector(a, "a", y.size)
+    sb = _vector(b, "b", y.size)
+    _both_classes(y)
+    n_boot = _check_boot(n_boot)
+    ipos, ineg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(n_boot)
+    for i in range(n_boot):
+        bp, bn = rng.choice(ipos, ipos.size), rng.choice(ineg, ineg.size)
+        deltas[i] = _auc_fast(sa[bp], sa[bn]) - _auc_fast(sb[bp], sb[bn])
+    lo, hi = np.quantile(deltas, [alpha / 2.0, 1.0 - alpha / 2.0])
+    tail = min(int(np.sum(deltas <= 0)), int(np.sum(deltas >= 0)))
+    p = min(1.0, 2.0 * (1.0 + tail) / (n_boot + 1.0))
+    delta = _auc_fast(sa[ipos], sa[ineg]) - _auc_fast(sb[ipos], sb[ineg])
+    return {"delta": float(delta), "ci_low": float(lo), "ci_high": float(hi), "p_value": p, "n_boot": n_boot}
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+def brier(labels, probs) -> float:
+    """Brier score: mean squared difference between P(HGG) and the 0/1 label."""
+    y = _labels(labels)
+    p = _probs(probs, y.size)
+    return float(np.mean((p - y) ** 2))
+
+
+def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    if int(n_bins) < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    return np.minimum((p * n_bins).astype(np.int64), n_bins - 1)  # equal width, last bin closed at 1
+
+
+def reliability(labels, probs, n_bins: int = 10) -> dict:
+    """Reliability-diagram data on equal-width bins of [0, 1]: ``bin_edges`` (n_bins+1), and per bin
+    ``mean_pred``, ``frac_pos`` (nan for empty bins) and ``count`` (0 for empty bins)."""
+    y = _labels(labels)
+    p = _probs(probs, y.size)
+    n_bins = int(n_bins)
+    idx = _bin_index(p, n_bins)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_pred = np.where(count > 0, np.bincount(idx, weights=p, minlength=n_bins) / count, np.nan)
+        frac_pos = np.where(count > 0, np.bincount(idx, weights=y, minlength=n_bins) / count, np.nan)
+    return {
+        "bin_edges": np.linspace(0.0, 1.0, n_bins + 1),
+        "mean_pred": mean_pred,
+        "frac_pos": frac_pos,
+        "count": count.astype(np.int64),
+    }
+
+
+def ece(labels, probs, n_bins: int = 10) -> float:
+    """Expected calibration error: sum over equal-width bins of (bin count / N) · |mean prob - fraction positive|."""
+    r = reliability(labels, probs, n_bins)
+    ok = r["count"] > 0
+    w = r["count"][ok] / r["count"].sum()
+    return float(np.sum(w * np.abs(r["mean_pred"][ok] - r["frac_pos"][ok])))
+
+
+def reliability_figure(curves: dict, title: str = "Reliability"):
+    """A matplotlib ``Figure`` (object API, no pyplot state) with the diagonal and one line per named
+    reliability dict (empty bins skipped). Save with ``fig.savefig(path)``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    for name, r in curves.items():
+        count = np.asarray(r["count"])
+        ok = count > 0
+        ax.plot(np.asarray(r["mean_pred"])[ok], np.asarray(r["frac_pos"])[ok], marker="o", label=str(name))
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("mean predicted P(HGG)")
+    ax.set_ylabel("fraction HGG")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------- thresholds
+def youden_threshold(labels, probs) -> float:
+    """Threshold maximising Youden's J = sens + spec - 1 over ``roc_curve`` thresholds (rule ``prob >= t``).
+
+    Ties are broken by the threshold closest to 0.5; sklearn's infinite first threshold is clipped to 1.0.
+    """
+    y = _labels(labels)
+    p = _vector(probs, "probs", y.size)
+    _both_classes(y)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    thr = np.where(np.isfinite(thr), thr, 1.0)
+    j = tpr - fpr
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    return float(thr[best[np.argmin(np.abs(thr[best] - 0.5))]])
+
+
+def threshold_at_specificity(labels, probs, specificity: float) -> float:
+    """Lowest threshold t (rule ``prob >= t``) whose specificity on the negatives is >= ``specificity``.
+
+    Candidates are the distinct scores and one value just above the largest, so the answer is always attainable.
+    """
+    y = _labels(labels)
+    p = _vector(probs, "probs", y.size)
+    _both_classes(y)
+    target = float(specificity)
+    if not (0.0 <= target <= 1.0):
+        raise ValueError(f"specificity must lie in [0, 1], got {specificity}")
+    neg = np.sort(p[y == 0])
+    cand = np.append(np.unique(p), np.nextafter(p.max(), np.inf))
+    spec = np.searchsorted(neg, cand, side="left") / neg.size  # share of negatives strictly below t
+    ok = np.flatnonzero(spec >= target - 1e-12)
+    return float(cand[ok[0]])
+
+
+def sensitivity_at_specificity(labels, probs, specificity: float) -> dict:
+    """Sensitivity at :func:`threshold_at_specificity`, with the achieved specificity."""
+    y = _labels(labels)
+    p = _vector(probs, "probs", y.size)
+    t = threshold_at_specificity(y, p, specificity)
+    return {
+        "threshold": t,
+        "sensitivity": float(np.mean(p[y == 1] >= t)),
+        "specificity": float(np.mean(p[y == 0] < t)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- recalibration
+def logit(p, eps: float = 1e-6) -> np.ndarray:
+    """log(p/(1-p)) with p clipped to [eps, 1-eps]."""
+    q = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(q) - np.log1p(-q)
+
+
+def sigmoid(x) -> np.ndarray:
+    """Numerically stable logistic function."""
+    return special.expit(np.asarray(x, dtype=np.float64))
+
+
+def logit_adjust(probs, train_prior: float, sampled_prior: float = 0.5) -> np.ndarray:
+    """Prior shift for a model trained with a class-balanced sampler: ``sigmoid(logit(p) + logit(train_prior)
+    - logit(sampled_prior))`` maps probabilities learnt under the sampled prevalence back to the training one."""
+    p = _prob_array(probs)
+    shift = special.logit(_prior(train_prior, "train_prior")) - special.logit(_prior(sampled_prior, "sampled_prior"))
+    return sigmoid(logit(p) + shift)
+
+
+def fit_temperature(labels, logits_or_probs, from_probs: bool = True) -> float:
+    """Temperature T minimising the mean NLL of ``sigmoid(logit / T)``; bounded scalar search on log T in
+    [log 0.05, log 20]. Inputs are probabilities (converted with :func:`logit`) unless ``from_probs=False``."""
+    y = _labels(labels)
+    x = _probs(logits_or_probs, y.size, "probs") if from_probs else _vector(logits_or_probs, "logits", y.size)
+    z = logit(x) if from_probs else x
+
+    def nll(log_t: float) -> float:
+        s = z / math.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+    res = optimize.minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(res.x))
+
+
+def apply_temperature(probs, T: float) -> np.ndarray:
+    """``sigmoid(logit(probs) / T)``."""
+    T = float(T)
+    if not (math.isfinite(T) and T > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {T}")
+    return sigmoid(logit(_prob_array(probs)) / T)
+
+
+# --------------------------------------------------------------------------------------------------- paired tests
+def mcnemar_exact(correct_a, correct_b) -> dict:
+    """Exact two-sided McNemar test: binomial test (p=0.5) on the discordant pairs.
+
+    ``b`` = cases a gets right and b wrong, ``c`` = a wrong and b right; no discordant pairs gives p = 1.
+    """
+    a = _vector(correct_a, "correct_a")
+    bb = _vector(correct_b, "correct_b", a.size)
+    for arr, name in ((a, "correct_a"), (bb, "correct_b")):
+        if not np.all(np.isin(arr, (0.0, 1.0))):
+            raise ValueError(f"{name} must be boolean / 0-1")
+    a, bb = a.astype(bool), bb.astype(bool)
+    b = int(np.sum(a & ~bb))
+    c = int(np.sum(~a & bb))
+    p = 1.0 if b + c == 0 else float(sps.binomtest(b, b + c, 0.5).pvalue)
+    return {"b": b, "c": c, "p_value": min(1.0, p)}
+
+
+def corrected_resampled_ttest(diffs, n_train: int, n_test: int) -> dict:
+    """Nadeau & Bengio (2003) corrected resampled t-test on J per-split score differences.
+
+    ``t = mean / sqrt(var·(1/J + n_test/n_train))`` with the sample variance (ddof=1), df = J-1, two-sided p.
+    Zero variance gives t = 0, p = 1 for a zero mean and t = ±inf, p = 0 otherwise.
+    """
+    d = _vector(diffs, "diffs")
+    if d.size < 2:
+        raise ValueError(f"diffs needs at least 2 values, got {d.size}")
+    if int(n_train) <= 0 or int(n_test) <= 0:
+        raise ValueError(f"n_train and n_test must be positive, got {n_train}, {n_test}")
+    j = d.size
+    mean = float(d.mean())
+    var = float(d.var(ddof=1)) * (1.0 / j + int(n_test) / int(n_train))
+    df = j - 1
+    if var > 0:
+        t = mean / math.sqrt(var)
+        p = float(2.0 * sps.t.sf(abs(t), df))
+    elif mean == 0:
+        t, p = 0.0, 1.0
+    else:
+        t, p = math.copysign(math.inf, mean), 0.0
+    return {"mean": mean, "t": float(t), "p_value": min(1.0, p), "df": df}
