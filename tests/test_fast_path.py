@@ -59,8 +59,11 @@ def test_ddp_with_two_gloo_processes_equals_one_process_with_the_same_global_bat
     ddp = train_fold(tiny(tiny_cache, tmp_path / "two", multi_gpu=True, nproc=2, **common))
     assert ddp.run_dir.parent.parent.parent == tmp_path / "two" / "res"
     assert ddp.final["checkpoint"] == "best.pt" and len(ddp.history) == 2
-    env = json.loads((ddp.run_dir / "config" / "config.json").read_text())["environment"]
+    config = json.loads((ddp.run_dir / "config" / "config.json").read_text())
+    env = config["environment"]
     assert env["processes"] == 2 and env["data_path"] == "DeviceStream"
+    # DDP doubled the batch of one optimizer step: recorded next to what was configured
+    assert config["batch"] == {"per_process": 2, "accumulation": 1, "processes": 2, "global": 4, "configured": 2}
     a = torch.load(single.run_dir / "checkpoints" / "last.pt", weights_only=True)["model_state_dict"]
     b = torch.load(ddp.run_dir / "checkpoints" / "last.pt", weights_only=True)["model_state_dict"]
     params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
@@ -101,3 +104,11 @@ def test_the_broadcast_affine_grid_equals_torchs():
     for size in ((7, 5, 9), (16, 16, 16)):
         expected = torch.nn.functional.affine_grid(theta, [3, 2, *size], align_corners=False)
         torch.testing.assert_close(affine_grid(theta, size), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ddp_on_gpus_serves_host_tensors_too():
+    """NCCL alone refuses the CPU tensors of the finite-loss vote and the loss mean; the group must carry gloo."""
+    from gliograde.training.distributed import backend
+
+    assert backend(cuda=True) == "cpu:gloo,cuda:nccl"
+    assert backend(cuda=False) == "gloo"

@@ -66,6 +66,9 @@ def test_the_run_folder_holds_everything_the_seeds_list(learned):
     assert len(metrics["history"]) == len(learned.history) and set(metrics["loss_summary"]) == {"train", "val"}
     h = metrics["history"][0]
     assert {"train_loss", "val_loss", "val_auc", "lr_backbone", "lr_head", "drw_active", "epoch_time_s"} <= set(h)
+    assert h["train_volumes_per_s"] > 0 and 0 <= h["data_wait_fraction"] <= 1
+    assert h["peak_gpu_memory_gib"] is None  # the CPU
+    assert 0 < h["train_time_s"] + h["val_time_s"] <= h["epoch_time_s"]
     assert math.isclose(h["lr_head"], 2 * h["lr_backbone"])
     plots = {p.name for p in (run / "plots").iterdir()}
     for name in ("loss_curve", "learning_curves", "confusion_matrix", "roc_curve", "pr_curve"):
@@ -185,8 +188,9 @@ def test_resume_gives_the_uninterrupted_result(tiny_cache, tmp_path):
         assert torch.equal(v, b["model_state_dict"][k]), k
     for k, v in a["ema_state_dict"].items():
         assert torch.equal(v, b["ema_state_dict"][k]), k
-    strip = [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in full.history]
-    assert strip == [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in resumed.history]
+    timing = {"epoch_time_s", "train_time_s", "val_time_s", "train_volumes_per_s", "data_wait_fraction"}
+    strip = [{k: v for k, v in h.items() if k not in timing} for h in full.history]
+    assert strip == [{k: v for k, v in h.items() if k not in timing} for h in resumed.history]
     assert resumed.final["auc"] == full.final["auc"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from contextlib import nullcontext
@@ -73,10 +74,10 @@ def evaluate_checkpoint(
         stored if stored is not None else math.nan,
     )
     model = model_from_checkpoint(ckpt, path).to(device)
-    sample = next(iter(val_loader))[0][:2].to(device)
-    decided = runtime.decide_precision(*precision, device, model, sample)
-    del sample
-    loss, probs, labels = predict(model, val_loader, device, decided.dtype, loss_fn)
+    batches = iter(val_loader)  # may be one-shot (the device path's generator): the first batch is put back
+    first = next(batches)
+    decided = runtime.decide_precision(*precision, device, model, first[0][:2].to(device))
+    loss, probs, labels = predict(model, itertools.chain([first], batches), device, decided.dtype, loss_fn)
     m = compute_metrics(labels, probs)
     if stored is not None and not math.isnan(stored) and abs(m["auc"] - stored) > 0.01:
         log.warning(

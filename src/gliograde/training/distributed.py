@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import socket
 from dataclasses import dataclass
@@ -89,14 +88,13 @@ def gather_predictions(
     return sum(part[0] * len(part[1]) for part in parts) / max(n, 1), out_p, out_l
 
 
-def all_finite(d: Dist, value: float) -> bool:
-    """Whether the value is finite on every rank (so that all ranks stop together, never one alone)."""
-    ok = math.isfinite(value)
+def max_value(d: Dist, value: float) -> float:
+    """The largest of a per-rank float over the ranks (a host tensor: gloo serves it beside NCCL)."""
     if not d.active:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def mean(d: Dist, value: float) -> float:

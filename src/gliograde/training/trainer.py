@@ -47,6 +47,7 @@ from gliograde.training.distributed import Dist
 from gliograde.training.losses import drw_active, drw_weights, make_loss
 
 log = logging.getLogger("gliograde")
+CHECK_EVERY = 25  # micro-batches between reads of the loss (the finite check and the progress bar)
 RUN_DIRS = ("checkpoints", "metrics", "plots", "predictions", "config", "logs")
 
 
@@ -104,6 +105,18 @@ def improved(auc: float, f1: float, best: dict, min_delta: float) -> bool:
     if math.isnan(auc):
         return False
     return auc > best["auc"] + min_delta or (abs(auc - best["auc"]) <= 1e-12 and f1 > best["f1"])
+
+
+def check_finite(d: Dist, bad_step: int, epoch: int, run_dir: Path) -> None:
+    """Stop every rank together when any rank saw a non-finite loss (bad_step: its first such micro-batch, 0: none).
+    Nothing of this epoch has been checkpointed yet, so the previous epochs' checkpoints stay intact."""
+    bad = int(distributed.max_value(d, float(bad_step)))
+    if bad:
+        raise TrainingError(
+            f"non-finite training loss (nan or inf) at epoch {epoch}, step {bad}; stopped. "
+            f"Checkpoints of the previous epochs in {run_dir / 'checkpoints'} are intact. "
+            "Lower --lr, set --grad-clip, or check the input data."
+        )
 
 
 def batch_record(cfg: TrainConfig, world: int) -> dict:
@@ -388,9 +401,22 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
             log.info("DRW activated at epoch %d: class weights %s", epoch, loss_fn.weight.tolist())
 
         net.train()
-        total, seen = 0.0, 0
-        bar = tqdm(stream, desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
-        for i, (x, y) in enumerate(bar):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # the loss is summed on the device and read every CHECK_EVERY micro-batches and at the end: no host
+        # synchronisation per micro-batch. bad_step holds the first micro-batch whose loss was not finite (0: none).
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        bad_step = torch.zeros((), dtype=torch.long, device=device)
+        seen, waited, t_train = 0, 0.0, time.perf_counter()
+        bar = tqdm(total=len(stream), desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
+        batches, i = iter(stream), -1
+        while True:
+            t_wait = time.perf_counter()  # host time blocked on the data path, not on the GPU
+            x, y = next(batches, (None, None))
+            waited += time.perf_counter() - t_wait
+            if x is None:
+                break
+            i += 1
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             step_ends = (i + 1) % cfg.grad_accum == 0
@@ -399,14 +425,10 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
                     logits = net(x)
                 loss = loss_fn(logits, y)
                 scaler.scale(loss / cfg.grad_accum).backward()
-            value = float(loss.detach())
-            if not distributed.all_finite(d, value):
-                raise TrainingError(
-                    f"non-finite training loss ({value}) at epoch {epoch}, step {i + 1}; stopped. "
-                    f"Checkpoints of the previous epochs in {run_dir / 'checkpoints'} are intact. "
-                    "Lower --lr, set --grad-clip, or check the input data."
-                )
-            total, seen = total + value * len(y), seen + len(y)
+            value = loss.detach()
+            bad_step = torch.where((bad_step == 0) & ~torch.isfinite(value), i + 1, bad_step)
+            total += value.double() * len(y)
+            seen += len(y)
             if step_ends:
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
@@ -417,10 +439,22 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
                 scheduler.step()
                 if ema is not None:
                     ema.update_parameters(model)
-            bar.set_postfix(loss=f"{value:.4f}")
+            bar.update()
+            if (i + 1) % CHECK_EVERY == 0:
+                check_finite(d, int(bad_step), epoch, run_dir)
+                bar.set_postfix(loss=f"{float(total) / seen:.4f}")
         bar.close()
-        train_loss = distributed.mean(d, total / max(seen, 1))
+        check_finite(d, int(bad_step), epoch, run_dir)
+        train_time = time.perf_counter() - t_train
+        train_loss = distributed.mean(d, float(total) / max(seen, 1))
+        throughput = {
+            "train_volumes_per_s": seen * d.world / train_time,
+            "data_wait_fraction": waited / train_time,
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "train_time_s": train_time,
+        }
 
+        t_val = time.perf_counter()
         val_loss, probs, labels = validation(model)
         m = compute_metrics(labels, probs)
         record = {
@@ -445,6 +479,7 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
             "lr_backbone": optimizer.param_groups[0]["lr"],
             "lr_head": optimizer.param_groups[1]["lr"],
             "drw_active": drw,
+            **throughput,
         }
         # every rank holds the same metrics, so every rank takes the same decisions; rank 0 writes
         is_best = improved(m["auc"], m["f1"], best, cfg.min_delta)
@@ -465,7 +500,8 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
                         payload(epoch, ema.module.state_dict(), em, True), run_dir / "checkpoints" / BEST_EMA
                     )
         bad_epochs = 0 if (is_best or ema_best) else bad_epochs + 1
-        record.update({"is_best": is_best, "epoch_time_s": time.perf_counter() - t0})
+        now = time.perf_counter()
+        record.update({"is_best": is_best, "epoch_time_s": now - t0, "val_time_s": now - t_val})
         history.append(record)
 
         if d.main:
