@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from gliograde.cli import main
@@ -28,3 +29,23 @@ def test_bench_writes_the_figures_of_both_pipelines(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_bench_trainer_times_the_real_train_fold_and_projects_the_cv(tmp_path, capsys):
+    out = tmp_path / "trainer.json"
+    rc = main(
+        ["bench", "--trainer", "--device", "cpu", "--depth", "10", "--size", "16", "--batch-size", "4", "--cases",
+         "24", "--epochs", "2", "--channels", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    r = json.loads(out.read_text())
+    # the figures are the run's own history: the run folder it came from is a real train_fold run
+    run = next((tmp_path / "w" / "results" / "runs" / "fold_0").iterdir())
+    history = json.loads((run / "metrics" / "metrics.json").read_text())["history"]
+    assert r["train_volumes_per_s"] == pytest.approx(history[1]["train_volumes_per_s"])
+    assert 0 <= r["data_wait_fraction"] <= 1 and r["peak_gpu_memory_gib"] is None and r["mfu"] is None
+    assert r["precision"]["name"] == "fp32" and r["config"]["channels"] == 2
+    expected = 5 * 50 * (228 / r["train_volumes_per_s"] + 57 * r["val_s_per_case"])
+    assert r["projected_cv_s"] == pytest.approx(expected)
+    assert r["gflop_per_volume_train"] > 0 and r["tflops"] > 0
+    assert "projected CV" in capsys.readouterr().out

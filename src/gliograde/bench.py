@@ -11,6 +11,7 @@ GPU also TFLOP/s and MFU. Plus preprocessing: the parallel cache writer against 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -344,3 +345,119 @@ def write_report(report: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, report)
+
+
+# ------------------------------------------------------------------------------------- the real training loop
+CV_CASES, CV_FOLDS, CV_EPOCHS = 285, 5, 50  # BraTS 2018 (210 HGG + 75 LGG), the seeds' protocol
+
+
+def run_trainer_bench(
+    device: str,
+    depth: int,
+    size: int,
+    batch_size: int,
+    channels: int,
+    epochs: int,
+    cases: int,
+    preset: str = "final",
+    workdir: Path | None = None,
+    log=print,
+) -> dict:
+    """Time `train_fold` itself (not a copy of its loop) on a synthetic cache: per-epoch volumes/s, data-wait
+    fraction, peak memory and epoch time from the run's own metrics.json history, MFU from the model's FLOP count
+    and the device's stated peak, and the projected wall time of a 5-fold x 50-epoch CV on 285 cases. The first
+    epoch (cuDNN autotuning, torch.compile) is reported apart and left out of the steady-state figures."""
+    from gliograde import MODALITIES
+    from gliograde.config import resolve
+    from gliograde.training.trainer import train_fold
+
+    tmp = tempfile.TemporaryDirectory(prefix="gliograde-bench-trainer-") if workdir is None else None
+    work = Path(tmp.name if tmp else workdir)
+    try:
+        shape = (round(size * 1.25), round(size * 1.25), size)
+        log(f"synthesizing {cases} cases of {shape} voxels ...")
+        data, _ = synthesize(work / "data", cases, shape, seed=0, progress=False)
+        cache = open_cache(prepare_cache(data, work / "cache", size=size, progress=False).path)
+        cfg = resolve(
+            preset,
+            device=device,
+            depth=depth,
+            size=size,
+            batch_size=batch_size,
+            modalities=list(MODALITIES[-channels:]),
+            epochs=epochs,
+            min_epochs=epochs,
+            patience=epochs + 1,
+            warmup_epochs=0,
+            cache_dir=str(cache.path),
+            output_dir=str(work / "results"),
+            plots_every=epochs + 1,
+            pretrained_path="",
+        )
+        log(f"train_fold: ResNet{depth}-3D, {channels} x {size}^3, batch {batch_size}, {epochs} epochs on {device} ...")
+        result = train_fold(cfg)
+        history = result.history
+        config = json.loads((result.run_dir / "config" / "config.json").read_text())
+        steady = history[1:] or history
+        train_rate = float(np.mean([h["train_volumes_per_s"] for h in steady]))
+        n_val = len(json.loads((result.run_dir / "predictions" / "val_ids.json").read_text()))
+        val_per_case = float(np.mean([h["val_time_s"] for h in steady])) / max(n_val, 1)
+        model = ResNet3D(depth, channels, 2, "B", cfg.layout)
+        gflop = profile_model(model, channels, size).gflop_train
+        dev = torch.device("cuda" if device == "cuda" else "cpu")
+        name = device_name(dev)
+        peak = peak_tflops(name) if dev.type == "cuda" else None
+        tflops = train_rate * gflop / 1e3
+        cv_train, cv_val = CV_CASES * (CV_FOLDS - 1) // CV_FOLDS, CV_CASES // CV_FOLDS
+        projected = CV_FOLDS * CV_EPOCHS * (cv_train / train_rate + cv_val * val_per_case)
+        peaks = [h["peak_gpu_memory_gib"] for h in history if h["peak_gpu_memory_gib"] is not None]
+        return {
+            "device": name,
+            "torch": torch.__version__,
+            "gliograde": __version__,
+            "config": {
+                "depth": depth,
+                "size": size,
+                "batch_size": batch_size,
+                "channels": channels,
+                "epochs": epochs,
+                "cases": cases,
+                "preset": preset,
+            },
+            "precision": config["environment"]["precision"],
+            "first_epoch_s": history[0]["epoch_time_s"],
+            "train_volumes_per_s": train_rate,
+            "data_wait_fraction": float(np.mean([h["data_wait_fraction"] for h in steady])),
+            "epoch_time_s": float(np.mean([h["epoch_time_s"] for h in steady])),
+            "val_s_per_case": val_per_case,
+            "peak_gpu_memory_gib": max(peaks) if peaks else None,
+            "gflop_per_volume_train": gflop,
+            "tflops": tflops,
+            "peak_bf16_tflops": peak,
+            "mfu": tflops / peak if peak else None,
+            "projected_cv_s": projected,
+            "projected_cv": f"{CV_FOLDS}-fold x {CV_EPOCHS} epochs on {CV_CASES} cases",
+            "targets": {"train_volumes_per_s": 300, "data_wait_fraction": 0.02, "mfu": 0.30, "peak_gpu_memory_gib": 12},
+        }
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+def trainer_table(r: dict) -> str:
+    def opt(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    c = r["config"]
+    rows = [
+        f"gliograde bench --trainer: {r['device']}, torch {r['torch']}, precision {r['precision']['name']}",
+        f"  ResNet{c['depth']}-3D, {c['channels']} x {c['size']}^3, batch {c['batch_size']}, {c['epochs']} epochs, "
+        f"{c['cases']} cases ({c['preset']} preset)",
+        f"  train volumes/s        {r['train_volumes_per_s']:.1f}   (target on one H100: >= 300)",
+        f"  data wait              {100 * r['data_wait_fraction']:.1f} %   (target < 2 %)",
+        f"  TFLOP/s, MFU           {r['tflops']:.2f}, {opt(r['mfu'] and 100 * r['mfu'], '.1f')} %   (target >= 30 %)",
+        f"  peak GPU memory        {opt(r['peak_gpu_memory_gib'], '.2f')} GiB   (target <= 12 GB at batch 8)",
+        f"  epoch time             {r['epoch_time_s']:.1f} s (first epoch {r['first_epoch_s']:.1f} s)",
+        f"  projected CV           {r['projected_cv_s'] / 60:.1f} min for a {r['projected_cv']}",
+    ]
+    return "\n".join(rows)

@@ -397,6 +397,12 @@ def _add_bench(sub):
     )
     p.add_argument("--json", default=None, help="write the figures here as JSON")
     p.add_argument("--workdir", default=None, help="keep the synthetic data and cache here (default: a temp folder)")
+    p.add_argument(
+        "--trainer",
+        action="store_true",
+        help="time the real train_fold loop instead (volumes/s, data wait, MFU, peak memory, projected CV time)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="--trainer: epochs (default 3; the first is warm-up)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -410,6 +416,25 @@ def cmd_bench(args) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise GliogradeError("--device cuda: CUDA is not available (CPU build of torch, or no GPU)")
     d = defaults(device)
+    if args.trainer:
+        from gliograde.bench import run_trainer_bench, trainer_table
+
+        report = run_trainer_bench(
+            device,
+            args.depth or d["depth"],
+            args.size or d["size"],
+            args.batch_size or d["batch_size"],
+            args.channels,
+            args.epochs or 3,
+            args.cases or d["cases"],
+            workdir=Path(args.workdir) if args.workdir else None,
+            log=log.info,
+        )
+        print(trainer_table(report))
+        if args.json:
+            write_report(report, args.json)
+            log.info("figures written to %s", args.json)
+        return
     cfg = BenchConfig(
         device=device,
         depth=args.depth or d["depth"],
