@@ -458,6 +458,27 @@ def cmd_bench(args) -> None:
         log.info("figures written to %s", args.json)
 
 
+# --------------------------------------------------------------------------------------------- doctor
+def _add_doctor(sub):
+    p = sub.add_parser("doctor", help="versions, GPUs, the bf16 self-check, torch.compile, cache folder and disk")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="the device you will train on")
+    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default="cache", help="the cache folder to check")
+    p.add_argument("--json", default=None, help="write the report here as JSON")
+    p.add_argument("--no-compile-check", dest="compile_check", action="store_false", help="skip torch.compile")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args) -> int:
+    """Exit 1 with a one-line reason where something asked for is broken (not the usual 2 of a usage error)."""
+    from gliograde import doctor
+
+    try:
+        return doctor.run(args.device, args.cache_dir, args.json, args.compile_check)
+    except GliogradeError as e:
+        print(f"gliograde doctor: {e}", file=sys.stderr)
+        return 1
+
+
 # ----------------------------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the embedded default job on a synthetic BraTS-like set (CPU, minutes)")
@@ -512,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = (_add_synth, _add_prepare, _add_model_info, _add_train, _add_cv, _add_evaluate, _add_summarize)
-    for add in (*commands, _add_predict, _add_bench, _add_demo):
+    for add in (*commands, _add_predict, _add_bench, _add_doctor, _add_demo):
         add(sub)
     return parser
 
@@ -526,7 +547,7 @@ def main(argv=None) -> int:
         stream=sys.stderr,
     )
     try:
-        args.func(args)
+        rc = args.func(args)
     except GliogradeError as e:
         if debug:
             raise
@@ -535,7 +556,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"gliograde {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":
