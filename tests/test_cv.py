@@ -73,6 +73,14 @@ def test_summary_reports_mean_sample_std_and_pooled_auc(tmp_path):
     lo, hi = report["pooled"]["auc_ci95"]
     assert lo <= report["pooled"]["auc"] <= hi
     assert [r["fold"] for r in report["folds"]] == [0, 1, 2] and not report["partial"]
+    p = report["pooled"]
+    d = p["auc_delong"]
+    assert d["auc"] == pytest.approx(p["auc"]) and d["ci_low"] < p["auc"] < d["ci_high"]
+    sens = p["rates_at_0_5"]["sensitivity"]
+    assert sens["value"] == pytest.approx(p["sensitivity"]) and sens["ci_low"] < sens["value"] < sens["ci_high"]
+    brier = float(np.mean((pooled_probs - pooled_labels) ** 2))
+    assert p["calibration"]["brier"] == pytest.approx(brier) and 0 <= p["calibration"]["ece"] <= 1
+    assert "optimistic" in p["sensitivity_at_specificity"]["protocol"]
     assert set(report["mean"]) == {"auc", "f1", "accuracy", "sensitivity", "specificity", "balanced_accuracy"}
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert {"folds", "mean", "std", "pooled"} <= set(saved)
@@ -80,7 +88,8 @@ def test_summary_reports_mean_sample_std_and_pooled_auc(tmp_path):
     assert csv_rows[0].startswith("fold,best_epoch") and csv_rows[-2].startswith("mean") and len(csv_rows) == 6
     md = (tmp_path / "summary.md").read_text()
     assert "Mean ± std" in md and "Pooled out-of-fold" in md
-    for png in ("cv_roc_curves.png", "cv_pr_curves.png"):
+    assert "Wilson" in md and "DeLong" in md and "ECE" in md
+    for png in ("cv_roc_curves.png", "cv_pr_curves.png", "cv_reliability.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
 

@@ -29,6 +29,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from gliograde import GRADES
 from gliograde.data.brats import site_of
 from gliograde.errors import GliogradeError
+from gliograde.evaluation import stats as honest
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import save_figure
 from gliograde.files import write_json, write_text_atomic
@@ -133,6 +134,30 @@ def bootstrap_auc(labels, probs, n: int = 2000, seed: int = 0, level: float = 0.
     alpha = (1 - level) / 2
     low, high = np.quantile(auc, [alpha, 1 - alpha])
     return float(low), float(high), len(auc)
+
+
+def honest_statistics(labels, probs) -> dict:
+    """What a reviewer asks of pooled out-of-fold predictions beyond the point metrics: the DeLong interval of the
+    AUC, Wilson intervals of the rates at the 0.5 threshold, calibration (Brier, 10-bin ECE, reliability curve) and
+    the sensitivity at 90 / 95 % specificity (a threshold read off these same predictions: optimistic, and said so)."""
+    out: dict = {}
+    try:
+        out["auc_delong"] = honest.delong_auc(labels, probs)
+    except ValueError as e:  # fewer than two patients of a grade
+        out["auc_delong"] = {"error": str(e)}
+    out["rates_at_0_5"] = honest.rates_with_ci(labels, probs, 0.5)
+    out["calibration"] = {
+        "brier": honest.brier(labels, probs),
+        "ece": honest.ece(labels, probs, 10),
+        "n_bins": 10,
+        "reliability": {k: np.asarray(v).tolist() for k, v in honest.reliability(labels, probs, 10).items()},
+    }
+    if len(np.unique(labels)) == 2:
+        out["sensitivity_at_specificity"] = {
+            "protocol": "threshold chosen on the reported predictions themselves (optimistic)",
+            **{f"{t:.2f}": honest.sensitivity_at_specificity(labels, probs, t) for t in (0.90, 0.95)},
+        }
+    return out
 
 
 def site_audit(ids: list[str], labels, preds=None) -> dict:
@@ -278,6 +303,7 @@ def summarize(
     pooled = compute_metrics(labels, probs)
     low, high, used = bootstrap_auc(labels, probs, bootstrap, seed)
     pooled.update({"auc_ci95": [low, high], "bootstrap": {"resamples": used, "seed": seed}})
+    pooled.update(honest_statistics(labels, probs))
 
     preds = (probs >= 0.5).astype(np.int64)
     audit = site_audit(all_ids, labels, preds)
@@ -302,7 +328,9 @@ def summarize(
         "warnings": warnings,
     }
     roc_png, pr_png = cv_curves(ordered, labels, probs, results_dir)
-    report["figures"] = [str(roc_png), str(pr_png)]
+    rel_png = results_dir / "cv_reliability.png"
+    save_figure(honest.reliability_figure({"pooled out-of-fold": pooled["calibration"]["reliability"]}), rel_png)
+    report["figures"] = [str(roc_png), str(pr_png), str(rel_png)]
     _write(results_dir, report)
     return report
 
@@ -324,6 +352,27 @@ def table_lines(report: dict) -> list[str]:
     return lines
 
 
+def honest_lines(p: dict) -> list[str]:
+    lines = []
+    d = p.get("auc_delong", {})
+    if "ci_low" in d:
+        lines.append(f"- AUC 95 % DeLong CI {_fmt(d['ci_low'])}-{_fmt(d['ci_high'])} (logit scale, SE {_fmt(d['se'])})")
+    r = p["rates_at_0_5"]
+    cells = [
+        f"{name} {_fmt(r[key]['value'])} ({_fmt(r[key]['ci_low'])}-{_fmt(r[key]['ci_high'])})"
+        for name, key in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("balanced accuracy",
+                          "balanced_accuracy"))
+    ]  # fmt: skip
+    lines.append("- at threshold 0.5, with 95 % Wilson CIs: " + ", ".join(cells))
+    c = p["calibration"]
+    lines.append(f"- calibration: Brier {_fmt(c['brier'])}, ECE {_fmt(c['ece'])} ({c['n_bins']} equal-width bins)")
+    sas = p.get("sensitivity_at_specificity")
+    if sas:
+        parts = [f"{_fmt(sas[k]['sensitivity'])} at specificity ≥ {k}" for k in ("0.90", "0.95")]
+        lines.append(f"- sensitivity {', '.join(parts)} ({sas['protocol']})")
+    return lines
+
+
 def _write(out: Path, report: dict) -> None:
     p = report["pooled"]
     lo, hi = p["auc_ci95"]
@@ -341,6 +390,7 @@ def _write(out: Path, report: dict) -> None:
         f"- F1 {_fmt(p['f1'])}, accuracy {_fmt(p['accuracy'])}, balanced accuracy {_fmt(p['balanced_accuracy'])}",
         f"- sensitivity (HGG) {_fmt(p['sensitivity'])}, specificity (LGG) {_fmt(p['specificity'])}",
         f"- confusion matrix (rows true {GRADES[0]}/{GRADES[1]}, columns predicted): {p['confusion_matrix']}",
+        *honest_lines(p),
         "",
         "## Sites",
         "",
