@@ -202,6 +202,9 @@ def test_evaluate_rescoring_matches_the_stored_auc_and_overwrites_nothing(cv_run
     stored = json.loads((run / "metrics" / "metrics.json").read_text())["final"]
     assert result.metrics["auc"] == pytest.approx(stored["auc"], abs=1e-9, nan_ok=True)
     assert result.metrics["checkpoint"] == "best.pt" and result.metrics["auc_difference"] < 1e-9
+    # the run's operating point (fitted on its selection part) applied unchanged: the same decisions
+    assert result.metrics["threshold"] == stored["threshold"] and result.metrics["f1"] == pytest.approx(stored["f1"])
+    assert result.metrics["operating_point"] == stored["operating_point"]
     assert result.out_dir.parent == run and result.out_dir.name.startswith("evaluation_")
     for name in ("metrics.json", "val_probs.npy", "val_ids.json", "roc_curve.png", "confusion_matrix.png"):
         assert (result.out_dir / name).is_file()
@@ -227,7 +230,7 @@ def test_evaluate_and_cv_command_lines(cv_run, capsys):
     )
     assert out.returncode == 2 and "invalid choice: 'last'" in out.stderr
     assert main(["evaluate", "--run", run]) == 0
-    assert main(["cv", "--preset", "cpu-demo", "--folds", "0-7", "--dry-run"]) == 2
+    assert main(["cv", "--preset", "cpu-demo", "--only", "0-7", "--dry-run"]) == 2
     assert "outside 0..4" in capsys.readouterr().err
 
 
@@ -308,8 +311,8 @@ def test_a_fold_that_fails_in_its_process_is_named_and_reported_not_raised(monke
     results = queue.Queue()
     values = resolve("final", fold=3, batch_size=4).to_dict()
     cv._train_child(values, None, 1, logging.WARNING, results)
-    fold, run_dir, detail = results.get_nowait()
-    assert (fold, run_dir) == (3, None)
+    key, run_dir, detail = results.get_nowait()
+    assert (key, run_dir) == ((0, 3), None)
     assert expected in detail
     if "batch-size" in expected:
         assert "--gradient-accumulation-steps" in detail and "memory" in detail

@@ -75,8 +75,23 @@ def test_the_run_folder_holds_everything_the_seeds_list(learned):
         assert f"{name}.png" in plots and f"{name}_epoch_1.png" in plots
     preds = run / "predictions"
     probs, labels = np.load(preds / "val_probs.npy"), np.load(preds / "val_labels.npy")
-    assert np.array_equal(np.load(preds / "val_preds.npy"), (probs >= 0.5).astype(int))
-    assert len(json.loads((preds / "val_ids.json").read_text())) == len(labels) == 12
+    threshold = metrics["final"]["threshold"]
+    assert np.array_equal(np.load(preds / "val_preds.npy"), (probs >= threshold).astype(int))
+    val_ids = json.loads((preds / "val_ids.json").read_text())
+    assert len(val_ids) == len(labels) == 12
+    # inner selection (the default): epochs, checkpoint, threshold and calibration never saw a reported patient
+    assert metrics["selection"]["protocol"] == "inner" and metrics["final"]["selection"] == metrics["selection"]
+    split = json.loads((run / "config" / "config.json").read_text())["split"]
+    assert split["val"] == val_ids and not set(val_ids) & (set(split["fit"]) | set(split["select"]))
+    assert metrics["selection"]["n_select"] == len(split["select"]) > 0
+    op = metrics["final"]["operating_point"]
+    assert op["threshold_rule"] == "youden" and op["fitted_on"] == f"select (n={len(split['select'])})"
+    assert op["sampled_prior"] == 0.5 and 0 < op["train_prior"] < 1  # the weighted sampler's prior, corrected
+    raw = np.load(preds / "val_probs_raw.npy")
+    from gliograde.evaluation.calibration import OperatingPoint
+
+    np.testing.assert_allclose(OperatingPoint.from_dict(op).apply(raw), probs)
+    assert {"auc_delong", "rates_at_0_5", "calibration"} <= set(metrics["final"])
     config = json.loads((run / "config" / "config.json").read_text())
     assert config["seed"] == 42 and config["config"]["depth"] == 10
     assert {"python", "torch", "monai", "gliograde", "git_commit", "device"} <= set(config["environment"])
@@ -122,7 +137,14 @@ def test_config_warns_about_the_seeds_pitfalls(caplog):
         validate(resolve("final", loss="LDAM"))
     assert "DRW will never activate" in caplog.text and "DRW may never activate" in caplog.text
     assert "triple balancing" in caplog.text
-    for bad in ({"lr": -1e-4}, {"batch_size": 0}, {"fold": 5}, {"dropout": 1.0}, {"modalities": "pd"}):
+    for bad in (
+        {"lr": -1e-4},
+        {"batch_size": 0},
+        {"fold": 5, "folds": 5},
+        {"fold": -1},
+        {"dropout": 1.0},
+        {"modalities": "pd"},
+    ):
         with pytest.raises(ConfigError):
             validate(resolve("final", **bad))
 
@@ -218,9 +240,9 @@ def test_nan_loss_stops_with_epoch_and_step(tiny_cache, tmp_path):
 
 
 def test_bad_requests_get_clear_errors(tiny_cache, tmp_path, capsys):
-    with pytest.raises(GliogradeError, match="exceeds the 19 training cases"):
+    with pytest.raises(GliogradeError, match="exceeds the 15 training cases"):
         train_fold(tiny(tiny_cache, tmp_path, batch_size=32))
-    code = main(["train", "--preset", "cpu-demo", "--fold", "7", "--cache-dir", str(tiny_cache.path)])
+    code = main(["train", "--preset", "cpu-demo", "--size", "16", "--fold", "7", "--cache-dir", str(tiny_cache.path)])
     assert code == 2 and "--fold 7 is outside 0..4" in capsys.readouterr().err
     code = main(
         ["train", "--preset", "cpu-demo", "--data-root", str(tmp_path / "nothing"), "--cache-dir", str(tmp_path / "c")]

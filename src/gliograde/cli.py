@@ -64,15 +64,41 @@ def _add_prepare(sub):
         action="store_true",
         help="leave out cases with missing or unreadable files (listed in the report) instead of failing",
     )
-    p.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the fold split (default 42)")
+    add_split_flags(p, argparse.SUPPRESS)
+    p.add_argument("--seed", dest="split_seed", type=int, default=argparse.SUPPRESS, help="alias of --split-seed")
     p.set_defaults(func=cmd_prepare)
 
 
-def prepare_and_split(data_root, out, size, workers, skip_incomplete, k, seed):
+def add_split_flags(p: argparse.ArgumentParser, default) -> None:
+    """The split, the same flags on prepare, train and cv. Not given: the saved folds.json decides (the defaults
+    when none exists yet: 5 folds, seed 42, 1 repeat, no grouping, a 20 % inner selection part)."""
+    p.add_argument("--folds", "--num-folds", "--k", dest="folds", type=fold_count, default=default,
+                   help="number of folds K (default: the saved split's, else 5)")  # fmt: skip
+    p.add_argument("--split-seed", "--split_seed", dest="split_seed", type=int, default=default,
+                   help="seed of the fold split (default: the saved split's, else 42)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=default, help="repeated CV: R fold sets, seeds S..S+R-1")
+    p.add_argument("--group-by", "--group_by", dest="group_by", choices=["site"], default=default,
+                   help="no acquisition site in two folds (StratifiedGroupKFold)")  # fmt: skip
+    p.add_argument("--leave-site-out", "--leave_site_out", dest="leave_site_out", action="store_const", const=True,
+                   default=default, help="one fold per site")  # fmt: skip
+    p.add_argument("--inner-fraction", "--inner_fraction", dest="inner_fraction", type=float, default=default,
+                   help="share of each fold's training patients set aside for selection (default 0.2)")  # fmt: skip
+
+
+def fold_count(value: str) -> int:
+    """--folds is K in every command; a fold list (cv) is --only."""
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of folds: --folds is K in every command; pick folds with --only {value}"
+        ) from None
+
+
+def prepare_and_split(data_root, out, size, workers, skip_incomplete, spec=None):
     """prepare + folds, logging what happened; returns (cache, folds)."""
     from gliograde.data.cache import open_cache, prepare_cache
-    from gliograde.data.splits import folds_for_cache
+    from gliograde.data.splits import describe, folds_for_cache
 
     result = prepare_cache(data_root, out, size=size, workers=workers, skip_incomplete=skip_incomplete)
     log.info(result.discovery.report())
@@ -89,21 +115,19 @@ def prepare_and_split(data_root, out, size, workers, skip_incomplete, k, seed):
         for cid, why in result.failed.items():
             log.warning("skipped %s: %s", cid, why)
     cache = open_cache(result.path)
-    folds = folds_for_cache(cache, k, seed)
-    log.info("%d stratified folds (seed %d) in %s", k, seed, cache.path / "folds.json")
+    folds = folds_for_cache(cache, spec)
+    log.info("folds: %s -> %s", describe(folds), cache.path / "folds.json")
     return cache, folds
 
 
 def cmd_prepare(args) -> None:
-    prepare_and_split(
-        resolve_data_root(args.data_root),
-        args.out,
-        args.size,
-        args.workers,
-        args.skip_incomplete,
-        args.folds,
-        args.seed,
-    )
+    from gliograde.data.splits import SplitSpec
+
+    spec = SplitSpec(*(getattr(args, k, None) for k in SPLIT_FIELDS))
+    prepare_and_split(resolve_data_root(args.data_root), args.out, args.size, args.workers, args.skip_incomplete, spec)
+
+
+SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
 
 
 # ----------------------------------------------------------------------------------------- model-info
@@ -147,18 +171,30 @@ def cmd_model_info(args) -> None:
 def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     """Every flag of the seeds, in both spellings where they use both. Flags not given keep the preset's value.
 
-    For `cv`, --folds selects folds (0-4) and K is --num-folds; --fold and --resume do not apply."""
+    --folds is K everywhere; `cv` picks folds with --only (0-4, 0,2); --fold and --resume do not apply to `cv`."""
     S = argparse.SUPPRESS
 
     def flag(*names, **kw):
         p.add_argument(*names, default=S, **kw)
 
     flag("--preset", choices=["final", "ldam-drw", "cpu-demo"], help="configuration preset (default: final)")
-    if for_cv:
-        flag("--num-folds", "--k", dest="folds", type=int, help="number of folds K (default 5)")
-    else:
+    add_split_flags(p, S)
+    if not for_cv:
         flag("--fold", type=int, help="fold to train, 0..K-1 (default 0)")
-        flag("--folds", type=int, help="number of folds K (default 5)")
+        flag("--repeat", type=int, help="repeat of the split the fold belongs to (default 0)")
+    flag(
+        "--selection",
+        choices=["inner", "outer"],
+        help="inner (default): early stopping, checkpoint, threshold and calibration chosen on a selection part of "
+        "the training patients, the fold scored once; outer: chosen on the reported fold (the seeds'; optimistic)",
+    )
+    flag(
+        "--threshold-at-specificity",
+        dest="threshold_at_specificity",
+        type=float,
+        help="the lowest threshold reaching this specificity on the selection part (default: Youden's J)",
+    )
+    flag("--temperature", action="store_const", const=True, help="fit a temperature on the selection part")
     flag(
         "--modality", "--modalities", dest="modalities", help="one modality, 'all', or a comma list (t1,t1ce,t2,flair)"
     )
@@ -275,7 +311,7 @@ def cmd_train(args) -> None:
 def _add_cv(sub):
     p = sub.add_parser("cv", help="train every fold with one configuration (resumable), then summarize")
     add_train_flags(p, for_cv=True)
-    p.add_argument("--folds", dest="fold_list", default=None, help="folds to run, e.g. 0-4 or 0,2 (default: all K)")
+    p.add_argument("--only", "--fold-list", dest="fold_list", default=None, help="folds to run, e.g. 0-4 or 0,2")
     p.add_argument("--parallel-folds", type=int, default=1, help="folds trained at once (one per GPU; default 1)")
     p.add_argument("--allow-partial", action="store_true", help="summarize even if some folds are missing or failed")
     p.set_defaults(func=cmd_cv)
@@ -302,11 +338,15 @@ def cmd_cv(args) -> None:
     from gliograde.training.cv import run_cv
 
     cfg = config_from_args(args)
-    folds = parse_fold_list(args.fold_list, cfg.folds)
     if args.dry_run:
-        print(f"would train folds {folds} of {cfg.folds} ({cfg.preset} preset) into {cfg.output_dir}, then summarize")
+        k = cfg.folds or 5
+        folds = parse_fold_list(args.fold_list, k)
+        print(
+            f"would train folds {folds} of {cfg.folds or 'the saved split (else 5)'} x {cfg.repeats or 'saved'} "
+            f"repeat(s) ({cfg.preset} preset, selection {cfg.selection}) into {cfg.output_dir}, then summarize"
+        )
         return
-    print_summary(run_cv(cfg, folds, args.parallel_folds, args.allow_partial))
+    print_summary(run_cv(cfg, args.fold_list, args.parallel_folds, args.allow_partial))
 
 
 # ------------------------------------------------------------------------------------------- evaluate
@@ -501,11 +541,13 @@ def cmd_demo(args) -> None:
     data, reused = synthesize(out / "data", args.cases, (64, 64, 48), seed=42, workers=args.workers)
     log.info("      %s %s", "reused" if reused else "wrote", data)
     log.info("[2/4] preprocessing to a 32^3 cache and writing 5 stratified folds ...")
-    cache, _ = prepare_and_split(data, out / "cache", 32, args.workers, False, 5, 42)
+    from gliograde.data.splits import SplitSpec
+
+    cache, _ = prepare_and_split(data, out / "cache", 32, args.workers, False, SplitSpec(k=5, seed=42))
     results = out / "results" / "ResNet10-3D"
     log.info("[3/4] 5-fold cross-validation with the cpu-demo preset (ResNet10-3D, 4 channels, 32^3) ...")
     cfg = resolve("cpu-demo", cache_dir=str(cache.path), output_dir=str(results))
-    report = run_cv(cfg, list(range(cfg.folds)))
+    report = run_cv(cfg)
     log.info("[4/4] two new synthetic patients (never seen in training): 5-fold ensemble, flip TTA, Grad-CAM ...")
     new, _ = synthesize(out / "new_cases", 2, (64, 64, 48), seed=2024, workers=1, first_index=args.cases)
     members = load_ensemble([results])

@@ -50,8 +50,20 @@ class TrainConfig:
     size: int = 128
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     fold: int = 0
-    folds: int = 5
-    split_seed: int = 42  # seed of the fold split (folds.json); independent of the training seed
+    # the split (folds.json): None = "not asked", taken from the saved split (defaults when one is made:
+    # 5 folds, seed 42, 1 repeat, no grouping, 20 % inner selection part); see data/splits.py
+    folds: int | None = None  # K
+    split_seed: int | None = None  # seed of the fold split; independent of the training seed
+    repeats: int | None = None
+    repeat: int = 0  # the repeat this run's fold belongs to
+    group_by: str | None = None  # site: StratifiedGroupKFold, no site in two folds
+    leave_site_out: bool | None = None
+    inner_fraction: float | None = None
+    # the protocol: inner = early stopping, checkpoint, threshold and calibration chosen on the selection part of the
+    # training patients, the outer fold scored once at the end; outer = the seeds' (chosen on the reported fold)
+    selection: str = "inner"
+    threshold_at_specificity: float | None = None  # None: Youden's J on the selection part
+    temperature: bool = False  # fit a temperature on the selection part (after the prior correction)
     # model
     depth: int = 50
     layout: str = "strided"
@@ -176,7 +188,6 @@ def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig
     need(cfg.patience >= 1 and cfg.min_epochs >= 0, "--early-stopping must be >= 1 and --min-epochs >= 0")
     need(cfg.max_m > 0 and cfg.ldam_s > 0, "--max-m and --ldam-s must be positive")
     need(cfg.warmup_epochs >= 0 and cfg.plots_every >= 1, "--warmup-epochs must be >= 0 and --plots-every >= 1")
-    need(cfg.folds >= 2, f"--folds must be at least 2, got {cfg.folds}")
     need(cfg.data_path in ("auto", "device", "loader"), f"--data-path {cfg.data_path!r} is not auto, device or loader")
     need(cfg.device in ("auto", "cuda", "cpu"), f"--device {cfg.device!r} is not auto, cuda or cpu")
     need(
@@ -185,7 +196,22 @@ def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig
     )
     need(not (cfg.gpu and cfg.device == "cpu"), "--gpu together with --device cpu")
     need(cfg.nproc is None or cfg.nproc >= 1, f"--nproc must be at least 1, got {cfg.nproc}")
-    need(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold} is outside 0..{cfg.folds - 1}")
+    if cfg.folds is not None:
+        need(cfg.folds >= 2, f"--folds must be at least 2, got {cfg.folds}")
+        need(0 <= cfg.fold < cfg.folds, f"--fold {cfg.fold} is outside 0..{cfg.folds - 1}")
+    need(cfg.fold >= 0, f"--fold must be >= 0, got {cfg.fold}")
+    need(cfg.repeats is None or cfg.repeats >= 1, f"--repeats must be at least 1, got {cfg.repeats}")
+    need(cfg.repeat >= 0 and (cfg.repeats is None or cfg.repeat < cfg.repeats), f"--repeat {cfg.repeat} is outside "
+         f"0..{(cfg.repeats or 1) - 1}")  # fmt: skip
+    need(cfg.group_by in (None, "site"), f"--group-by {cfg.group_by!r}: only 'site' is known")
+    need(cfg.inner_fraction is None or 0 < cfg.inner_fraction < 1, "--inner-fraction must be between 0 and 1")
+    need(cfg.selection in ("inner", "outer"), f"--selection {cfg.selection!r} is neither inner nor outer")
+    t = cfg.threshold_at_specificity
+    need(t is None or 0 < t < 1, f"--threshold-at-specificity must be between 0 and 1, got {t}")
+    need(
+        cfg.selection == "inner" or (t is None and not cfg.temperature),
+        "--threshold-at-specificity and --temperature are chosen on the selection part: they need --selection inner",
+    )
 
     if cfg.loss == "ldam" and cfg.drw_start_epoch is not None:
         if cfg.drw_start_epoch > cfg.epochs:
@@ -226,6 +252,32 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
         raise ConfigError(f"{path} cannot be read as a run configuration ({type(e).__name__}: {e})") from e
 
 
+def with_split(cfg: TrainConfig, folds: dict) -> TrainConfig:
+    """cfg with the split settings of the saved folds.json filled in (the persisted split is the truth), and the
+    fold and repeat checked against it."""
+    out = dataclasses.replace(
+        cfg,
+        folds=folds["k"],
+        split_seed=folds["seed"],
+        repeats=folds.get("repeats", 1),
+        group_by=folds.get("group_by"),
+        leave_site_out=folds.get("leave_site_out", False),
+        inner_fraction=folds.get("inner_fraction"),
+    )
+    if not 0 <= out.fold < out.folds:
+        raise ConfigError(f"--fold {out.fold} is outside 0..{out.folds - 1} (the saved split has {out.folds} folds)")
+    if not 0 <= out.repeat < out.repeats:
+        raise ConfigError(f"--repeat {out.repeat} is outside 0..{out.repeats - 1} (the saved split has {out.repeats})")
+    return out
+
+
+def split_spec(cfg: TrainConfig):
+    """What the configuration asks of the split (None: not asked; the saved folds.json decides)."""
+    from gliograde.data.splits import SplitSpec
+
+    return SplitSpec(cfg.folds, cfg.split_seed, cfg.repeats, cfg.group_by, cfg.leave_site_out, cfg.inner_fraction)
+
+
 def parse_fold_list(spec: str | None, k: int) -> list[int]:
     """'0-4', '0,2,4', '1-3,5' -> sorted fold numbers; None -> all K folds."""
     if spec is None:
@@ -239,8 +291,8 @@ def parse_fold_list(spec: str | None, k: int) -> list[int]:
                 raise ValueError
             folds.update(range(lo, hi + 1))
     except ValueError:
-        raise ConfigError(f"--folds {spec!r}: give folds like 0-4, 0,2,4 or 1-3,5 (ranges low-high)") from None
+        raise ConfigError(f"--only {spec!r}: give folds like 0-4, 0,2,4 or 1-3,5 (ranges low-high)") from None
     bad = sorted(f for f in folds if not 0 <= f < k)
     if bad or not folds:
-        raise ConfigError(f"--folds {spec!r}: folds {bad} are outside 0..{k - 1} (K = {k}, set by --num-folds)")
+        raise ConfigError(f"--only {spec!r}: folds {bad} are outside 0..{k - 1} (K = {k}, set by --folds)")
     return sorted(folds)

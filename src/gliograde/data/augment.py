@@ -71,17 +71,29 @@ def augment_batch(x: torch.Tensor, p: AugmentParams, generator: torch.Generator 
     return apply_params(x, draw_params(x.shape[0], x.shape[1], p, generator))
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without blocking the host: a copy from pageable memory makes the host wait for
+    the copy, so for CUDA it goes through pinned memory with non_blocking. On the CPU, `t` itself."""
+    if device.type == "cuda" and t.device.type == "cpu" and torch.cuda.is_available():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def apply_params(x: torch.Tensor, r: dict) -> torch.Tensor:
     """The augmentation of drawn parameters `r` (draw_params), on x's device, in one grid_sample."""
-    b = x.shape[0]
+    b, c = x.shape[:2]
     signs = 1 - 2 * r["flips"].float()
     # theta maps output coordinates to input coordinates: flip, rotate, then divide by zoom
     a = _rotation(r["angles"]) * signs[:, None, :] / r["zoom"][:, None, None]
-    theta = torch.cat([a, torch.zeros(b, 3, 1)], dim=2).to(device=x.device, dtype=torch.float32)
+    theta = torch.cat([a, torch.zeros(b, 3, 1)], dim=2)
+    # theta, scale and shift in one host tensor: one (pinned, asynchronous) copy per batch instead of three
+    packed = to_device(torch.cat([theta.reshape(b, 12), r["scale"], r["shift"]], dim=1).float(), x.device)
+    theta = packed[:, :12].view(b, 3, 4)
+    scale, shift = packed[:, 12 : 12 + c], packed[:, 12 + c :]
     xf = x.float()
     grid = affine_grid(theta, xf.shape[2:])
     out = F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     background = (out == 0).all(dim=1, keepdim=True)
     # in place on the resampled copy: about 13 % faster on the CPU than a where() over fresh tensors, same values
-    out.mul_(r["scale"].to(x.device)[:, :, None, None, None]).add_(r["shift"].to(x.device)[:, :, None, None, None])
+    out.mul_(scale[:, :, None, None, None]).add_(shift[:, :, None, None, None])
     return out.masked_fill_(background, 0).to(x.dtype)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from gliograde.data.augment import AugmentParams, apply_params, augment_batch, draw_params
+from gliograde.data.augment import AugmentParams, apply_params, augment_batch, draw_params, to_device
 from gliograde.data.cache import VolumeCache
 from gliograde.data.loader import inverse_frequency_weights
 
@@ -26,7 +26,9 @@ DEVICE_MEMORY_FRACTION = 0.5  # at most this share of the free GPU memory is use
 
 class DeviceVolumes:
     """Rows of a cache, selected channels, as one (N, C, S, S, S) float16 tensor; `gather` returns float32 batches
-    on `device`."""
+    on `device`. `labels` stay on the CPU (for sampling weights); `device_labels` is their copy on `device`.
+    Indices passed to `start`/`gather` live where the volumes do (`index_device`): on `device` when `on_device`,
+    else on the CPU; indices elsewhere are moved there (asynchronously from the CPU to a GPU)."""
 
     def __init__(self, cache: VolumeCache, rows, channels: list[int], device: torch.device, chunk: int = 16):
         rows = np.asarray(rows)
@@ -41,6 +43,9 @@ class DeviceVolumes:
             part = np.asarray(cache.volumes[rows[start : start + chunk]][:, channels], dtype=np.float16)
             self.volumes[start : start + len(part)].copy_(torch.from_numpy(part))
         self._stream = torch.cuda.Stream(device) if pin else None
+        # once, here: indexing CPU labels per batch would mean a host-to-device copy (and a wait) per batch
+        self.device_labels = self.labels.to(device)
+        self.index_device = self.volumes.device  # with its index (cuda:0), comparable to a tensor's device
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,12 +53,15 @@ class DeviceVolumes:
     def start(self, idx: torch.Tensor):
         """Begin bringing a batch to the device: (x float16, y, the copy's CUDA event or None). From pinned host
         memory the copy runs on a side stream, so it overlaps whatever the default stream is computing."""
-        y = self.labels[idx].to(self.device, non_blocking=True)
+        if idx.device != self.index_device:
+            idx = to_device(idx, self.index_device) if self.on_device else idx.to(self.index_device)
         if self.on_device:
-            return self.volumes[idx.to(self.volumes.device)], y, None
+            return self.volumes.index_select(0, idx), self.device_labels.index_select(0, idx), None
         batch = self.volumes.index_select(0, idx).pin_memory()
+        labels = self.labels.index_select(0, idx).pin_memory()  # pinned, so their copy does not block the host
         with torch.cuda.stream(self._stream):
             x = batch.to(self.device, non_blocking=True)
+            y = labels.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._stream)
         return x, y, done
@@ -64,6 +72,7 @@ class DeviceVolumes:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(done)
             x.record_stream(stream)  # allocated on the side stream, used on this one
+            y.record_stream(stream)
         return x.float(), y
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +81,7 @@ class DeviceVolumes:
 
     def batches(self, size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """In order, no augmentation (validation); under DDP each rank takes every world-th volume."""
-        mine = torch.arange(rank, len(self), world)
+        mine = torch.arange(rank, len(self), world, device=self.index_device)
         for start in range(0, len(mine), size):
             yield self.gather(mine[start : start + size])
 
@@ -108,6 +117,8 @@ class DeviceStream:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         b, per_step = self.batch_size, self.grad_accum * self.world
         idx = epoch_indices(self.volumes.labels, len(self.volumes) // b * b, self.sampler, self.generator)
+        # drawn on the CPU (the shared random stream), moved where the volumes are once per epoch, sliced there
+        idx = to_device(idx, self.volumes.index_device) if self.volumes.on_device else idx
         channels = self.volumes.volumes.shape[1]
         pending = None  # one batch ahead: its copy overlaps the step on the batch before it
         for step in range(self.steps):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gliograde.config import TrainConfig
+from gliograde.config import TrainConfig, split_spec
 from gliograde.data.brats import resolve_data_root
 from gliograde.data.cache import VolumeCache, default_cache_path, open_cache, prepare_cache
 from gliograde.data.splits import folds_for_cache
@@ -26,4 +26,4 @@ def load_data(cfg: TrainConfig) -> tuple[VolumeCache, dict]:
         cache = open_cache(prepare_cache(root, default_cache_path(root, cfg.size, cfg.cache_dir), size=cfg.size).path)
     if cache.size != cfg.size:
         raise GliogradeError(f"cache {cache.path} holds {cache.size}^3 volumes, but --size is {cfg.size}")
-    return cache, folds_for_cache(cache, cfg.folds, cfg.split_seed)
+    return cache, folds_for_cache(cache, split_spec(cfg))

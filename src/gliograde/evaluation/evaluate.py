@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from gliograde import runtime
-from gliograde.config import load_run_config
+from gliograde.config import load_run_config, with_split
 from gliograde.data.loader import CacheDataset, make_val_loader
 from gliograde.data.source import load_data
-from gliograde.data.splits import fold_indices
+from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import plots
+from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.scoring import evaluate_checkpoint
 from gliograde.files import new_stamped_dir, write_json
 from gliograde.training.losses import make_loss
@@ -32,6 +33,17 @@ log = logging.getLogger("gliograde")
 
 class EvaluationError(GliogradeError):
     pass
+
+
+def read_final(run_dir: Path) -> dict:
+    path = run_dir / "metrics" / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EvaluationError(f"{path} cannot be read ({type(e).__name__}); is the run complete?") from e
+    if metrics.get("status") != "complete" or not metrics.get("final"):
+        raise EvaluationError(f"{run_dir} is not a complete run ({path} has no final results); nothing to re-score")
+    return metrics["final"]
 
 
 @dataclass
@@ -49,7 +61,9 @@ def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | Non
         cache, folds = load_data(cfg)
     except GliogradeError as e:
         raise EvaluationError(f"{e} (the run was trained on the cache {cfg.cache_dir}; pass --cache-dir)") from e
-    train_rows, val_rows = fold_indices(cache, folds, cfg.fold)
+    cfg = with_split(cfg, folds)
+    split = fold_split(cache, folds, cfg.fold, cfg.repeat)
+    val_rows = split.val
     val_ids = [cache.ids[r] for r in val_rows]
     saved_ids = run_dir / "predictions" / "val_ids.json"
     if saved_ids.is_file() and sorted(json.loads(saved_ids.read_text())) != sorted(val_ids):
@@ -57,22 +71,37 @@ def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | Non
             f"the validation patients of fold {cfg.fold} in {cache.path / 'folds.json'} are not the ones this run was "
             f"validated on ({saved_ids}); the folds changed since training, so a re-score would not be comparable"
         )
+    # the operating point the run fitted (on its selection part with inner); re-scoring applies it unchanged
+    run_final = read_final(run_dir)
+    point = OperatingPoint.from_dict(run_final["operating_point"]) if run_final.get("operating_point") else None
 
     device = runtime.pick_device("cuda" if cfg.gpu else cfg.device)
     channels = cache.channels(cfg.modalities)
     loader = make_val_loader(CacheDataset(cache, val_rows, channels), cfg.batch_size, 0, device.type == "cuda")
+    train_rows = split.fit if cfg.selection == "inner" else split.train
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
     loss_fn = make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device)  # unweighted: DRW weights are not replayed
     final = evaluate_checkpoint(
-        run_dir / "checkpoints", cfg.ema_decay > 0, loader, device, (cfg.precision, cfg.amp), loss_fn, policy
+        run_dir / "checkpoints",
+        cfg.ema_decay > 0,
+        loader,
+        device,
+        (cfg.precision, cfg.amp),
+        loss_fn,
+        policy,
+        logit_scale=float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0,
+        point=point,
     )
     probs, labels = final.pop("_probs"), final.pop("_labels")
-    stored = final["checkpoint_auc"]
+    final.pop("_raw_probs")
+    stored = run_final.get("auc")  # the run's reported AUC: what a re-score must reproduce
+    final["reported_auc"] = stored
     final["auc_difference"] = None if stored is None else abs(final["auc"] - stored)
+    final["selection"] = run_final.get("selection")
 
     out = new_stamped_dir(run_dir, "evaluation")
     np.save(out / "val_probs.npy", probs)
-    np.save(out / "val_preds.npy", (probs >= 0.5).astype(np.int64))
+    np.save(out / "val_preds.npy", (probs >= final["threshold"]).astype(np.int64))
     np.save(out / "val_labels.npy", labels)
     write_json(out / "val_ids.json", val_ids)
     title = f"fold {cfg.fold}, re-evaluated ({final['checkpoint']}, epoch {final['best_epoch']})"
@@ -93,7 +122,7 @@ def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | Non
         },
     )
     log.info(
-        "Fold %d re-evaluated: AUC %.4f (stored %s) F1 %.4f accuracy %.4f sensitivity %.4f specificity %.4f -> %s",
+        "Fold %d re-evaluated: AUC %.4f (reported %s) F1 %.4f accuracy %.4f sensitivity %.4f specificity %.4f -> %s",
         cfg.fold,
         final["auc"],
         "n/a" if stored is None else f"{stored:.4f}",

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gliograde import GRADES, runtime
+from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.networks.resnet3d import ResNet3D
 from gliograde.training.checkpoints import CheckpointError, load_checkpoint, select_checkpoint
@@ -20,19 +21,24 @@ log = logging.getLogger("gliograde")
 
 
 @torch.no_grad()
-def predict(model, loader, device, dtype, loss_fn) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mean loss, P(HGG), labels) over a loader, in eval mode and without gradients."""
+def predict(model, loader, device, dtype, loss_fn, logit_scale: float = 1.0) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean loss, P(HGG), labels) over a loader, in eval mode and without gradients. The loss and the predictions
+    are accumulated on the device and read once at the end. P(HGG) is softmax(logit_scale x logits): LDAM's
+    probabilities come from the scaled logits its loss used (s), cross-entropy's from the logits (1)."""
     model.eval()
-    total, n, probs, labels = 0.0, 0, [], []
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    n, probs, labels = 0, [], []
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
             logits = model(x)
-        total += float(loss_fn(logits, y)) * len(y)
+        total += loss_fn(logits, y).double() * len(y)
         n += len(y)
-        probs.append(torch.softmax(logits.float(), 1)[:, 1].cpu())
-        labels.append(y.cpu())
-    return total / max(n, 1), torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        probs.append(torch.softmax(logit_scale * logits.float(), 1)[:, 1])
+        labels.append(y)
+    if not probs:
+        raise ValueError("predict: the loader yielded no batches")
+    return float(total) / max(n, 1), torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> ResNet3D:
@@ -56,18 +62,27 @@ def evaluate_checkpoint(
     precision: tuple[str, bool | None],
     loss_fn,
     policy: str = "auto",
+    *,
+    logit_scale: float = 1.0,
+    point: OperatingPoint | None = None,
+    select_loader=None,
+    fit_point=None,
 ) -> dict:
-    """Load the checkpoint chosen by the policy, re-score the validation set, compare with the stored AUC.
+    """Load the checkpoint chosen by the policy and score the reported patients (`val_loader`) once.
 
     `precision` is the run's (--precision, --amp) request; the decision, bf16 self-check included, is
-    `runtime.decide_precision`'s on this model and a real validation batch, the same as training made.
-    The result holds every metric, the precision record, plus `_probs` and `_labels` (arrays, for the caller).
+    `runtime.decide_precision`'s on this model and a real batch, the same as training made.
+    The operating point (prior correction, temperature, threshold) is `point`, or `fit_point(labels, raw_probs)` on
+    the predictions of `select_loader` (inner selection: fitted on the selection part, never on the reported fold).
+    The stored AUC of the checkpoint is re-checked on the set it was selected on (the selection part with inner,
+    the reported fold with outer). The result holds every metric at the operating point, the operating point, the
+    precision record, plus `_probs` (calibrated), `_raw_probs` and `_labels` (arrays, for the caller).
     """
     path = select_checkpoint(checkpoints_dir, policy, ema_enabled=ema_enabled)
     ckpt = load_checkpoint(path, map_location="cpu")
     stored = ckpt.get("val_metrics", {}).get("auc")
     log.info(
-        "Using %s checkpoint: %s (epoch %s, stored validation AUC %.4f)",
+        "Using %s checkpoint: %s (epoch %s, stored AUC %.4f on the set it was selected on)",
         "EMA best" if ckpt.get("is_ema") else "regular best",
         path.name,
         ckpt["epoch"],
@@ -77,21 +92,35 @@ def evaluate_checkpoint(
     batches = iter(val_loader)  # may be one-shot (the device path's generator): the first batch is put back
     first = next(batches)
     decided = runtime.decide_precision(*precision, device, model, first[0][:2].to(device))
-    loss, probs, labels = predict(model, itertools.chain([first], batches), device, decided.dtype, loss_fn)
-    m = compute_metrics(labels, probs)
-    if stored is not None and not math.isnan(stored) and abs(m["auc"] - stored) > 0.01:
+    dtype = decided.dtype
+    recheck = None
+    if select_loader is not None:
+        _, sel_probs, sel_labels = predict(model, select_loader, device, dtype, loss_fn, logit_scale)
+        recheck = compute_metrics(sel_labels, sel_probs)["auc"]
+        point = fit_point(sel_labels, sel_probs)
+    loss, raw, labels = predict(model, itertools.chain([first], batches), device, dtype, loss_fn, logit_scale)
+    if recheck is None:
+        recheck = compute_metrics(labels, raw)["auc"]
+    if stored is not None and not math.isnan(stored) and abs(recheck - stored) > 0.01:
         log.warning(
-            "Evaluation AUC %.4f differs from the checkpoint's stored AUC %.4f by more than 0.01", m["auc"], stored
+            "Re-scored AUC %.4f differs from the checkpoint's stored AUC %.4f by more than 0.01", recheck, stored
         )
+    point = point or OperatingPoint(0.5, 0.5)
+    probs = point.apply(raw)
+    m = compute_metrics(labels, probs, point.threshold)
     return {
         **m,
         "loss": loss,
         "best_epoch": int(ckpt["epoch"]),
         "checkpoint": path.name,
         "checkpoint_auc": stored,
+        "recheck_auc": recheck,
         "used_ema": bool(ckpt.get("is_ema")),
         "classes": list(GRADES),
+        "threshold": point.threshold,
+        "operating_point": point.to_dict(),
         "precision": decided.to_dict(),
         "_probs": probs,
+        "_raw_probs": raw,
         "_labels": labels,
     }

@@ -136,30 +136,6 @@ def bootstrap_auc(labels, probs, n: int = 2000, seed: int = 0, level: float = 0.
     return float(low), float(high), len(auc)
 
 
-def honest_statistics(labels, probs) -> dict:
-    """What a reviewer asks of pooled out-of-fold predictions beyond the point metrics: the DeLong interval of the
-    AUC, Wilson intervals of the rates at the 0.5 threshold, calibration (Brier, 10-bin ECE, reliability curve) and
-    the sensitivity at 90 / 95 % specificity (a threshold read off these same predictions: optimistic, and said so)."""
-    out: dict = {}
-    try:
-        out["auc_delong"] = honest.delong_auc(labels, probs)
-    except ValueError as e:  # fewer than two patients of a grade
-        out["auc_delong"] = {"error": str(e)}
-    out["rates_at_0_5"] = honest.rates_with_ci(labels, probs, 0.5)
-    out["calibration"] = {
-        "brier": honest.brier(labels, probs),
-        "ece": honest.ece(labels, probs, 10),
-        "n_bins": 10,
-        "reliability": {k: np.asarray(v).tolist() for k, v in honest.reliability(labels, probs, 10).items()},
-    }
-    if len(np.unique(labels)) == 2:
-        out["sensitivity_at_specificity"] = {
-            "protocol": "threshold chosen on the reported predictions themselves (optimistic)",
-            **{f"{t:.2f}": honest.sensitivity_at_specificity(labels, probs, t) for t in (0.90, 0.95)},
-        }
-    return out
-
-
 def site_audit(ids: list[str], labels, preds=None) -> dict:
     """Cases, grades and (given predictions) accuracy per acquisition site, and how many patients sit in a site
     that holds a single grade -- for them the site alone predicts the grade."""
@@ -303,7 +279,7 @@ def summarize(
     pooled = compute_metrics(labels, probs)
     low, high, used = bootstrap_auc(labels, probs, bootstrap, seed)
     pooled.update({"auc_ci95": [low, high], "bootstrap": {"resamples": used, "seed": seed}})
-    pooled.update(honest_statistics(labels, probs))
+    pooled.update(honest.honest_statistics(labels, probs))
 
     preds = (probs >= 0.5).astype(np.int64)
     audit = site_audit(all_ids, labels, preds)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
+import threading
 import uuid
 from pathlib import Path
 
@@ -29,6 +32,89 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def checkpoint_payload(cfg, arch: dict, epoch: int, state_dict: dict, metrics: dict, is_ema: bool = False) -> dict:
+    """What every gliograde checkpoint holds: the weights, the epoch and its monitored metrics, the configuration,
+    and what `evaluate` / `predict` need to rebuild the network and prepare a new case (`arch`: in_channels and the
+    cache's preprocessing parameters)."""
+    return {
+        "model_state_dict": state_dict,
+        "epoch": epoch,
+        "val_metrics": {k: v for k, v in metrics.items() if not k.startswith("_")},
+        "is_ema": is_ema,
+        "config": cfg.to_dict(),
+        "config_identity": cfg.identity(),
+        "modalities": cfg.modalities,
+        "size": cfg.size,
+        "preprocess": arch["preprocess"],
+        "arch": {
+            "depth": cfg.depth,
+            "layout": cfg.layout,
+            "shortcut": cfg.shortcut,
+            "in_channels": arch["in_channels"],
+            "num_classes": 2,
+        },
+    }
+
+
+def cpu_copy(obj):
+    """A deep copy with every tensor copied to host memory: what a background writer may serialize while the
+    training goes on changing the originals in place (on the CPU `.cpu()` would return the same tensor)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints (atomically, fsynced: `save_checkpoint`) on one background thread, in order, from host
+    copies taken on the caller's thread, so that the training loop never waits on the disk. `flush` waits for
+    every pending write and raises the first failure."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="checkpoints", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    save_checkpoint(*item)
+            except BaseException as e:  # kept for flush(): never lost, never raised on the wrong thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def submit(self, payload: dict, path: str | Path) -> None:
+        self.check()
+        self._queue.put((cpu_copy(payload), Path(path)))
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise CheckpointError(f"writing a checkpoint failed: {type(self._error).__name__}: {self._error}")
+
+    def flush(self) -> None:
+        self._queue.join()
+        self.check()
+
+    def close(self) -> None:
+        """Finish every pending write (on errors too: an interrupted run keeps its last complete epoch)."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+            if self._thread.is_alive():
+                logging.getLogger("gliograde").warning("the checkpoint writer did not finish within 60 s")
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

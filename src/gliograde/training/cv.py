@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from gliograde.config import TrainConfig, load_run_config, validate
+from gliograde.config import TrainConfig, load_run_config, parse_fold_list, validate, with_split
+from gliograde.data.splits import describe
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.summary import run_order_key, run_status, summarize
 from gliograde.training.checkpoints import LAST
@@ -24,21 +25,28 @@ from gliograde.training.checkpoints import LAST
 log = logging.getLogger("gliograde")
 
 
+SPLIT_SETTINGS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
+
+
 class CVError(GliogradeError):
     pass
 
 
 def fold_plan(cfg: TrainConfig) -> tuple[str, Path | None]:
-    """('done', run) / ('resume', run) / ('new', None) for cfg.fold, looking at that fold's newest runs."""
-    parent = Path(cfg.output_dir) / "runs" / f"fold_{cfg.fold}"
+    """('done', run) / ('resume', run) / ('new', None) for cfg's fold and repeat, looking at its newest runs."""
+    from gliograde.training.trainer import fold_parent
+
+    parent = fold_parent(cfg.output_dir, cfg.fold, cfg.repeat)
     if not parent.is_dir():
         return "new", None
-    want = cfg.identity()
+    # a split setting not asked for (None) is the saved split's: it matches whatever the run recorded
+    want = {k: v for k, v in cfg.identity().items() if not (k in SPLIT_SETTINGS and v is None)}
     for run in sorted((d for d in parent.glob("run_*") if d.is_dir()), key=run_order_key, reverse=True):
         try:
-            same = load_run_config(run).identity() == want
+            saved = load_run_config(run).identity()
         except GliogradeError:
             continue
+        same = all(saved.get(k) == v for k, v in want.items())
         if not same:
             continue
         if run_status(run) == "complete":
@@ -61,7 +69,7 @@ def _train_child(values: dict, gpu: str | None, threads: int, level: int, result
     """A fold in a spawned process of its own (so that its GPU can be pinned before CUDA starts): train, and send
     (fold, run_dir, final) or (fold, None, reason) back. Every failure is caught and named, a CUDA out-of-memory
     included, so that one fold's failure never takes the others down."""
-    fold = values["fold"]
+    fold, key = values["fold"], (values.get("repeat", 0), values["fold"])
     try:
         if gpu is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -70,16 +78,16 @@ def _train_child(values: dict, gpu: str | None, threads: int, level: int, result
         from gliograde.training.trainer import train_fold
 
         result = train_fold(TrainConfig(**values))
-        results.put((fold, str(result.run_dir), result.final))
+        results.put((key, str(result.run_dir), result.final))
     except GliogradeError as e:
-        results.put((fold, None, str(e)))
+        results.put((key, None, str(e)))
     except torch.cuda.OutOfMemoryError as e:
         from gliograde import runtime
 
-        results.put((fold, None, runtime.oom_message(e, values["batch_size"], values["grad_accum"])))
+        results.put((key, None, runtime.oom_message(e, values["batch_size"], values["grad_accum"])))
     except BaseException as e:  # a bug or a signal: named, logged in full here, and reported to the parent
-        log.exception("fold %d failed", fold)
-        results.put((fold, None, f"{type(e).__name__}: {e}"))
+        log.exception("%s failed", name(key))
+        results.put((key, None, f"{type(e).__name__}: {e}"))
 
 
 def _train_parallel(todo: list[TrainConfig], workers: int, gpus: list[str], threads: int) -> tuple[dict, dict]:
@@ -95,62 +103,71 @@ def _train_parallel(todo: list[TrainConfig], workers: int, gpus: list[str], thre
             fcfg, gpu = pending.pop(0), free.pop(0)
             proc = ctx.Process(target=_train_child, args=(fcfg.to_dict(), gpu, threads, level, results))
             proc.start()
-            running[fcfg.fold] = (proc, gpu)
+            running[(fcfg.repeat, fcfg.fold)] = (proc, gpu)
         try:
-            fold, run_dir, detail = results.get(timeout=2.0)
+            key, run_dir, detail = results.get(timeout=2.0)
         except queue.Empty:  # a child that died without a word (killed, out of host memory) is a failed fold
-            for fold, (proc, gpu) in list(running.items()):
+            for key, (proc, gpu) in list(running.items()):
                 if proc.exitcode not in (None, 0):
-                    failures[fold] = f"its process died with exit code {proc.exitcode}"
-                    log.error("fold %d failed: %s", fold, failures[fold])
-                    running.pop(fold)
+                    failures[key] = f"its process died with exit code {proc.exitcode}"
+                    log.error("%s failed: %s", name(key), failures[key])
+                    running.pop(key)
                     free.append(gpu)
             continue
-        if fold not in running:  # already counted as died
+        key = tuple(key)
+        if key not in running:  # already counted as died
             continue
-        proc, gpu = running.pop(fold)
+        proc, gpu = running.pop(key)
         proc.join()
         free.append(gpu)
         if run_dir is None:
-            log.error("fold %d failed: %s", fold, detail)
-            failures[fold] = detail
+            log.error("%s failed: %s", name(key), detail)
+            failures[key] = detail
         else:
-            runs[fold] = Path(run_dir)
-            log.info("fold %d finished: AUC %.4f (%s)", fold, detail["auc"], run_dir)
+            runs[key] = Path(run_dir)
+            log.info("%s finished: AUC %.4f (%s)", name(key), detail["auc"], run_dir)
     return runs, failures
 
 
-def run_cv(cfg: TrainConfig, folds: list[int], parallel: int = 1, allow_partial: bool = False) -> dict:
-    """Train (or skip, or resume) each fold, then summarize the results folder; returns the summary."""
+def run_cv(
+    cfg: TrainConfig, only: str | list[int] | None = None, parallel: int = 1, allow_partial: bool = False
+) -> dict:
+    """Train (or skip, or resume) each fold of each repeat, then summarize the results folder; returns the summary.
+    `only`: the folds to run ("0-4", "0,2" or a list; default all K), in every repeat."""
     validate(cfg, log)
     from gliograde.data.source import load_data
     from gliograde.training.trainer import train_fold
 
     # the cache and folds.json are made once, here, not by folds racing each other in parallel processes
-    cache, _ = load_data(cfg)
-    cfg = dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()))
+    cache, split = load_data(cfg)
+    cfg = with_split(dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()), fold=0, repeat=0), split)
+    log.info("split: %s", describe(split))
+    folds = list(only) if isinstance(only, list) else parse_fold_list(only, cfg.folds)
     todo, runs = [], {}
-    for fold in folds:
-        fcfg = dataclasses.replace(cfg, fold=fold, resume=None)
-        state, run = fold_plan(fcfg)
-        if state == "done":
-            log.info("fold %d: complete run %s with this configuration; skipped", fold, run)
-            runs[fold] = run
-            continue
-        if state == "resume":
-            log.info("fold %d: resuming the interrupted run %s", fold, run)
-            fcfg.resume = str(run)
-        todo.append(fcfg)
+    for repeat in range(cfg.repeats):
+        for fold in folds:
+            fcfg = dataclasses.replace(cfg, fold=fold, repeat=repeat, resume=None)
+            key = (repeat, fold)
+            state, run = fold_plan(fcfg)
+            if state == "done":
+                log.info("%s: complete run %s with this configuration; skipped", name(key), run)
+                runs[key] = run
+                continue
+            if state == "resume":
+                log.info("%s: resuming the interrupted run %s", name(key), run)
+                fcfg.resume = str(run)
+            todo.append(fcfg)
 
-    failures: dict[int, str] = {}
+    failures: dict[tuple[int, int], str] = {}
     if parallel <= 1 or len(todo) <= 1:
         for fcfg in todo:
-            log.info("===== fold %d of %s =====", fcfg.fold, folds)
+            key = (fcfg.repeat, fcfg.fold)
+            log.info("===== %s of %s =====", name(key), folds)
             try:
-                runs[fcfg.fold] = train_fold(fcfg).run_dir
+                runs[key] = train_fold(fcfg).run_dir
             except GliogradeError as e:
-                log.error("fold %d failed: %s", fcfg.fold, e)
-                failures[fcfg.fold] = str(e)
+                log.error("%s failed: %s", name(key), e)
+                failures[key] = str(e)
     else:
         gpus = physical_gpus(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         workers = min(parallel, len(todo), len(gpus)) if gpus else min(parallel, len(todo))
@@ -161,10 +178,15 @@ def run_cv(cfg: TrainConfig, folds: list[int], parallel: int = 1, allow_partial:
         runs.update(done)
         failures.update(failed)
     if failures and not allow_partial:
-        detail = "; ".join(f"fold {f}: {why}" for f, why in sorted(failures.items()))
+        detail = "; ".join(f"{name(key)}: {why}" for key, why in sorted(failures.items()))
         raise CVError(f"{len(failures)} fold(s) failed ({detail}). Completed folds are kept; run cv again to resume.")
     # the runs of this configuration, by name: a newer run made with other settings must not slip in
     subset = folds != list(range(cfg.folds))
     if subset:
-        log.warning("--folds %s is a subset of the %d folds: the summary is labelled partial", folds, cfg.folds)
-    return summarize(cfg.output_dir, runs=[runs[f] for f in sorted(runs)], allow_partial=allow_partial or subset)
+        log.warning("--only %s is a subset of the %d folds: the summary is labelled partial", folds, cfg.folds)
+    return summarize(cfg.output_dir, runs=[runs[k] for k in sorted(runs)], allow_partial=allow_partial or subset)
+
+
+def name(key: tuple[int, int]) -> str:
+    repeat, fold = key
+    return f"fold {fold}" if repeat == 0 else f"fold {fold} of repeat {repeat}"

@@ -24,27 +24,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from gliograde import runtime
-from gliograde.config import TrainConfig, validate
+from gliograde.config import TrainConfig, validate, with_split
 from gliograde.data.augment import AugmentParams
-from gliograde.data.fast import DeviceStream, DeviceVolumes, LoaderStream
-from gliograde.data.loader import CacheDataset, make_loaders
+from gliograde.data.delivery import make_delivery, use_device_path
 from gliograde.data.source import load_data
-from gliograde.data.splits import fold_indices
+from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
+from gliograde.evaluation.calibration import fit_operating_point, seeds_point
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import PlotWriter
 from gliograde.evaluation.scoring import evaluate_checkpoint, predict
+from gliograde.evaluation.stats import honest_statistics
 from gliograde.files import new_stamped_dir, write_json
 from gliograde.networks import build_model
 from gliograde.networks.resnet3d import ResNet3D
 from gliograde.training import distributed
-from gliograde.training.checkpoints import BEST, BEST_EMA, LAST, load_checkpoint, save_checkpoint
+from gliograde.training.checkpoints import BEST, BEST_EMA, LAST, CheckpointWriter, checkpoint_payload, load_checkpoint
 from gliograde.training.distributed import Dist
+from gliograde.training.ema import EMA
 from gliograde.training.losses import drw_active, drw_weights, make_loss
+from gliograde.training.selection import Tracker, improved  # noqa: F401  (improved: part of this module's API)
 
 log = logging.getLogger("gliograde")
 CHECK_EVERY = 25  # micro-batches between reads of the loss (the finite check and the progress bar)
@@ -63,9 +65,15 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
-def new_run_dir(output_dir: str, fold: int) -> Path:
-    """runs/fold_k/run_YYYYMMDD_HHMMSS, with a suffix when two runs start in the same second (never shared)."""
-    run = new_stamped_dir(Path(output_dir) / "runs" / f"fold_{fold}", "run")
+def fold_parent(output_dir: str, fold: int, repeat: int = 0) -> Path:
+    """runs/fold_k (the seeds' layout) for repeat 0, runs/repeat_r/fold_k for the other repeats."""
+    runs = Path(output_dir) / "runs"
+    return (runs if repeat == 0 else runs / f"repeat_{repeat}") / f"fold_{fold}"
+
+
+def new_run_dir(output_dir: str, fold: int, repeat: int = 0) -> Path:
+    """fold_parent/run_YYYYMMDD_HHMMSS, with a suffix when two runs start in the same second (never shared)."""
+    run = new_stamped_dir(fold_parent(output_dir, fold, repeat), "run")
     for sub in RUN_DIRS:
         (run / sub).mkdir()
     return run
@@ -98,13 +106,6 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def improved(auc: float, f1: float, best: dict, min_delta: float) -> bool:
-    """Validation AUC is the monitor, F1 breaks ties."""
-    if math.isnan(auc):
-        return False
-    return auc > best["auc"] + min_delta or (abs(auc - best["auc"]) <= 1e-12 and f1 > best["f1"])
 
 
 def check_finite(d: Dist, bad_step: int, epoch: int, run_dir: Path) -> None:
@@ -147,7 +148,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> str | None:
 
 def summary(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
-    return {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()), "std": float(v.std())}
+    std = float(v.std(ddof=1)) if len(v) > 1 else math.nan  # sample std, as everywhere in the reports
+    return {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()), "std": std}
 
 
 # ------------------------------------------------------------------------------------------------- the fold
@@ -169,9 +171,9 @@ def train_fold(cfg: TrainConfig, on_epoch_end=None, run_dir: Path | None = None)
 
 def _launch(cfg: TrainConfig, nproc: int) -> RunResult:
     """DDP started by this command: the cache and the run folder are made here, once, then the ranks train."""
-    cache, _ = load_data(cfg)
-    cfg = dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()))
-    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.output_dir, cfg.fold)
+    cache, folds = load_data(cfg)
+    cfg = with_split(dataclasses.replace(cfg, cache_dir=str(cache.path.resolve())), folds)
+    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.output_dir, cfg.fold, cfg.repeat)
     try:
         distributed.launch(train_fold, cfg, nproc, run_dir)
     except Exception as e:  # a rank's exception arrives as the text of its traceback
@@ -187,7 +189,8 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
     cache, folds = load_data(cfg)
     if d.active and d.main:
         dist.barrier()
-    train_rows, val_rows = fold_indices(cache, folds, cfg.fold)
+    cfg = with_split(cfg, folds)  # the persisted split is the truth: K, seeds, repeats, grouping, inner part
+    split = fold_split(cache, folds, cfg.fold, cfg.repeat)
     channels = cache.channels(cfg.modalities)
 
     # the run folder: new, the interrupted one given by --resume, or the launcher's; rank 0 owns it
@@ -199,7 +202,7 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
             diff = sorted(k for k, v in cfg.identity().items() if resume["config_identity"].get(k) != v)
             raise TrainingError(f"--resume {run_dir}: the run was made with another configuration (differs in {diff})")
     elif run_dir is None and d.main:
-        run_dir = new_run_dir(cfg.output_dir, cfg.fold)
+        run_dir = new_run_dir(cfg.output_dir, cfg.fold, cfg.repeat)
     run_dir = Path(distributed.broadcast(d, str(run_dir)))
     handler, plots, level = None, None, log.level
     if d.main:
@@ -212,7 +215,7 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
             log.setLevel(logging.INFO)
         plots = PlotWriter(run_dir / "plots", "LDAM" if cfg.loss == "ldam" else "cross-entropy")
     try:
-        return _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end)
+        return _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"fold {cfg.fold}: {runtime.oom_message(e, cfg.batch_size, cfg.grad_accum)}") from e
     except KeyboardInterrupt:
@@ -227,78 +230,52 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
         log.setLevel(level)
 
 
-def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots, on_epoch_end) -> RunResult:
+def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end) -> RunResult:
     device = runtime.pick_device("cuda" if cfg.gpu else cfg.device, d.local_rank)
     runtime.configure_backends(device, cfg.tf32)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda") or d.active
-    if d.active and cfg.data_path == "loader":
-        log.warning("--data-path loader: DDP shards the device-resident data path; using it")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # sampling and augmentation, identical on every rank
-
+    inner = cfg.selection == "inner"
+    train_rows = split.fit if inner else split.train  # inner: the selection part is never trained on
+    monitor_rows = split.select if inner else split.val
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
-    if len(train_rows) < cfg.batch_size * cfg.grad_accum * d.world:
-        raise TrainingError(
-            f"--batch-size {cfg.batch_size} x accumulation {cfg.grad_accum} x {d.world} process(es) exceeds the "
-            f"{len(train_rows)} training cases of fold {cfg.fold}"
-        )
-    batch = batch_record(cfg, d.world)
-    if batch["global"] != batch["configured"]:
-        log.warning(
-            "DDP: the effective batch is %d (%d per process x %d accumulation x %d processes), not the configured %d; "
-            "the learning rate is not rescaled",
-            batch["global"],
-            cfg.batch_size,
-            cfg.grad_accum,
-            d.world,
-            batch["configured"],
-        )
+    check_batch(cfg, d.world, len(train_rows))
     augment = (
         AugmentParams(cfg.flip_prob, cfg.rotate_deg, cfg.scale_range, cfg.intensity_scale, cfg.intensity_shift)
         if cfg.augment
         else None
     )
-    if on_device:  # the volumes live beside the model; batches are gathered by index
-        train_volumes = DeviceVolumes(cache, train_rows, channels, device)
-        val_volumes = DeviceVolumes(cache, val_rows, channels, device)
-        stream = DeviceStream(
-            train_volumes, cfg.batch_size, cfg.sampler, generator, augment, cfg.grad_accum, d.rank, d.world
-        )
-        steps_per_epoch = stream.steps
-        val_size = max(4 * cfg.batch_size, 16)
-
-        def val_batches(shard: bool = True):
-            return val_volumes.batches(val_size, *((d.rank, d.world) if shard else (0, 1)))
-
-        where = f"on {device}" if train_volumes.on_device else "in pinned host memory"
-        log.info("Data path: %.2f GB of volumes held %s, batches gathered by index", train_volumes.nbytes / 1e9, where)
-    else:  # the seeds' DataLoader over the memory-mapped cache
-        train_loader, val_loader = make_loaders(
-            CacheDataset(cache, train_rows, channels),
-            CacheDataset(cache, val_rows, channels),
-            cfg.batch_size,
-            cfg.sampler,
-            generator,
-            cfg.num_workers,
-            device.type == "cuda",
-        )
-        steps_per_epoch = len(train_loader) // cfg.grad_accum
-        stream = LoaderStream(train_loader, device, generator, augment, steps_per_epoch * cfg.grad_accum)
-
-        def val_batches(shard: bool = True):
-            return val_loader
-
+    data = make_delivery(
+        cache,
+        train_rows,
+        {"monitor": monitor_rows, "final": split.val},
+        channels,
+        device,
+        on_device=use_device_path(cfg.data_path, device, d.active),
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        sampler=cfg.sampler,
+        generator=generator,
+        augment=augment,
+        num_workers=cfg.num_workers,
+        rank=d.rank,
+        world=d.world,
+    )
     log.info(
-        "Fold %d: %d training cases (%d LGG, %d HGG), %d validation cases; modalities %s; %d optimizer "
-        "steps per epoch on %s%s",
+        "Fold %d%s: training on %d cases (%d LGG, %d HGG); %s on %d %s cases; %d reported cases scored once at the "
+        "end; modalities %s; %d optimizer steps per epoch on %s%s",
         cfg.fold,
+        f" (repeat {cfg.repeat})" if cfg.repeats and cfg.repeats > 1 else "",
         len(train_rows),
         counts[0],
         counts[1],
-        len(val_rows),
+        "early stopping, checkpoint, threshold and calibration chosen",
+        len(monitor_rows),
+        "selection-part" if inner else "reported-fold (the seeds' outer protocol: optimistic)",
+        len(split.val),
         ",".join(cfg.modalities),
-        steps_per_epoch,
+        data.steps_per_epoch,
         device,
         f" x {d.world} processes (DDP)" if d.active else "",
     )
@@ -311,26 +288,21 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
     if d.active and cfg.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: a stream of its own per rank, not a replay of the init
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-        if cfg.ema_decay > 0
-        else None
-    )
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     # the same decision (and bf16 self-check, on a real input of this run's size) as `evaluate` and `predict` make
-    sample = next(iter(val_batches(shard=False)))[0][:2].to(device)  # the loader path yields host batches
+    sample = next(iter(data.batches("monitor", shard=False)))[0][:2].to(device)  # the loader yields host batches
     precision = runtime.decide_precision(cfg.precision, cfg.amp, device, model, sample)
     dtype = precision.dtype
     del sample
     log.info("Precision: %s", precision.reason)
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, cfg, data.steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device)
+    scale = logit_scale(cfg)
 
     history: list[dict] = []
-    best = {"auc": -math.inf, "f1": -math.inf, "epoch": 0}
-    best_ema = dict(best)
-    bad_epochs, start = 0, 1
+    tracker, start = Tracker(cfg.min_delta), 1
     if resume:
         model.load_state_dict(resume["model_state_dict"])
         optimizer.load_state_dict(resume["optimizer_state_dict"])
@@ -338,260 +310,326 @@ def _train(cfg, d, cache, train_rows, val_rows, channels, run_dir, resume, plots
         scaler.load_state_dict(resume["scaler_state_dict"])
         if ema is not None:
             ema.load_state_dict(resume["ema_state_dict"])
-        history, best, best_ema = resume["history"], resume["best"], resume["best_ema"]
-        bad_epochs, start = resume["bad_epochs"], resume["epoch"] + 1
+        history, tracker, start = resume["history"], Tracker.from_checkpoint(resume, cfg.min_delta), resume["epoch"] + 1
         note = set_rng_state(resume["rng_state"], generator)
         if note:
             log.warning("--resume: %s", note)
         log.info("Resuming %s after epoch %d", run_dir, resume["epoch"])
     elif d.main:
-        write_json(
-            run_dir / "config" / "config.json",
-            {
-                # the cache by absolute path, so that `evaluate` finds it from any working directory
-                "config": {**cfg.to_dict(), "cache_dir": str(cache.path.resolve())},
-                "environment": {
-                    **runtime.environment(device, precision),
-                    "processes": d.world,
-                    "data_path": stream.__class__.__name__,
-                },
-                "seed": cfg.seed,
-                "batch": batch_record(cfg, d.world),
-                "run_dir": str(run_dir),
-            },
-        )
-        log.info("Run folder: %s", run_dir)
+        write_run_config(run_dir, cfg, cache, device, precision, d.world, data.path, split)
     net = model
     if d.active:  # gradients all-reduced across the ranks; the checkpoints hold `model`, never the wrapper
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
+    writer = CheckpointWriter() if d.main else None
+    arch = {"in_channels": len(channels), "preprocess": cache.manifest["params"]}
 
-    def payload(epoch, state_dict, metrics, ema_weights=False) -> dict:
-        return {
-            "model_state_dict": state_dict,
-            "epoch": epoch,
-            "val_metrics": metrics,
-            "is_ema": ema_weights,
-            "config": cfg.to_dict(),
-            "config_identity": cfg.identity(),
-            "modalities": cfg.modalities,
-            "size": cfg.size,
-            "preprocess": cache.manifest["params"],  # how to prepare a new case for this model (predict)
-            "arch": {
-                "depth": cfg.depth,
-                "layout": cfg.layout,
-                "shortcut": cfg.shortcut,
-                "in_channels": len(channels),
-                "num_classes": 2,
-            },
-        }
-
-    def validation(m) -> tuple[float, np.ndarray, np.ndarray]:
-        """Loss, P(HGG) and labels of the whole validation set (each rank scores its share; all get all)."""
-        loss, probs, labels = predict(m, val_batches(), device, dtype, loss_fn)
+    def monitored(m) -> tuple[float, np.ndarray, np.ndarray]:
+        """Loss, P(HGG) and labels of the monitored set (each rank scores its share; all get all)."""
+        loss, probs, labels = predict(m, data.batches("monitor"), device, dtype, loss_fn, scale)
         return distributed.gather_predictions(d, loss, probs, labels)
 
-    # ------------------------------------------------------------------------------------------ the epochs
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        drw = drw_active(cfg.loss, cfg.drw_start_epoch, epoch)
-        loss_fn.weight = drw_weights(counts).to(device) if drw else None
-        if drw and not drw_active(cfg.loss, cfg.drw_start_epoch, epoch - 1):
-            log.info("DRW activated at epoch %d: class weights %s", epoch, loss_fn.weight.tolist())
-
-        net.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        # the loss is summed on the device and read every CHECK_EVERY micro-batches and at the end: no host
-        # synchronisation per micro-batch. bad_step holds the first micro-batch whose loss was not finite (0: none).
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        bad_step = torch.zeros((), dtype=torch.long, device=device)
-        seen, waited, t_train = 0, 0.0, time.perf_counter()
-        bar = tqdm(total=len(stream), desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
-        batches, i = iter(stream), -1
-        while True:
-            t_wait = time.perf_counter()  # host time blocked on the data path, not on the GPU
-            x, y = next(batches, (None, None))
-            waited += time.perf_counter() - t_wait
-            if x is None:
-                break
-            i += 1
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            step_ends = (i + 1) % cfg.grad_accum == 0
-            with net.no_sync() if d.active and not step_ends else nullcontext():  # all-reduce once per step
-                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                    logits = net(x)
-                loss = loss_fn(logits, y)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            value = loss.detach()
-            bad_step = torch.where((bad_step == 0) & ~torch.isfinite(value), i + 1, bad_step)
-            total += value.double() * len(y)
-            seen += len(y)
-            if step_ends:
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-            bar.update()
-            if (i + 1) % CHECK_EVERY == 0:
-                check_finite(d, int(bad_step), epoch, run_dir)
-                bar.set_postfix(loss=f"{float(total) / seen:.4f}")
-        bar.close()
-        check_finite(d, int(bad_step), epoch, run_dir)
-        train_time = time.perf_counter() - t_train
-        train_loss = distributed.mean(d, float(total) / max(seen, 1))
-        throughput = {
-            "train_volumes_per_s": seen * d.world / train_time,
-            "data_wait_fraction": waited / train_time,
-            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "train_time_s": train_time,
-        }
-
-        t_val = time.perf_counter()
-        val_loss, probs, labels = validation(model)
-        m = compute_metrics(labels, probs)
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            **{
-                f"val_{k}": m[k]
-                for k in (
-                    "auc",
-                    "f1",
-                    "accuracy",
-                    "precision",
-                    "recall",
-                    "balanced_accuracy",
-                    "sensitivity",
-                    "specificity",
-                    "fn",
-                    "fp",
-                )
-            },
-            "lr_backbone": optimizer.param_groups[0]["lr"],
-            "lr_head": optimizer.param_groups[1]["lr"],
-            "drw_active": drw,
-            **throughput,
-        }
-        # every rank holds the same metrics, so every rank takes the same decisions; rank 0 writes
-        is_best = improved(m["auc"], m["f1"], best, cfg.min_delta)
-        if is_best:
-            best = {"auc": m["auc"], "f1": m["f1"], "epoch": epoch}
+    try:
+        # -------------------------------------------------------------------------------------- the epochs
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            drw = drw_active(cfg.loss, cfg.drw_start_epoch, epoch)
+            loss_fn.weight = drw_weights(counts).to(device) if drw else None
+            if drw and not drw_active(cfg.loss, cfg.drw_start_epoch, epoch - 1):
+                log.info("DRW activated at epoch %d: class weights %s", epoch, loss_fn.weight.tolist())
+            train_loss, throughput = train_epoch(
+                cfg, d, net, model, ema, data.stream, optimizer, scheduler, scaler, loss_fn, dtype, channels_last,
+                device, epoch, run_dir,
+            )  # fmt: skip
+            t_val = time.perf_counter()
+            val_loss, probs, labels = monitored(model)
+            m = compute_metrics(labels, probs)
+            em = None
+            if ema is not None:
+                ema_loss, ema_probs, ema_labels = monitored(ema.module)
+                em = {**compute_metrics(ema_labels, ema_probs), "loss": ema_loss}
+            # every rank holds the same metrics, so every rank takes the same decisions; rank 0 writes
+            is_best, ema_best = tracker.update(epoch, m, em)
+            now = time.perf_counter()
+            record = epoch_record(epoch, train_loss, val_loss, m, em, optimizer, drw, throughput)
+            record.update({"is_best": is_best, "epoch_time_s": now - t0, "val_time_s": now - t_val})
+            history.append(record)
             if d.main:
-                save_checkpoint(payload(epoch, model.state_dict(), m), run_dir / "checkpoints" / BEST)
-        ema_best = False
-        if ema is not None:
-            ema_loss, ema_probs, ema_labels = validation(ema.module)
-            em = compute_metrics(ema_labels, ema_probs)
-            record.update({"ema_val_loss": ema_loss, "ema_val_auc": em["auc"], "ema_val_f1": em["f1"]})
-            ema_best = improved(em["auc"], em["f1"], best_ema, cfg.min_delta)
-            if ema_best:
-                best_ema = {"auc": em["auc"], "f1": em["f1"], "epoch": epoch}
-                if d.main:
-                    save_checkpoint(
-                        payload(epoch, ema.module.state_dict(), em, True), run_dir / "checkpoints" / BEST_EMA
+                ckpts = run_dir / "checkpoints"
+                if is_best:
+                    writer.submit(checkpoint_payload(cfg, arch, epoch, model.state_dict(), m), ckpts / BEST)
+                if ema_best:
+                    writer.submit(
+                        checkpoint_payload(cfg, arch, epoch, ema.module.state_dict(), em, True), ckpts / BEST_EMA
                     )
-        bad_epochs = 0 if (is_best or ema_best) else bad_epochs + 1
-        now = time.perf_counter()
-        record.update({"is_best": is_best, "epoch_time_s": now - t0, "val_time_s": now - t_val})
-        history.append(record)
-
-        if d.main:
-            save_checkpoint(
-                {
-                    **payload(epoch, model.state_dict(), m),
+                state = {
                     "optimizer_state_dict": optimizer.state_dict(),
                     "scheduler_state_dict": scheduler.state_dict(),
                     "scaler_state_dict": scaler.state_dict(),
                     "ema_state_dict": ema.state_dict() if ema is not None else None,
                     "history": history,
-                    "best": best,
-                    "best_ema": best_ema,
-                    "bad_epochs": bad_epochs,
+                    **tracker.state(),
                     "rng_state": rng_state(generator),
-                },
-                run_dir / "checkpoints" / LAST,
-            )
-            write_json(
-                run_dir / "metrics" / "metrics.json",
-                {"status": "running", "fold": cfg.fold, "final": None, "history": history},
-            )
-        log.info(
-            "Epoch %d/%d | train loss %.6f | val loss %.6f | AUC %.4f F1 %.4f acc %.4f | sens %.3f spec %.3f "
-            "| FN %d FP %d | lr %.2e%s | %.1f s%s",
-            epoch,
-            cfg.epochs,
-            train_loss,
-            val_loss,
-            m["auc"],
-            m["f1"],
-            m["accuracy"],
-            m["sensitivity"],
-            m["specificity"],
-            m["fn"],
-            m["fp"],
-            record["lr_backbone"],
-            f" | EMA AUC {record['ema_val_auc']:.4f}" if ema is not None else "",
-            record["epoch_time_s"],
-            " [best]" if is_best else "",
-        )
-        if plots is not None and (is_best or epoch % cfg.plots_every == 0):
-            plots.submit(history, labels, probs, m, f"_epoch_{epoch}", f"fold {cfg.fold}, epoch {epoch}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, run_dir)
-        if epoch >= cfg.min_epochs and bad_epochs >= cfg.patience:
-            log.info(
-                "Early stopping at epoch %d: no improvement of validation AUC for %d epochs (best %.4f at epoch %d)",
-                epoch,
-                bad_epochs,
-                best["auc"],
-                best["epoch"],
-            )
-            break
+                }
+                writer.submit({**checkpoint_payload(cfg, arch, epoch, model.state_dict(), m), **state}, ckpts / LAST)
+                write_json(
+                    run_dir / "metrics" / "metrics.json",
+                    {"status": "running", "fold": cfg.fold, "repeat": cfg.repeat, "final": None, "history": history},
+                )
+            log_epoch(cfg, record, m, is_best, ema is not None)
+            if plots is not None and (is_best or epoch % cfg.plots_every == 0):
+                plots.submit(history, labels, probs, m, f"_epoch_{epoch}", f"fold {cfg.fold}, epoch {epoch}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, run_dir)
+            if tracker.should_stop(epoch, cfg.min_epochs, cfg.patience):
+                log.info(
+                    "Early stopping at epoch %d: no improvement of the monitored AUC for %d epochs (best %.4f at "
+                    "epoch %d)",
+                    epoch,
+                    tracker.bad_epochs,
+                    tracker.best["auc"],
+                    tracker.best["epoch"],
+                )
+                break
+    finally:
+        if writer is not None:
+            writer.close()  # every checkpoint of a finished epoch is on disk, also when interrupted
 
     if not d.main:
         return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
-    # ------------------------------------------------------------------------------------ final evaluation
-    final = evaluate_checkpoint(
-        run_dir / "checkpoints", cfg.ema_decay > 0, val_batches(shard=False), device, (cfg.precision, cfg.amp), loss_fn
+    return finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots)
+
+
+def train_epoch(
+    cfg, d, net, model, ema, stream, optimizer, scheduler, scaler, loss_fn, dtype, channels_last, device, epoch, run_dir
+) -> tuple[float, dict]:
+    """One epoch of optimizer steps; returns the mean training loss and the epoch's throughput figures.
+
+    The loss is summed on the device and read every CHECK_EVERY micro-batches and at the end: no host
+    synchronisation per micro-batch. bad_step holds the first micro-batch whose loss was not finite (0: none)."""
+    net.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
+    seen, waited, t_train = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=len(stream), desc=f"epoch {epoch}", leave=False, disable=None if d.main else True)
+    batches, i = iter(stream), -1
+    while True:
+        t_wait = time.perf_counter()  # host time blocked on the data path, not on the GPU
+        x, y = next(batches, (None, None))
+        waited += time.perf_counter() - t_wait
+        if x is None:
+            break
+        i += 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        step_ends = (i + 1) % cfg.grad_accum == 0
+        with net.no_sync() if d.active and not step_ends else nullcontext():  # all-reduce once per step
+            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                logits = net(x)
+            loss = loss_fn(logits, y)
+            scaler.scale(loss / cfg.grad_accum).backward()
+        value = loss.detach()
+        bad_step = torch.where((bad_step == 0) & ~torch.isfinite(value), i + 1, bad_step)
+        total += value.double() * len(y)
+        seen += len(y)
+        if step_ends:
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)  # fp16 only: the GradScaler reads its inf check here (a sync per step)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+        bar.update()
+        if (i + 1) % CHECK_EVERY == 0:
+            check_finite(d, int(bad_step), epoch, run_dir)
+            bar.set_postfix(loss=f"{float(total) / seen:.4f}")
+    bar.close()
+    check_finite(d, int(bad_step), epoch, run_dir)
+    train_time = time.perf_counter() - t_train
+    throughput = {
+        "train_volumes_per_s": seen * d.world / train_time,
+        "data_wait_fraction": waited / train_time,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "train_time_s": train_time,
+    }
+    return distributed.mean(d, float(total) / max(seen, 1)), throughput
+
+
+MONITORED = (
+    "auc",
+    "f1",
+    "accuracy",
+    "precision",
+    "recall",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "fn",
+    "fp",
+)
+
+
+def epoch_record(epoch, train_loss, val_loss, m, em, optimizer, drw, throughput) -> dict:
+    """One epoch of metrics.json's history. `val_*` are the monitored set's (the selection part with inner)."""
+    record = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        **{f"val_{k}": m[k] for k in MONITORED},
+        "lr_backbone": optimizer.param_groups[0]["lr"],
+        "lr_head": optimizer.param_groups[1]["lr"],
+        "drw_active": drw,
+        **throughput,
+    }
+    if em is not None:
+        record.update({"ema_val_loss": em["loss"], "ema_val_auc": em["auc"], "ema_val_f1": em["f1"]})
+    return record
+
+
+def log_epoch(cfg, r: dict, m: dict, is_best: bool, ema: bool) -> None:
+    log.info(
+        "Epoch %d/%d | train loss %.6f | val loss %.6f | AUC %.4f F1 %.4f acc %.4f | sens %.3f spec %.3f "
+        "| FN %d FP %d | lr %.2e%s | %.1f s%s",
+        r["epoch"],
+        cfg.epochs,
+        r["train_loss"],
+        r["val_loss"],
+        m["auc"],
+        m["f1"],
+        m["accuracy"],
+        m["sensitivity"],
+        m["specificity"],
+        m["fn"],
+        m["fp"],
+        r["lr_backbone"],
+        f" | EMA AUC {r['ema_val_auc']:.4f}" if ema else "",
+        r["epoch_time_s"],
+        " [best]" if is_best else "",
     )
-    probs, labels = final.pop("_probs"), final.pop("_labels")
-    preds = (probs >= 0.5).astype(np.int64)
+
+
+def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots) -> RunResult:
+    """The reported fold scored once with the selected checkpoint at the operating point (fitted on the selection
+    part with inner), its predictions, figures and metrics.json."""
+    inner = cfg.selection == "inner"
+
+    def fit_point(labels, raw):
+        return fit_operating_point(
+            labels, raw, counts, cfg.sampler, specificity=cfg.threshold_at_specificity, temperature=cfg.temperature
+        )
+
+    final = evaluate_checkpoint(
+        run_dir / "checkpoints",
+        cfg.ema_decay > 0,
+        data.batches("final", shard=False),
+        device,
+        (cfg.precision, cfg.amp),
+        loss_fn,
+        logit_scale=scale,
+        point=None if inner else seeds_point(counts),
+        select_loader=data.batches("monitor", shard=False) if inner else None,
+        fit_point=fit_point if inner else None,
+    )
+    probs, raw, labels = final.pop("_probs"), final.pop("_raw_probs"), final.pop("_labels")
+    final.update(protocol_record(cfg, split))
+    final.update(honest_statistics(labels, probs))
     out = run_dir / "predictions"
     np.save(out / "val_probs.npy", probs)
-    np.save(out / "val_preds.npy", preds)
+    np.save(out / "val_probs_raw.npy", raw)
+    np.save(out / "val_preds.npy", (probs >= final["threshold"]).astype(np.int64))
     np.save(out / "val_labels.npy", labels)
-    write_json(out / "val_ids.json", [cache.ids[r] for r in val_rows])
-    plots.submit(
-        history,
-        labels,
-        probs,
-        final,
-        "",
-        f"fold {cfg.fold}, final ({final['checkpoint']}, epoch {final['best_epoch']})",
-    )
+    write_json(out / "val_ids.json", [cache.ids[r] for r in split.val])
+    title = f"fold {cfg.fold}, final ({final['checkpoint']}, epoch {final['best_epoch']})"
+    plots.submit(history, labels, probs, final, "", title)
     plots.close()
     losses = {"train": summary([h["train_loss"] for h in history]), "val": summary([h["val_loss"] for h in history])}
     write_json(
         run_dir / "metrics" / "metrics.json",
-        {"status": "complete", "fold": cfg.fold, "final": final, "history": history, "loss_summary": losses},
+        {
+            "status": "complete",
+            "fold": cfg.fold,
+            "repeat": cfg.repeat,
+            "selection": final["selection"],
+            "final": final,
+            "history": history,
+            "loss_summary": losses,
+        },
     )
     log.info(
-        "Fold %d finished: AUC %.4f F1 %.4f accuracy %.4f (%s, epoch %d). Run folder: %s",
+        "Fold %d finished: AUC %.4f F1 %.4f accuracy %.4f at threshold %.3f (%s; %s, epoch %d). Run folder: %s",
         cfg.fold,
         final["auc"],
         final["f1"],
         final["accuracy"],
+        final["threshold"],
+        final["selection"]["label"],
         final["checkpoint"],
         final["best_epoch"],
         run_dir,
     )
     return RunResult(run_dir, final, history)
+
+
+def protocol_record(cfg, split) -> dict:
+    """How the reported numbers were obtained, in words a reader of metrics.json / summary.md can check."""
+    inner = cfg.selection == "inner"
+    label = (
+        "inner: epoch, checkpoint, threshold and calibration chosen on the selection part of the training patients"
+        if inner
+        else "outer: selected on the reported folds (optimistic)"
+    )
+    return {
+        "selection": {
+            "protocol": cfg.selection,
+            "label": label,
+            "n_fit": len(split.fit if inner else split.train),
+            "n_select": len(split.select) if inner else 0,
+            "n_reported": len(split.val),
+        }
+    }
+
+
+def logit_scale(cfg) -> float:
+    """LDAM's probabilities come from the scaled logits s x z its loss used; cross-entropy's from z."""
+    return float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0
+
+
+def check_batch(cfg, world: int, n_train: int) -> None:
+    if n_train < cfg.batch_size * cfg.grad_accum * world:
+        raise TrainingError(
+            f"--batch-size {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es) exceeds the "
+            f"{n_train} training cases of fold {cfg.fold}"
+        )
+    batch = batch_record(cfg, world)
+    if batch["global"] != batch["configured"]:
+        log.warning(
+            "DDP: the effective batch is %d (%d per process x %d accumulation x %d processes), not the configured %d; "
+            "the learning rate is not rescaled",
+            batch["global"],
+            cfg.batch_size,
+            cfg.grad_accum,
+            world,
+            batch["configured"],
+        )
+
+
+def write_run_config(run_dir, cfg, cache, device, precision, world, data_path, split) -> None:
+    write_json(
+        run_dir / "config" / "config.json",
+        {
+            # the cache by absolute path, so that `evaluate` finds it from any working directory
+            "config": {**cfg.to_dict(), "cache_dir": str(cache.path.resolve())},
+            "environment": {**runtime.environment(device, precision), "processes": world, "data_path": data_path},
+            "seed": cfg.seed,
+            "batch": batch_record(cfg, world),
+            "split": {key: [cache.ids[r] for r in getattr(split, key)] for key in ("fit", "select", "val")},
+            "run_dir": str(run_dir),
+        },
+    )
+    log.info("Run folder: %s", run_dir)

@@ -1,0 +1,101 @@
+"""How a fold's volumes reach the model: the training stream and the scoring sets, on either data path.
+
+device: the volumes of each set held beside the model (`DeviceVolumes`), batches gathered by index, augmented on the
+device. loader: the seeds' DataLoader over the memory-mapped cache. Both give the trainer the same two things: a
+training stream of micro-batches and, per named scoring set ("monitor": what early stopping watches every epoch;
+"final": the patients scored once at the end), an iterable of (x, y) batches, each rank's share under DDP or all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from gliograde.data.augment import AugmentParams
+from gliograde.data.cache import VolumeCache
+from gliograde.data.fast import DeviceStream, DeviceVolumes, LoaderStream
+from gliograde.data.loader import CacheDataset, make_loaders, make_val_loader
+
+log = logging.getLogger("gliograde")
+
+
+class Delivery:
+    """The training stream (`stream`, `steps_per_epoch`) and the scoring sets (`batches(name, shard)`)."""
+
+    def __init__(self, stream, steps_per_epoch: int, sets: dict[str, Callable[[bool], Iterable]], path: str):
+        self.stream, self.steps_per_epoch, self._sets, self.path = stream, steps_per_epoch, sets, path
+
+    def batches(self, name: str, shard: bool = True) -> Iterable:
+        """(x, y) batches of a scoring set, in order, without augmentation; `shard`: this rank's share only."""
+        return self._sets[name](shard)
+
+
+def use_device_path(data_path: str, device: torch.device, distributed: bool) -> bool:
+    """auto: the device path on a GPU, the DataLoader on the CPU; DDP always shards the device path."""
+    if distributed and data_path == "loader":
+        log.warning("--data-path loader: DDP shards the device-resident data path; using it")
+    return data_path == "device" or (data_path == "auto" and device.type == "cuda") or distributed
+
+
+def make_delivery(
+    cache: VolumeCache,
+    train_rows,
+    scoring_rows: dict[str, np.ndarray],
+    channels: list[int],
+    device: torch.device,
+    *,
+    on_device: bool,
+    batch_size: int,
+    grad_accum: int,
+    sampler: str,
+    generator: torch.Generator,
+    augment: AugmentParams | None,
+    num_workers: int | None,
+    rank: int = 0,
+    world: int = 1,
+) -> Delivery:
+    """The delivery of one fold. `scoring_rows` names the scored sets; sets with the same rows share their data."""
+    if on_device:
+        train = DeviceVolumes(cache, train_rows, channels, device)
+        held: dict[bytes, DeviceVolumes] = {}
+        sets = {}
+        size = max(4 * batch_size, 16)  # no gradients kept: larger batches
+        for name, rows in scoring_rows.items():
+            key = np.asarray(rows).tobytes()
+            volumes = held.setdefault(key, DeviceVolumes(cache, rows, channels, device))
+
+            def batches(shard: bool, volumes=volumes):
+                return volumes.batches(size, *((rank, world) if shard else (0, 1)))
+
+            sets[name] = batches
+        stream = DeviceStream(train, batch_size, sampler, generator, augment, grad_accum, rank, world)
+        where = f"on {device}" if train.on_device else "in pinned host memory"
+        log.info("Data path: %.2f GB of training volumes held %s, batches gathered by index", train.nbytes / 1e9, where)
+        return Delivery(stream, stream.steps, sets, "DeviceStream")
+
+    first, *others = scoring_rows.items()
+    train_loader, first_loader = make_loaders(
+        CacheDataset(cache, train_rows, channels),
+        CacheDataset(cache, first[1], channels),
+        batch_size,
+        sampler,
+        generator,
+        num_workers,
+        device.type == "cuda",
+    )
+    loaders = {first[0]: first_loader}
+    workers = first_loader.num_workers
+    for name, rows in others:
+        same = next((n for n, r in scoring_rows.items() if n in loaders and np.array_equal(r, rows)), None)
+        loaders[name] = (
+            loaders[same]
+            if same
+            else make_val_loader(CacheDataset(cache, rows, channels), batch_size, workers, device.type == "cuda")
+        )
+    steps = len(train_loader) // grad_accum
+    stream = LoaderStream(train_loader, device, generator, augment, steps * grad_accum)
+    sets = {name: (lambda shard, loader=loader: loader) for name, loader in loaders.items()}
+    return Delivery(stream, steps, sets, "LoaderStream")
