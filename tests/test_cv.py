@@ -121,7 +121,7 @@ def test_the_newest_complete_run_of_each_fold_is_chosen(tmp_path):
     newer = fake_run(tmp_path, 0, 2, ids, labels, probs, stamp="20260101_000000_2")
     fake_run(tmp_path, 0, 2, ids, labels, probs, stamp="20260102_000000", status="running")
     runs, problems = find_runs(tmp_path)
-    assert runs[0].run_dir == newer and not problems
+    assert runs[(0, 0)].run_dir == newer and not problems  # keyed by (repeat, fold)
 
 
 def test_a_partial_cv_is_refused_unless_allowed_and_then_labelled(tmp_path):

@@ -15,7 +15,10 @@ Sets whose answer is known, for checking that a pipeline learns the tumour and n
 - "none": each phantom is drawn with an appearance grade independent of the case's label (the grades shuffled at
   random, same HGG share), so the images hold no information about the label: an honest pipeline scores AUC ~0.5;
 - "site": the images hold no grade information (as in "none"), but every site holds one grade only (half of the
-  sites HGG, half LGG, no mixed 2013-style cohort): only the site, encoded in the case id, predicts the grade.
+  sites HGG, half LGG, no mixed 2013-style cohort) and leaves a scanner imprint on its images (an intensity ramp
+  along an axis of its own, `SCANNER_RAMPS`, that z-scoring does not remove): only the site predicts the grade,
+  from the case id or from the imprint. A network can learn the imprints of the sites it trains on, so folds that
+  share sites score high, while site-grouped folds (unseen imprints) score chance.
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ SITES = ("SYNA", "SYNB", "SYNC")
 # signal="site": single-grade sites named like the real single-grade BraTS 2018 sites (three per grade, so a
 # site-grouped 2- or 3-fold CV is possible)
 SITE_SIGNAL_SITES = {"HGG": ("CBICA", "TCIA01", "TCIA02"), "LGG": ("TCIA10", "TCIA12", "TCIA13")}
+# (axis, sign) of each site's scanner ramp: six distinct ones, their signs not aligned with the grade, so that no rule
+# learnt on some sites carries over to an unseen site
+SCANNER_RAMPS = {
+    "CBICA": (0, 1),
+    "TCIA01": (0, -1),
+    "TCIA02": (1, 1),
+    "TCIA10": (1, -1),
+    "TCIA12": (2, 1),
+    "TCIA13": (2, -1),
+}
+SCANNER_GAIN = 0.6  # the ramp's gain at the ends of the axis: x (1 +- 0.6)
 SIGNALS = ("grade", "none", "site")
 RECORD = "synth.json"
 
@@ -68,8 +82,9 @@ def _smooth_field(rng: np.random.Generator, shape, grid: int) -> np.ndarray:
     return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)[0, 0].numpy()
 
 
-def synth_case(grade: str, shape=BRATS_SHAPE, seed: int | np.random.SeedSequence = 0):
-    """(images: {modality: int16 array}, seg: uint8 array with labels {0, 1, 2, 4}) for one phantom."""
+def synth_case(grade: str, shape=BRATS_SHAPE, seed: int | np.random.SeedSequence = 0, scanner=None):
+    """(images: {modality: int16 array}, seg: uint8 array with labels {0, 1, 2, 4}) for one phantom. `scanner`:
+    (axis, sign) of a site's intensity ramp, or None."""
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in shape)
     axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
@@ -128,6 +143,9 @@ def synth_case(grade: str, shape=BRATS_SHAPE, seed: int | np.random.SeedSequence
         texture = 1 + 0.12 * _smooth_field(rng, shape, 20)
         image[:, seg > 0] *= texture[seg > 0]
 
+    if scanner is not None:
+        axis, sign = scanner
+        image *= 1 + SCANNER_GAIN * sign * (x, y, z)[axis]
     images, seg = {}, np.where(brain, seg, 0).astype(np.uint8)
     for m, modality in enumerate(MODALITIES):
         bias = np.exp(0.12 * _smooth_field(rng, shape, 3))
@@ -175,11 +193,13 @@ def _case_ids_and_grades(n_cases: int, hgg_fraction: float, seed: int, first: in
 
 
 def _write_case(args) -> str:
-    folder, case_id, grade, shape, seed, index, *look = args
+    folder, case_id, grade, shape, seed, index, *rest = args
     import torch
 
     torch.set_num_threads(1)
-    images, seg = synth_case(look[0] if look else grade, shape, np.random.SeedSequence([seed, index]))
+    look = rest[0] if rest else grade
+    scanner = SCANNER_RAMPS.get(case_id.split("_")[1]) if len(rest) > 1 and rest[1] == "site" else None
+    images, seg = synth_case(look, shape, np.random.SeedSequence([seed, index]), scanner)
     case_dir = Path(folder) / grade / case_id
     case_dir.mkdir(parents=True, exist_ok=True)
     affine = brats_affine(shape)
@@ -222,6 +242,7 @@ def synthesize(
         "version": 1,
         **({"first_index": first_index} if first_index else {}),
         **({"signal": signal} if signal != "grade" else {}),  # the default's record is that of earlier versions
+        **({"scanner_imprint": SCANNER_GAIN} if signal == "site" else {}),
     }
     cases = synthetic_plan(n_cases, hgg_fraction, seed, first_index, signal)
     if out.exists() and any(out.iterdir()):
@@ -233,7 +254,7 @@ def synthesize(
         raise DataError(f"{out} exists and is not empty (and is not this synthetic set); choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    jobs = [(str(tmp), cid, grade, shape, seed, i, look) for i, (cid, grade, look) in enumerate(cases)]
+    jobs = [(str(tmp), cid, grade, shape, seed, i, look, signal) for i, (cid, grade, look) in enumerate(cases)]
     workers = max(1, min(workers or os.cpu_count() or 1, n_cases))
     try:
         with tqdm(total=n_cases, desc="synth", unit="case", disable=not progress) as bar:

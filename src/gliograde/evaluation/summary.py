@@ -52,6 +52,13 @@ class FoldRun:
     ids: list[str]
     labels: np.ndarray
     probs: np.ndarray
+    repeat: int = 0
+    protocol: str = "outer"  # inner | outer (runs made before the protocol was recorded: outer, the seeds')
+    cache_dir: str | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.repeat, self.fold
 
 
 # ------------------------------------------------------------------------------------------------ finding runs
@@ -85,29 +92,52 @@ def read_run(run_dir: Path) -> FoldRun:
     labels, probs = np.load(p / "val_labels.npy"), np.load(p / "val_probs.npy")
     if not len(ids) == len(labels) == len(probs):
         raise SummaryError(f"{p}: {len(ids)} ids, {len(labels)} labels and {len(probs)} probabilities")
-    return FoldRun(int(metrics["fold"]), run_dir, metrics["final"], int(config["folds"]), ids, labels, probs)
+    protocol = (metrics.get("selection") or metrics["final"].get("selection") or {}).get("protocol", "outer")
+    return FoldRun(
+        int(metrics["fold"]),
+        run_dir,
+        metrics["final"],
+        int(config["folds"]),
+        ids,
+        labels,
+        probs,
+        int(metrics.get("repeat", config.get("repeat", 0)) or 0),
+        protocol,
+        config.get("cache_dir"),
+    )
 
 
-def find_runs(results_dir: Path) -> tuple[dict[int, FoldRun], dict[int, str]]:
-    """The newest complete run of each fold under results_dir/runs/fold_k/, and why other folds have none."""
+def find_runs(results_dir: Path) -> tuple[dict[tuple[int, int], FoldRun], dict[tuple[int, int], str]]:
+    """The newest complete run of each (repeat, fold) under results_dir/runs/fold_k/ (repeat 0, the seeds' layout)
+    and runs/repeat_r/fold_k/, and why the other (repeat, fold) pairs found have none."""
     runs_root = Path(results_dir) / "runs"
     if not runs_root.is_dir():
         raise SummaryError(f"{results_dir} holds no runs/ folder; train folds first (gliograde cv or train)")
+    parents = [(0, runs_root)] + [
+        (int(m.group(1)), d)
+        for d in sorted(runs_root.glob("repeat_*"))
+        if (m := re.fullmatch(r"repeat_(\d+)", d.name)) and d.is_dir()
+    ]
     chosen, problems = {}, {}
-    for fold_dir in sorted(runs_root.glob("fold_*")):
-        m = re.fullmatch(r"fold_(\d+)", fold_dir.name)
-        if not m:
-            continue
-        fold = int(m.group(1))
-        candidates = sorted((d for d in fold_dir.glob("run_*") if d.is_dir()), key=run_order_key, reverse=True)
-        for run in candidates:
-            if run_status(run) == "complete":
-                chosen[fold] = read_run(run)
-                break
-        else:
-            states = ", ".join(f"{r.name}: {run_status(r)}" for r in candidates) or "no runs"
-            problems[fold] = states
+    for repeat, parent in parents:
+        for fold_dir in sorted(parent.glob("fold_*")):
+            m = re.fullmatch(r"fold_(\d+)", fold_dir.name)
+            if not m:
+                continue
+            key = (repeat, int(m.group(1)))
+            candidates = sorted((d for d in fold_dir.glob("run_*") if d.is_dir()), key=run_order_key, reverse=True)
+            for run in candidates:
+                if run_status(run) == "complete":
+                    chosen[key] = read_run(run)
+                    break
+            else:
+                problems[key] = ", ".join(f"{r.name}: {run_status(r)}" for r in candidates) or "no runs"
     return chosen, problems
+
+
+def label(key: tuple[int, int]) -> str:
+    repeat, fold = key
+    return f"fold {fold}" if repeat == 0 else f"repeat {repeat} fold {fold}"
 
 
 # -------------------------------------------------------------------------------------------------- statistics
@@ -223,92 +253,192 @@ def summarize(
     bootstrap: int = 2000,
     seed: int = 0,
 ) -> dict:
-    """Build the report, write summary.{md,csv,json} and the two figures into results_dir; return the JSON."""
+    """Build the report, write summary.{md,csv,json} and the figures into results_dir; return the JSON."""
     results_dir = Path(results_dir)
     if runs:
         chosen = {}
         for r in runs:
             fr = read_run(Path(r))
-            if fr.fold in chosen:
-                raise SummaryError(f"--runs names two runs of fold {fr.fold}: {chosen[fr.fold].run_dir} and {r}")
-            chosen[fr.fold] = fr
+            if fr.key in chosen:
+                raise SummaryError(f"--runs names two runs of {label(fr.key)}: {chosen[fr.key].run_dir} and {r}")
+            chosen[fr.key] = fr
         problems = {}
     else:
         chosen, problems = find_runs(results_dir)
     if not chosen:
-        detail = "; ".join(f"fold {f}: {why}" for f, why in sorted(problems.items()))
+        detail = "; ".join(f"{label(key)}: {why}" for key, why in sorted(problems.items()))
         raise SummaryError(f"no complete run under {results_dir}" + (f" ({detail})" if detail else ""))
     ks = {r.folds for r in chosen.values()}
     if len(ks) > 1:
         raise SummaryError(f"the runs were trained with different numbers of folds {sorted(ks)}: not one CV")
     k = ks.pop()
-    missing = [f for f in range(k) if f not in chosen]
+    protocols = sorted({r.protocol for r in chosen.values()})
+    warnings = []
+    if len(protocols) > 1:
+        which = {p: [label(key) for key, r in sorted(chosen.items()) if r.protocol == p] for p in protocols}
+        detail = "; ".join(f"{p}: {', '.join(v)}" for p, v in which.items())
+        if not allow_partial:
+            raise SummaryError(
+                f"the runs mix selection protocols ({detail}): their numbers mean different things. Retrain with one "
+                "--selection, or pass --allow-partial for a summary labelled mixed"
+            )
+        warnings.append(f"MIXED protocols ({detail}): the pooled numbers combine inner- and outer-selected folds")
+    repeats = sorted({r.repeat for r in chosen.values()})
+    missing = [(rep, f) for rep in repeats for f in range(k) if (rep, f) not in chosen]
     partial = bool(missing)
     if partial:
-        detail = ", ".join(f"fold {f} ({problems.get(f, 'no run')})" for f in missing)
+        detail = ", ".join(f"{label(key)} ({problems.get(key, 'no run')})" for key in missing)
         if not allow_partial:
             raise SummaryError(
                 f"{k}-fold CV incomplete: {detail}. Train the missing folds (gliograde cv resumes them), or pass "
                 "--allow-partial for a summary labelled partial"
             )
-        log.warning("PARTIAL summary: %d of %d folds; missing %s", len(chosen), k, detail)
-    ordered = [chosen[f] for f in sorted(chosen)]
-    all_ids = [i for r in ordered for i in r.ids]
-    duplicated = sorted(i for i, c in Counter(all_ids).items() if c > 1)
-    if duplicated:
-        raise SummaryError(
-            f"patients validated in more than one fold ({duplicated[:5]}...): the runs used different splits"
+        log.warning("PARTIAL summary: %d of %d folds; missing %s", len(chosen), k * len(repeats), detail)
+        warnings.insert(0, f"PARTIAL: missing {', '.join(label(m) for m in missing)}; not a complete {k}-fold result")
+    protocol = protocols[0] if len(protocols) == 1 else "mixed"
+    if protocol == "outer":
+        warnings.append(
+            "selected on the reported folds (optimistic): every fold's epoch and checkpoint were chosen on the "
+            "patients it reports (--selection outer, the seeds' protocol); use --selection inner for unbiased numbers"
         )
 
-    rows = []
-    for r in ordered:
-        f = r.final
-        rows.append(
-            {
-                "fold": r.fold,
-                "run": str(r.run_dir),
-                "checkpoint": f.get("checkpoint"),
-                "best_epoch": f.get("best_epoch"),
-                "n": len(r.ids),
-                **{m: float(f[m]) for m in METRICS},
-            }
-        )
+    ordered = [chosen[key] for key in sorted(chosen)]
+    rows = [fold_row(r) for r in ordered]
     stats = {m: mean_std([row[m] for row in rows]) for m in METRICS}
-    labels = np.concatenate([r.labels for r in ordered])
-    probs = np.concatenate([r.probs for r in ordered])
-    pooled = compute_metrics(labels, probs)
-    low, high, used = bootstrap_auc(labels, probs, bootstrap, seed)
-    pooled.update({"auc_ci95": [low, high], "bootstrap": {"resamples": used, "seed": seed}})
-    pooled.update(honest.honest_statistics(labels, probs))
+    per_repeat = []
+    for rep in repeats:
+        rruns = [r for r in ordered if r.repeat == rep]
+        ids = [i for r in rruns for i in r.ids]
+        duplicated = sorted(i for i, c in Counter(ids).items() if c > 1)
+        if duplicated:
+            raise SummaryError(
+                f"patients validated in more than one fold of repeat {rep} ({duplicated[:5]}...): the runs used "
+                "different splits"
+            )
+        labels = np.concatenate([r.labels for r in rruns])
+        probs = np.concatenate([r.probs for r in rruns])
+        pooled = compute_metrics(labels, probs, threshold_of(rruns))
+        low, high, used = bootstrap_auc(labels, probs, bootstrap, seed)
+        pooled.update({"auc_ci95": [low, high], "bootstrap": {"resamples": used, "seed": seed, **BOOTSTRAP}})
+        pooled.update(honest.honest_statistics(labels, probs))
+        per_repeat.append({"repeat": rep, "ids": ids, "labels": labels, "probs": probs, "pooled": pooled})
+    first = per_repeat[0]
+    pooled, labels, probs, all_ids = first["pooled"], first["labels"], first["probs"], first["ids"]
+    repeat_aucs = [r["pooled"]["auc"] for r in per_repeat]
+    over_repeats = {
+        "n_repeats": len(per_repeat),
+        "pooled_auc": repeat_aucs,
+        "mean": float(np.mean(repeat_aucs)),
+        "std": float(np.std(repeat_aucs, ddof=1)) if len(repeat_aucs) > 1 else math.nan,
+        "min": float(np.min(repeat_aucs)),
+        "max": float(np.max(repeat_aucs)),
+    }
 
-    preds = (probs >= 0.5).astype(np.int64)
+    preds = (probs >= threshold_of([r for r in ordered if r.repeat == repeats[0]])).astype(np.int64)
     audit = site_audit(all_ids, labels, preds)
     cohort = [k_ for k_, i in enumerate(all_ids) if site_of(i) == MIXED_COHORT]
     if cohort:
-        audit["mixed_cohort"] = {"site": MIXED_COHORT, **compute_metrics(labels[cohort], probs[cohort])}
-    warnings = [w for w in [site_warning(audit)] if w]
-    if partial:
-        warnings.insert(0, f"PARTIAL: {len(ordered)} of {k} folds (missing {missing}); not a {k}-fold result")
+        audit["mixed_cohort"] = {
+            "site": MIXED_COHORT,
+            **compute_metrics(labels[cohort], probs[cohort]),
+            "auc_delong": delong_or_reason(labels[cohort], probs[cohort]),
+        }
+    site_warn = site_warning(audit)
+    if site_warn:
+        warnings.append(site_warn)
+    baseline = site_baseline_for(ordered, all_ids, labels, repeats[0], protocol)
 
     report = {
         "results_dir": str(results_dir),
         "k": k,
+        "protocol": protocol,
+        "protocol_label": PROTOCOL_LABELS.get(protocol, protocol),
         "partial": partial,
-        "missing_folds": missing,
+        "missing_folds": [f for rep, f in missing if rep == repeats[0]],
+        "missing": [list(m) for m in missing],
         "folds": rows,
         "mean": {m: s[0] for m, s in stats.items()},
         "std": {m: s[1] for m, s in stats.items()},
         "std_definition": "sample standard deviation over folds (ddof = 1)",
         "pooled": pooled,
+        "repeats": [{"repeat": r["repeat"], "pooled": r["pooled"]} for r in per_repeat],
+        "over_repeats": over_repeats,
+        "site_baseline": baseline,
         "sites": audit,
         "warnings": warnings,
     }
-    roc_png, pr_png = cv_curves(ordered, labels, probs, results_dir)
+    roc_png, pr_png = cv_curves([r for r in ordered if r.repeat == repeats[0]], labels, probs, results_dir)
     rel_png = results_dir / "cv_reliability.png"
-    save_figure(honest.reliability_figure({"pooled out-of-fold": pooled["calibration"]["reliability"]}), rel_png)
+    curves = {f"repeat {r['repeat']}": r["pooled"]["calibration"]["reliability"] for r in per_repeat}
+    save_figure(honest.reliability_figure(curves), rel_png)
     report["figures"] = [str(roc_png), str(pr_png), str(rel_png)]
     _write(results_dir, report)
     return report
+
+
+PROTOCOL_LABELS = {
+    "inner": "inner selection: epochs, checkpoints, thresholds and calibration chosen on a selection part of each "
+    "fold's training patients; every reported patient scored once",
+    "outer": "selected on the reported folds (optimistic)",
+    "mixed": "mixed protocols (inner and outer folds together)",
+}
+BOOTSTRAP = {"method": "percentile interval of the AUC over patient resamples (with replacement, all patients)"}
+
+
+def threshold_of(runs: list[FoldRun]) -> np.ndarray | float:
+    """Each patient's own fold's decision threshold (fitted on that fold's selection part), in pooled order."""
+    if all("threshold" not in r.final for r in runs):
+        return 0.5
+    return np.concatenate([np.full(len(r.ids), float(r.final.get("threshold", 0.5))) for r in runs])
+
+
+def delong_or_reason(labels, probs) -> dict:
+    try:
+        return honest.delong_auc(labels, probs)
+    except ValueError as e:
+        return {"error": str(e), "n": len(labels)}
+
+
+def fold_row(r: FoldRun) -> dict:
+    f = r.final
+    row = {
+        "repeat": r.repeat,
+        "fold": r.fold,
+        "run": str(r.run_dir),
+        "checkpoint": f.get("checkpoint"),
+        "best_epoch": f.get("best_epoch"),
+        "n": len(r.ids),
+        "threshold": f.get("threshold", 0.5),
+        **{m: float(f[m]) for m in METRICS},
+    }
+    d = delong_or_reason(r.labels, r.probs)
+    row["auc_ci95_delong"] = [d["ci_low"], d["ci_high"]] if "ci_low" in d else None
+    row["brier"] = honest.brier(r.labels, r.probs)
+    row["ece"] = honest.ece(r.labels, r.probs)
+    return row
+
+
+def site_baseline_for(runs: list[FoldRun], ids, labels, repeat: int, protocol: str) -> dict | None:
+    """The site-only baseline over the same folds (folds.json of the runs' cache) and the same protocol."""
+    from gliograde.data.splits import load_folds
+    from gliograde.evaluation.site_baseline import site_baseline
+
+    cache_dirs = {r.cache_dir for r in runs if r.cache_dir}
+    path = next((Path(c) / "folds.json" for c in cache_dirs if (Path(c) / "folds.json").is_file()), None)
+    if path is None:
+        return {"error": "the runs' cache (and its folds.json) was not found; no site baseline"}
+    try:
+        folds = load_folds(path)
+        result = site_baseline(ids, labels, folds, repeat, "inner" if protocol == "inner" else "outer")
+    except GliogradeError as e:
+        return {"error": str(e)}
+    out = {key: result[key] for key in ("protocol", "per_fold", "pooled")}
+    try:
+        out["pooled"]["auc_delong"] = honest.delong_auc(result["labels"], result["probs"])
+    except ValueError as e:
+        out["pooled"]["auc_delong"] = {"error": str(e)}
+    out["folds_file"] = str(path)
+    return out
 
 
 def _fmt(x) -> str:
@@ -317,14 +447,20 @@ def _fmt(x) -> str:
 
 def table_lines(report: dict) -> list[str]:
     """The per-fold markdown table with its mean ± std row (printed by the CLI too)."""
-    head = ["Fold", "Best epoch", "Checkpoint", "AUC", "F1", "Accuracy", "Sensitivity", "Specificity", "Bal. acc."]
+    many = len({r.get("repeat", 0) for r in report["folds"]}) > 1
+    head = ["Repeat"] * many + ["Fold", "Best epoch", "Checkpoint", "Threshold", "AUC", "AUC 95 % CI (DeLong)"]
+    head += ["F1", "Accuracy", "Sensitivity", "Specificity", "Bal. acc."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["folds"]:
-        cells = [str(r["fold"]), str(r["best_epoch"]), str(r["checkpoint"])] + [_fmt(r[m]) for m in METRICS]
+        ci = r.get("auc_ci95_delong")
+        cells = [str(r.get("repeat", 0))] * many + [str(r["fold"]), str(r["best_epoch"]), str(r["checkpoint"])]
+        cells += [_fmt(r.get("threshold", 0.5)), _fmt(r["auc"]), f"{_fmt(ci[0])}-{_fmt(ci[1])}" if ci else "n/a"]
+        cells += [_fmt(r[m]) for m in METRICS if m != "auc"]
         lines.append("| " + " | ".join(cells) + " |")
-    ms = [f"{_fmt(report['mean'][m])} ± {_fmt(report['std'][m])}" for m in METRICS]
-    label = "**Mean ± std**" + (" (PARTIAL)" if report["partial"] else "")
-    lines.append("| " + " | ".join([label, "", "", *ms]) + " |")
+    ms = {m: f"{_fmt(report['mean'][m])} ± {_fmt(report['std'][m])}" for m in METRICS}
+    name = "**Mean ± std**" + (" (PARTIAL)" if report["partial"] else "")
+    cells = [name] + [""] * (many + 3) + [ms["auc"], ""] + [ms[m] for m in METRICS if m != "auc"]
+    lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -355,7 +491,25 @@ def _write(out: Path, report: dict) -> None:
     title = f"# Cross-validation summary: {report['k']}-fold" + (" (PARTIAL)" if report["partial"] else "")
     md = [title, ""]
     md += [f"> **Warning.** {w}" for w in report["warnings"]] + ([""] if report["warnings"] else [])
+    md += [f"**Protocol.** {report.get('protocol_label', 'not recorded')}.", ""]
     md += ["## Per fold", "", *table_lines(report), "", f"Std: {report['std_definition']}.", ""]
+    rep = report.get("over_repeats")
+    if rep and rep["n_repeats"] > 1:
+        md += [
+            "## Repeats",
+            "",
+            "| Repeat | Pooled AUC | 95 % CI (DeLong) |",
+            "|---|---|---|",
+            *(
+                f"| {r['repeat']} | {_fmt(r['pooled']['auc'])} | "
+                f"{_fmt(r['pooled']['auc_delong'].get('ci_low'))}-{_fmt(r['pooled']['auc_delong'].get('ci_high'))} |"
+                for r in report["repeats"]
+            ),
+            "",
+            f"Pooled AUC over {rep['n_repeats']} repeats: mean {_fmt(rep['mean'])} ± {_fmt(rep['std'])} (sample std), "
+            f"range {_fmt(rep['min'])}-{_fmt(rep['max'])}. The sections below are repeat 0's.",
+            "",
+        ]
     md += [
         "## Pooled out-of-fold",
         "",
@@ -379,11 +533,27 @@ def _write(out: Path, report: dict) -> None:
             f"| {site} | {e['cases']} | {e['HGG']} | {e['LGG']} | {'yes' if e['single_grade'] else 'no'} | "
             f"{_fmt(e.get('accuracy'))} |"
         )
-    if "mixed_cohort" in audit:
-        c = audit["mixed_cohort"]
+    base = report.get("site_baseline") or {}
+    if "pooled" in base:
+        b = base["pooled"]
+        d = b.get("auc_delong", {})
+        ci = f" (95 % CI {_fmt(d['ci_low'])}-{_fmt(d['ci_high'])})" if "ci_low" in d else ""
         md += [
             "",
-            f"Mixed-grade {c['site']} cohort alone ({c['n']} patients): AUC {_fmt(c['auc'])}, "
+            f"**Site-only baseline** (logistic regression on the site read from the case id, same folds, protocol "
+            f"{base['protocol']}): pooled AUC {_fmt(b['auc'])}{ci}, against the model's {_fmt(p['auc'])}. What the "
+            "site alone predicts is not evidence that the images were read.",
+        ]
+    elif base.get("error"):
+        md += ["", f"Site-only baseline not computed: {base['error']}."]
+    if "mixed_cohort" in audit:
+        c = audit["mixed_cohort"]
+        d = c.get("auc_delong", {})
+        ci = f", 95 % DeLong CI {_fmt(d['ci_low'])}-{_fmt(d['ci_high'])}" if "ci_low" in d else ""
+        md += [
+            "",
+            f"Mixed-grade {c['site']} cohort alone (n = {c['n']}: {c['per_class']['HGG']['support']} HGG, "
+            f"{c['per_class']['LGG']['support']} LGG): AUC {_fmt(c['auc'])}{ci}, "
             f"accuracy {_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, "
             f"specificity {_fmt(c['specificity'])}.",
         ]
@@ -394,9 +564,12 @@ def _write(out: Path, report: dict) -> None:
     write_json(out / "summary.json", report)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["fold", "best_epoch", "checkpoint", *METRICS, "run"])
+    w.writerow(["fold", "best_epoch", "checkpoint", *METRICS, "run", "repeat", "threshold"])
     for r in report["folds"]:
-        w.writerow([r["fold"], r["best_epoch"], r["checkpoint"], *(r[m] for m in METRICS), r["run"]])
-    w.writerow(["mean", "", "", *(report["mean"][m] for m in METRICS), ""])
-    w.writerow(["std", "", "", *(report["std"][m] for m in METRICS), ""])
+        w.writerow(
+            [r["fold"], r["best_epoch"], r["checkpoint"], *(r[m] for m in METRICS), r["run"], r.get("repeat", 0),
+             r.get("threshold", 0.5)]
+        )  # fmt: skip
+    w.writerow(["mean", "", "", *(report["mean"][m] for m in METRICS), "", "", ""])
+    w.writerow(["std", "", "", *(report["std"][m] for m in METRICS), "", "", ""])
     write_text_atomic(out / "summary.csv", buf.getvalue())
