@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from gliograde import MODALITIES
 from gliograde.cli import main
 from gliograde.data.brats import discover_cases, read_case_folder
 from gliograde.errors import DataError
+from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.scoring import model_from_checkpoint
 from gliograde.inference.predict import PredictError, load_ensemble, output_dir, predict_cases
 from gliograde.inference.saliency import grad_cam
@@ -34,14 +36,20 @@ def test_the_ensemble_prepares_cases_as_the_cache_and_averages_the_folds(cv_run,
     records = predict_cases(cases, ensemble, output_dir(tmp_path / "out"))
     for case, record in zip(cases, records, strict=True):
         x = torch.from_numpy(cache.volumes[cache.ids.index(case.id)].astype(np.float32))[None]
-        expected = []
+        expected, raw = [], []
         for m in ensemble:
             model = model_from_checkpoint(load_checkpoint(m.checkpoint), m.checkpoint)
             with torch.no_grad():
-                expected.append(float(torch.softmax(model(x), 1)[0, 1]))
+                raw.append(float(torch.softmax(model(x), 1)[0, 1]))
+            # each fold's probability at the operating point its run fitted on its selection part
+            final = json.loads((m.checkpoint.parent.parent / "metrics" / "metrics.json").read_text())["final"]
+            expected.append(float(OperatingPoint.from_dict(final["operating_point"]).apply(np.array([raw[-1]]))[0]))
         assert list(record["folds"].values()) == pytest.approx(expected, abs=1e-6)
         assert record["p_hgg"] == pytest.approx(np.mean(expected), abs=1e-6)
-        assert record["predicted_grade"] == ("HGG" if record["p_hgg"] >= 0.5 else "LGG")
+        assert record["p_hgg_raw"] == pytest.approx(np.mean(raw), abs=1e-6)
+        threshold = np.mean([m.point.threshold for m in ensemble])
+        assert record["threshold"] == pytest.approx(threshold)
+        assert record["predicted_grade"] == ("HGG" if record["p_hgg"] >= threshold else "LGG")
         assert record["true_grade"] == case.grade
     header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0]
     assert header == "case,p_hgg,predicted_grade,true_grade,fold_0,fold_1,fold_2"

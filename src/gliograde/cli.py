@@ -32,6 +32,13 @@ def _add_synth(sub):
     p.add_argument("--hgg-fraction", type=float, default=210 / 285, help="share of HGG cases (default 210/285)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument(
+        "--signal",
+        choices=["grade", "none", "site"],
+        default="grade",
+        help="what predicts the grade: the tumour's look (default), nothing (permuted grades), or the site only "
+        "(single-grade sites with a scanner imprint): sets whose honest answer is known",
+    )
     p.set_defaults(func=cmd_synth)
 
 
@@ -39,7 +46,9 @@ def cmd_synth(args) -> None:
     from gliograde.data.synthetic import synthesize
 
     start = time.perf_counter()
-    out, reused = synthesize(args.out, args.cases, args.shape, args.seed, args.hgg_fraction, args.workers)
+    out, reused = synthesize(
+        args.out, args.cases, args.shape, args.seed, args.hgg_fraction, args.workers, signal=args.signal
+    )
     if reused:
         log.info("%s already holds this synthetic set; nothing written", out)
     else:

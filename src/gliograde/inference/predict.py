@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from gliograde.config import load_run_config
 from gliograde.data.brats import UNKNOWN_GRADE, Case
 from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case, to_original_grid
 from gliograde.errors import GliogradeError
+from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.scoring import model_from_checkpoint
 from gliograde.evaluation.summary import find_runs
 from gliograde.files import new_stamped_dir, write_json, write_text_atomic
@@ -51,6 +53,8 @@ class Member:
     modalities: list[str]
     size: int
     preprocess: dict
+    point: OperatingPoint = field(default_factory=lambda: OperatingPoint(0.5, 0.5))
+    logit_scale: float = 1.0
 
 
 def _member(run_dir: Path, policy: str) -> Member:
@@ -58,14 +62,25 @@ def _member(run_dir: Path, policy: str) -> Member:
         cfg = load_run_config(run_dir)
         fold, ema = cfg.fold, cfg.ema_decay > 0
     except GliogradeError:
-        fold, ema = None, True  # a bare checkpoints/ folder: auto still prefers best_ema, never last
+        cfg, fold, ema = None, None, True  # a bare checkpoints/ folder: auto still prefers best_ema, never last
     path = select_checkpoint(run_dir / "checkpoints", policy, ema_enabled=ema)
     ckpt = load_checkpoint(path)
     pre = ckpt.get("preprocess")
     if pre is None:
         log.warning("%s records no preprocessing; assuming size %s and margin %d", path, ckpt["size"], DEFAULT_MARGIN)
         pre = {"size": ckpt["size"], "margin": DEFAULT_MARGIN, "preprocess_version": PREPROCESS_VERSION}
-    return Member(fold, path, model_from_checkpoint(ckpt, path), list(ckpt["modalities"]), int(ckpt["size"]), pre)
+    # the operating point the run fitted on its selection part (prior correction, temperature, threshold)
+    point = OperatingPoint(0.5, 0.5)
+    try:
+        final = json.loads((run_dir / "metrics" / "metrics.json").read_text()).get("final") or {}
+        if final.get("operating_point"):
+            point = OperatingPoint.from_dict(final["operating_point"])
+    except (OSError, ValueError):
+        log.warning("%s: no readable metrics/metrics.json; raw probabilities, threshold 0.5", run_dir)
+    saved = ckpt.get("config") or {}
+    scale = float(saved.get("ldam_s", 30.0)) if saved.get("loss") == "ldam" else 1.0
+    model = model_from_checkpoint(ckpt, path)
+    return Member(fold, path, model, list(ckpt["modalities"]), int(ckpt["size"]), pre, point, scale)
 
 
 def load_ensemble(paths: list[str | Path], policy: str = "auto") -> list[Member]:
@@ -74,9 +89,11 @@ def load_ensemble(paths: list[str | Path], policy: str = "auto") -> list[Member]
     for p in map(Path, paths):
         if (p / "runs").is_dir():
             runs, problems = find_runs(p)
-            for fold, why in sorted(problems.items()):
-                log.warning("%s: fold %d has no complete run (%s); the ensemble goes without it", p, fold, why)
-            members += [_member(r.run_dir, policy) for _, r in sorted(runs.items())]
+            for (repeat, fold), why in sorted(problems.items()):
+                if repeat == 0:
+                    log.warning("%s: fold %d has no complete run (%s); the ensemble goes without it", p, fold, why)
+            # one model per fold: repeat 0's (other repeats re-split the same patients)
+            members += [_member(r.run_dir, policy) for (repeat, _), r in sorted(runs.items()) if repeat == 0]
         elif (p / "checkpoints").is_dir():
             members.append(_member(p, policy))
         else:
@@ -105,11 +122,13 @@ def load_ensemble(paths: list[str | Path], policy: str = "auto") -> list[Member]
 
 
 @torch.no_grad()
-def _probability(model: ResNet3D, x: torch.Tensor, tta: bool, dtype) -> float:
+def _probability(member: Member, x: torch.Tensor, tta: bool, dtype) -> tuple[float, float]:
+    """(raw P(HGG), P(HGG) at the member's operating point) of one case."""
     batch = torch.cat([x.flip(d) if d else x for d in FLIPS]) if tta else x
     with torch.autocast(x.device.type, dtype=dtype) if dtype else nullcontext():
-        logits = model(batch)
-    return float(torch.softmax(logits.float(), 1)[:, 1].mean())
+        logits = member.model(batch)
+    raw = float(torch.softmax(member.logit_scale * logits.float(), 1)[:, 1].mean())
+    return raw, float(member.point.apply(np.array([raw]))[0])
 
 
 def output_dir(out: str | Path | None, parent: str | Path = "predictions") -> Path:
@@ -139,6 +158,9 @@ def predict_cases(
     device = device or runtime.pick_device("auto")
     precision = None  # decided on the first case (a real input), as training and `evaluate` decide it
     ref = members[0]
+    # each member's P(HGG) at its own operating point (fitted on its fold's selection part), averaged; the decision
+    # threshold is the mean of the members' thresholds
+    threshold = float(np.mean([m.point.threshold for m in members]))
     channels = [MODALITIES.index(m) for m in ref.modalities]
     for m in members:
         m.model.to(device)
@@ -158,12 +180,15 @@ def predict_cases(
             precision = runtime.decide_precision("auto", None, device, ref.model, x)
             log.info("Precision: %s", precision.reason)
         dtype = precision.dtype
-        per_model = [_probability(m.model, x, tta, dtype) for m in members]
+        both = [_probability(m, x, tta, dtype) for m in members]
+        per_model = [b[1] for b in both]
         p = float(np.mean(per_model))
         record = {
             "case": case.id,
             "p_hgg": p,
-            "predicted_grade": GRADES[int(p >= 0.5)],
+            "p_hgg_raw": float(np.mean([b[0] for b in both])),
+            "threshold": threshold,
+            "predicted_grade": GRADES[int(p >= threshold)],
             "true_grade": case.grade if case.grade != UNKNOWN_GRADE else None,
             "folds": dict(zip(names, per_model, strict=True)),
         }
