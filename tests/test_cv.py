@@ -316,3 +316,24 @@ def test_a_fold_that_fails_in_its_process_is_named_and_reported_not_raised(monke
     assert expected in detail
     if "batch-size" in expected:
         assert "--gradient-accumulation-steps" in detail and "memory" in detail
+
+
+def test_evaluate_measures_where_the_model_looks_and_the_summary_reports_it(cv_run, capsys):
+    _, cfg, report = cv_run
+    run = Path(report["folds"][0]["run"])
+    assert main(["evaluate", "--run", str(run), "--attention", "--saliency-layer", "layer3"]) == 0
+    ev = max(run.glob("evaluation_*"), key=lambda p: p.name)
+    attention = json.loads((ev / "metrics.json").read_text())["final"]["attention"]
+    per_case = json.loads((ev / "attention.json").read_text())["per_case"]
+    assert attention["layer"] == "layer3" and attention["n"] == len(per_case) == report["folds"][0]["n"]
+    for case in per_case:  # nan: an all-zero map (a 1^3 Grad-CAM grid at 16^3 can vanish), no mass to place
+        assert math.isnan(case["mass_in_mask"]) or 0 <= case["mass_in_mask"] <= 1
+        assert 0 < case["chance"] < 1 and case["pointing_hit"] in (True, False)
+    mass = [c["mass_in_mask"] for c in per_case]
+    assert attention["mean_mass_in_mask"] == pytest.approx(np.nanmean(mass), nan_ok=True)
+    summary = summarize(cfg.output_dir)
+    assert summary["attention"]["pooled"]["n"] == attention["n"] and summary["attention"]["pooled"][
+        "folds_checked"
+    ] == [0]
+    assert summary["folds"][0]["attention_mass"] == pytest.approx(attention["mean_mass_in_mask"], nan_ok=True)
+    assert "Where the model looks" in (Path(cfg.output_dir) / "summary.md").read_text()

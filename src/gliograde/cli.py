@@ -374,12 +374,24 @@ def add_evaluate_flags(p: argparse.ArgumentParser) -> None:
         help="auto = best_ema.pt if present, else best.pt (last.pt is never evaluated)",
     )
     p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, help="the cache, if it moved")
+    p.add_argument(
+        "--attention",
+        action="store_true",
+        help="also measure where the model looks: Grad-CAM mass inside each case's tumour mask, pointing game",
+    )
+    p.add_argument(
+        "--saliency-layer",
+        dest="saliency_layer",
+        choices=["layer3", "layer4"],
+        default="layer4",
+        help="Grad-CAM layer for --attention (layer3: 8^3 instead of 4^3 at 128^3)",
+    )
 
 
 def cmd_evaluate(args) -> None:
     from gliograde.evaluation.evaluate import evaluate_run
 
-    evaluate_run(args.run, args.checkpoint, args.cache_dir)
+    evaluate_run(args.run, args.checkpoint, args.cache_dir, args.attention, args.saliency_layer)
 
 
 # ------------------------------------------------------------------------------------------ summarize
@@ -410,6 +422,13 @@ def _add_predict(sub):
     p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "best_ema"])
     p.add_argument("--tta", action="store_true", help="average over the 8 axis-flip versions of each volume")
     p.add_argument("--saliency", action="store_true", help="Grad-CAM NIfTI on the case's grid + PNG per case")
+    p.add_argument(
+        "--saliency-layer",
+        dest="saliency_layer",
+        choices=["auto", "layer1", "layer2", "layer3", "layer4"],
+        default="auto",
+        help="Grad-CAM layer (auto: the deepest with a map of at least 4 voxels per edge; layer3 is 8^3 at 128^3)",
+    )
     p.set_defaults(func=cmd_predict)
 
 
@@ -421,7 +440,7 @@ def cmd_predict(args) -> None:
     members = load_ensemble(args.runs, args.checkpoint)
     log.info("ensemble of %d checkpoint(s); %d case(s) to predict", len(members), len(cases))
     out = output_dir(args.out)
-    predict_cases(cases, members, out, args.tta, args.saliency)
+    predict_cases(cases, members, out, args.tta, args.saliency, saliency_layer=args.saliency_layer)
     log.info("predictions: %s (and .json)", out / "predictions.csv")
     if args.saliency:
         log.info("saliency maps: %s", out / "saliency")

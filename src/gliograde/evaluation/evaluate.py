@@ -24,8 +24,9 @@ from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import plots
 from gliograde.evaluation.calibration import OperatingPoint
-from gliograde.evaluation.scoring import evaluate_checkpoint
+from gliograde.evaluation.scoring import evaluate_checkpoint, model_from_checkpoint
 from gliograde.files import new_stamped_dir, write_json
+from gliograde.training.checkpoints import load_checkpoint
 from gliograde.training.losses import make_loss
 
 log = logging.getLogger("gliograde")
@@ -33,6 +34,30 @@ log = logging.getLogger("gliograde")
 
 class EvaluationError(GliogradeError):
     pass
+
+
+def attention_check(run_dir: Path, checkpoint: str, cache, rows, channels, device, layer: str, out: Path) -> dict:
+    """Grad-CAM of the evaluated checkpoint against the tumour masks of the reported cases; the summary is returned,
+    the per-case figures go to out/attention.json."""
+    from gliograde.inference.attention import attention_report
+
+    path = run_dir / "checkpoints" / checkpoint
+    model = model_from_checkpoint(load_checkpoint(path), path).to(device)
+    report = attention_report(model, cache, rows, channels, device, layer)
+    write_json(out / "attention.json", report)
+    s = report["summary"]
+    log.info(
+        "Attention (%s, Grad-CAM grid %s): %.1f %% of the map's mass in the tumour (chance %.1f %%), pointing game "
+        "%.2f over %d cases (%d skipped)",
+        layer,
+        report.get("cam_grid"),
+        100 * s["mean_mass_in_mask"],
+        100 * s["mean_chance"],
+        s["pointing_game_accuracy"],
+        s["n"],
+        len(s["skipped"]),
+    )
+    return {**s, "layer": layer, "cam_grid": report.get("cam_grid"), "file": str(out / "attention.json")}
 
 
 def read_final(run_dir: Path) -> dict:
@@ -52,7 +77,16 @@ class Evaluation:
     metrics: dict
 
 
-def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | None = None) -> Evaluation:
+def evaluate_run(
+    run_dir: str | Path,
+    policy: str = "auto",
+    cache_dir: str | None = None,
+    attention: bool = False,
+    layer: str = "layer4",
+) -> Evaluation:
+    """Re-score a run's selected checkpoint on its reported patients, at the run's operating point, into a new
+    evaluation_* folder. `attention`: also measure where the model looks (Grad-CAM at `layer` against each case's
+    tumour mask: the mass inside it and the pointing game), written to attention.json and into metrics.json."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if cache_dir is not None:
@@ -108,6 +142,10 @@ def evaluate_run(run_dir: str | Path, policy: str = "auto", cache_dir: str | Non
     plots.confusion(final["confusion_matrix"], out / "confusion_matrix.png", title)
     plots.roc(labels, probs, out / "roc_curve.png", title, final["auc"])
     plots.pr(labels, probs, out / "pr_curve.png", title)
+    if attention:
+        final["attention"] = attention_check(
+            run_dir, final["checkpoint"], cache, val_rows, channels, device, layer, out
+        )
     write_json(
         out / "metrics.json",
         {

@@ -347,6 +347,15 @@ def summarize(
     if site_warn:
         warnings.append(site_warn)
     baseline = site_baseline_for(ordered, all_ids, labels, repeats[0], protocol)
+    looks = attention_of([r for r in ordered if r.repeat == repeats[0]], rows)
+    if looks and looks.get("pooled"):
+        a = looks["pooled"]
+        if pooled["auc"] >= 0.75 and a["mean_mass_in_mask"] < 1.5 * a["mean_chance"]:
+            warnings.append(
+                f"AUC {pooled['auc']:.2f} with {100 * a['mean_mass_in_mask']:.0f} % of the Grad-CAM mass on the tumour "
+                f"(chance {100 * a['mean_chance']:.0f} %): a high AUC with little attention on the tumour is the "
+                "signature of shortcut learning (scanner or site); compare the site-only baseline"
+            )
 
     report = {
         "results_dir": str(results_dir),
@@ -364,6 +373,7 @@ def summarize(
         "repeats": [{"repeat": r["repeat"], "pooled": r["pooled"]} for r in per_repeat],
         "over_repeats": over_repeats,
         "site_baseline": baseline,
+        "attention": looks,
         "sites": audit,
         "warnings": warnings,
     }
@@ -416,6 +426,42 @@ def fold_row(r: FoldRun) -> dict:
     row["brier"] = honest.brier(r.labels, r.probs)
     row["ece"] = honest.ece(r.labels, r.probs)
     return row
+
+
+def attention_of(runs: list[FoldRun], rows: list[dict]) -> dict | None:
+    """Where the model looks, from each run's newest `evaluate --attention` (evaluation_*/metrics.json): per fold,
+    and pooled over the scored cases. None where no run has been checked."""
+    per_fold = {}
+    for r in runs:
+        for ev in sorted(r.run_dir.glob("evaluation_*"), key=lambda p: p.name, reverse=True):
+            try:
+                found = json.loads((ev / "metrics.json").read_text())["final"].get("attention")
+            except (OSError, ValueError, KeyError):
+                continue
+            if found:
+                per_fold[r.fold] = found
+                break
+    if not per_fold:
+        return None
+    for row in rows:
+        a = per_fold.get(row["fold"]) if row.get("repeat", 0) == runs[0].repeat else None
+        if a:
+            row.update({"attention_mass": a["mean_mass_in_mask"], "attention_chance": a["mean_chance"],
+                        "pointing_game": a["pointing_game_accuracy"]})  # fmt: skip
+    n = sum(a["n"] for a in per_fold.values())
+
+    def weighted(key):
+        return sum(a[key] * a["n"] for a in per_fold.values()) / n if n else math.nan
+
+    pooled = {
+        "n": n,
+        "mean_mass_in_mask": weighted("mean_mass_in_mask"),
+        "mean_chance": weighted("mean_chance"),
+        "pointing_game_accuracy": weighted("pointing_game_accuracy"),
+        "layers": sorted({a.get("layer", "?") for a in per_fold.values()}),
+        "folds_checked": sorted(per_fold),
+    }
+    return {"per_fold": {str(k): v for k, v in per_fold.items()}, "pooled": pooled}
 
 
 def site_baseline_for(runs: list[FoldRun], ids, labels, repeat: int, protocol: str) -> dict | None:
@@ -546,6 +592,16 @@ def _write(out: Path, report: dict) -> None:
         ]
     elif base.get("error"):
         md += ["", f"Site-only baseline not computed: {base['error']}."]
+    looks = report.get("attention") or {}
+    if looks.get("pooled"):
+        a = looks["pooled"]
+        md += [
+            "",
+            f"**Where the model looks** (Grad-CAM at {', '.join(a['layers'])} against the tumour masks, folds "
+            f"{a['folds_checked']}, {a['n']} cases): {100 * a['mean_mass_in_mask']:.1f} % of the map's mass inside "
+            f"the tumour (a map uniform over the brain: {100 * a['mean_chance']:.1f} %), pointing game "
+            f"{a['pointing_game_accuracy']:.2f}.",
+        ]
     if "mixed_cohort" in audit:
         c = audit["mixed_cohort"]
         d = c.get("auc_delong", {})

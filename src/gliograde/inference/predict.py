@@ -150,6 +150,7 @@ def predict_cases(
     tta: bool = False,
     saliency: bool = False,
     device: torch.device | None = None,
+    saliency_layer: str = "auto",
 ) -> list[dict]:
     """Predict every case; write predictions.csv/.json (and saliency/) into `out`; return the records."""
     repeated = sorted({c.id for c in cases if [d.id for d in cases].count(c.id) > 1})
@@ -193,7 +194,7 @@ def predict_cases(
             "folds": dict(zip(names, per_model, strict=True)),
         }
         if saliency:
-            cams = [grad_cam(m.model, x) for m in members]
+            cams = [grad_cam(m.model, x, layer=saliency_layer) for m in members]
             cam = torch.stack([c[0][0] for c in cams]).mean(0)
             cam = (cam / cam.max().clamp_min(1e-12)).cpu().numpy()  # the ensemble map scaled to peak 1 again
             image = to_original_grid(cam, geometry)
