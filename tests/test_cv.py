@@ -93,6 +93,24 @@ def test_summary_reports_mean_sample_std_and_pooled_auc(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
+def test_runs_of_different_protocols_or_splits_are_not_pooled(tmp_path):
+    folds = fake_cv(tmp_path, k=3)
+    config = folds[1][0] / "config" / "config.json"
+    config.write_text(json.dumps({"config": {"fold": 1, "folds": 3, "split_seed": 7}}))
+    with pytest.raises(SummaryError, match="different splits"):
+        summarize(tmp_path)
+    assert any(w.startswith("MIXED splits") for w in summarize(tmp_path, allow_partial=True)["warnings"])
+    config.write_text(json.dumps({"config": {"fold": 1, "folds": 3}}))
+    metrics = folds[2][0] / "metrics" / "metrics.json"
+    m = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**m, "selection": {"protocol": "inner"}}))
+    with pytest.raises(SummaryError, match="mix selection protocols"):
+        summarize(tmp_path)
+    metrics.write_text(json.dumps(m))
+    report = summarize(tmp_path)  # the fake runs record no protocol: the seeds' outer, labelled optimistic
+    assert report["protocol"] == "outer" and any("optimistic" in w for w in report["warnings"])
+
+
 def test_the_seed_table_gives_the_seed_mean_and_std():
     mean, std = mean_std([0.8079, 0.9016, 0.8952, 0.9206, 0.8714])  # training_journey_summary.md, Table 1
     assert (round(mean, 4), round(std, 4)) == (0.8793, 0.0436)  # the seed prints 0.8794 (rounding of its inputs)

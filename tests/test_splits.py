@@ -364,3 +364,27 @@ def test_spec_resolution():
     assert SplitSpec().resolved() == SplitSpec(5, 42, 1, None, False, 0.2)
     assert SplitSpec(leave_site_out=True).resolved(n_sites=7) == SplitSpec(7, 42, 1, "site", True, 0.2)
     assert SplitSpec(k=3, seed=1).asked() == {"k": 3, "seed": 1}
+
+
+def test_the_persisted_split_is_the_truth_for_train_and_cv(synth_root, tmp_path, capsys):
+    """prepare --folds 3, then train without --folds: K (and the seed, repeats, inner part) come from folds.json;
+    only an explicit, different --folds is refused."""
+    import json
+
+    from gliograde.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--data-root", str(synth_root), "--out", str(cache), "--size", "16", "--folds", "3",
+                 "--workers", "1"]) == 0  # fmt: skip
+    common = ["--preset", "cpu-demo", "--size", "16", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "r")]
+    assert main(["train", *common, "--fold", "2", "--epochs", "1", "--min-epochs", "1"]) == 0
+    run = next((tmp_path / "r" / "runs" / "fold_2").iterdir())
+    config = json.loads((run / "config" / "config.json").read_text())["config"]
+    assert (config["folds"], config["split_seed"], config["repeats"], config["inner_fraction"]) == (3, 42, 1, 0.2)
+    capsys.readouterr()
+    assert main(["train", *common, "--folds", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a split with k=3" in err and "k=5" in err
+    with pytest.raises(SystemExit) as e:  # --folds is K in every command (argparse's usage error)
+        main(["cv", *common, "--folds", "0,2"])
+    assert e.value.code == 2 and "pick folds with --only 0,2" in capsys.readouterr().err

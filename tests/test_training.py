@@ -73,6 +73,7 @@ def test_the_run_folder_holds_everything_the_seeds_list(learned):
     plots = {p.name for p in (run / "plots").iterdir()}
     for name in ("loss_curve", "learning_curves", "confusion_matrix", "roc_curve", "pr_curve"):
         assert f"{name}.png" in plots and f"{name}_epoch_1.png" in plots
+    assert "reliability.png" in plots  # the calibration of the reported fold
     preds = run / "predictions"
     probs, labels = np.load(preds / "val_probs.npy"), np.load(preds / "val_labels.npy")
     threshold = metrics["final"]["threshold"]

@@ -55,6 +55,7 @@ class FoldRun:
     repeat: int = 0
     protocol: str = "outer"  # inner | outer (runs made before the protocol was recorded: outer, the seeds')
     cache_dir: str | None = None
+    split: tuple = ()  # the split settings of the run's configuration (K, seed, repeats, grouping, inner part)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -104,6 +105,9 @@ def read_run(run_dir: Path) -> FoldRun:
         int(metrics.get("repeat", config.get("repeat", 0)) or 0),
         protocol,
         config.get("cache_dir"),
+        tuple(
+            config.get(k) for k in ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
+        ),
     )
 
 
@@ -283,6 +287,17 @@ def summarize(
                 "--selection, or pass --allow-partial for a summary labelled mixed"
             )
         warnings.append(f"MIXED protocols ({detail}): the pooled numbers combine inner- and outer-selected folds")
+    splits = sorted({r.split for r in chosen.values()}, key=str)
+    if len(splits) > 1:
+        detail = "; ".join(
+            f"{s}: {', '.join(label(key) for key, r in sorted(chosen.items()) if r.split == s)}" for s in splits
+        )
+        if not allow_partial:
+            raise SummaryError(
+                f"the runs come from different splits (K, seed, repeats, grouping, inner part: {detail}); a summary "
+                "over them pools patients of incompatible folds. Pass --allow-partial for one labelled mixed"
+            )
+        warnings.append(f"MIXED splits ({detail})")
     repeats = sorted({r.repeat for r in chosen.values()})
     missing = [(rep, f) for rep in repeats for f in range(k) if (rep, f) not in chosen]
     partial = bool(missing)

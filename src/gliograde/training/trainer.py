@@ -35,9 +35,9 @@ from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.calibration import fit_operating_point, seeds_point
 from gliograde.evaluation.metrics import compute_metrics
-from gliograde.evaluation.plots import PlotWriter
+from gliograde.evaluation.plots import PlotWriter, save_figure
 from gliograde.evaluation.scoring import evaluate_checkpoint, predict
-from gliograde.evaluation.stats import honest_statistics
+from gliograde.evaluation.stats import honest_statistics, reliability_figure
 from gliograde.files import new_stamped_dir, write_json
 from gliograde.networks import build_model
 from gliograde.networks.resnet3d import ResNet3D
@@ -548,6 +548,8 @@ def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run
     title = f"fold {cfg.fold}, final ({final['checkpoint']}, epoch {final['best_epoch']})"
     plots.submit(history, labels, probs, final, "", title)
     plots.close()
+    curve = {"reported fold": final["calibration"]["reliability"]}
+    save_figure(reliability_figure(curve, f"{title}: reliability"), run_dir / "plots" / "reliability.png")
     losses = {"train": summary([h["train_loss"] for h in history]), "val": summary([h["val_loss"] for h in history])}
     write_json(
         run_dir / "metrics" / "metrics.json",
