@@ -337,13 +337,14 @@ def test_a_fold_that_fails_in_its_process_is_named_and_reported_not_raised(monke
 
 
 def test_evaluate_measures_where_the_model_looks_and_the_summary_reports_it(cv_run, capsys):
-    _, cfg, report = cv_run
-    run = Path(report["folds"][0]["run"])
+    _, cfg, _ = cv_run
+    current = find_runs(Path(cfg.output_dir))[0][(0, 0)]  # fold 0's newest complete run (other tests add runs)
+    run = current.run_dir
     assert main(["evaluate", "--run", str(run), "--attention", "--saliency-layer", "layer3"]) == 0
     ev = max(run.glob("evaluation_*"), key=lambda p: p.name)
     attention = json.loads((ev / "metrics.json").read_text())["final"]["attention"]
     per_case = json.loads((ev / "attention.json").read_text())["per_case"]
-    assert attention["layer"] == "layer3" and attention["n"] == len(per_case) == report["folds"][0]["n"]
+    assert attention["layer"] == "layer3" and attention["n"] == len(per_case) == len(current.ids)
     for case in per_case:  # nan: an all-zero map (a 1^3 Grad-CAM grid at 16^3 can vanish), no mass to place
         assert math.isnan(case["mass_in_mask"]) or 0 <= case["mass_in_mask"] <= 1
         assert 0 < case["chance"] < 1 and case["pointing_hit"] in (True, False)

@@ -352,4 +352,5 @@ def test_the_seeds_script_runs_as_written_with_dry_run():
     assert out.returncode == 0, out.stderr
     printed = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
     assert printed["loss"] == "ldam" and printed["ema_decay"] == 0.999 and printed["grad_accum"] == 2
+    assert printed["selection"] == "outer"  # the seeds' script keeps the seeds' protocol
     assert "would train fold 0" in out.stdout and "triple balancing" in out.stderr

@@ -58,6 +58,17 @@ def checkpoint_payload(cfg, arch: dict, epoch: int, state_dict: dict, metrics: d
     }
 
 
+def save_epoch(writer, folder: Path, cfg, arch, epoch, model, ema, metrics, improved, resume_state: dict) -> None:
+    """The checkpoint policy of an epoch: best.pt when the raw weights improved, best_ema.pt when the EMA weights did
+    (each with the metrics it was selected on), and last.pt (everything a resume needs) every epoch."""
+    (m, em), (is_best, ema_best) = metrics, improved
+    if is_best:
+        writer.submit(checkpoint_payload(cfg, arch, epoch, model.state_dict(), m), folder / BEST)
+    if ema_best:
+        writer.submit(checkpoint_payload(cfg, arch, epoch, ema.module.state_dict(), em, True), folder / BEST_EMA)
+    writer.submit({**checkpoint_payload(cfg, arch, epoch, model.state_dict(), m), **resume_state}, folder / LAST)
+
+
 def cpu_copy(obj):
     """A deep copy with every tensor copied to host memory: what a background writer may serialize while the
     training goes on changing the originals in place (on the CPU `.cpu()` would return the same tensor)."""

@@ -42,7 +42,7 @@ from gliograde.files import new_stamped_dir, write_json
 from gliograde.networks import build_model
 from gliograde.networks.resnet3d import ResNet3D
 from gliograde.training import distributed
-from gliograde.training.checkpoints import BEST, BEST_EMA, LAST, CheckpointWriter, checkpoint_payload, load_checkpoint
+from gliograde.training.checkpoints import LAST, CheckpointWriter, load_checkpoint, save_epoch
 from gliograde.training.distributed import Dist
 from gliograde.training.ema import EMA
 from gliograde.training.losses import drw_active, drw_weights, make_loss
@@ -355,15 +355,8 @@ def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
             record = epoch_record(epoch, train_loss, val_loss, m, em, optimizer, drw, throughput)
             record.update({"is_best": is_best, "epoch_time_s": now - t0, "val_time_s": now - t_val})
             history.append(record)
-            if d.main:
-                ckpts = run_dir / "checkpoints"
-                if is_best:
-                    writer.submit(checkpoint_payload(cfg, arch, epoch, model.state_dict(), m), ckpts / BEST)
-                if ema_best:
-                    writer.submit(
-                        checkpoint_payload(cfg, arch, epoch, ema.module.state_dict(), em, True), ckpts / BEST_EMA
-                    )
-                state = {
+            if d.main:  # the checkpoint policy: best.pt / best_ema.pt when they improve, last.pt every epoch
+                resume_state = {
                     "optimizer_state_dict": optimizer.state_dict(),
                     "scheduler_state_dict": scheduler.state_dict(),
                     "scaler_state_dict": scaler.state_dict(),
@@ -372,7 +365,8 @@ def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
                     **tracker.state(),
                     "rng_state": rng_state(generator),
                 }
-                writer.submit({**checkpoint_payload(cfg, arch, epoch, model.state_dict(), m), **state}, ckpts / LAST)
+                save_epoch(writer, run_dir / "checkpoints", cfg, arch, epoch, model, ema, (m, em), (is_best, ema_best),
+                           resume_state)  # fmt: skip
                 write_json(
                     run_dir / "metrics" / "metrics.json",
                     {"status": "running", "fold": cfg.fold, "repeat": cfg.repeat, "final": None, "history": history},
