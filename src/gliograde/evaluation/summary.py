@@ -546,6 +546,11 @@ def honest_lines(p: dict) -> list[str]:
     return lines
 
 
+def _ci(d: dict, lead: str, tail: str = "") -> str:
+    """ "lead LOW-HIGH tail" of a DeLong record, or nothing where it could not be computed."""
+    return f"{lead}{_fmt(d['ci_low'])}-{_fmt(d['ci_high'])}{tail}" if "ci_low" in d else ""
+
+
 def _write(out: Path, report: dict) -> None:
     p = report["pooled"]
     lo, hi = p["auc_ci95"]
@@ -597,8 +602,7 @@ def _write(out: Path, report: dict) -> None:
     base = report.get("site_baseline") or {}
     if "pooled" in base:
         b = base["pooled"]
-        d = b.get("auc_delong", {})
-        ci = f" (95 % CI {_fmt(d['ci_low'])}-{_fmt(d['ci_high'])})" if "ci_low" in d else ""
+        ci = _ci(b.get("auc_delong", {}), " (95 % CI ", ")")
         md += [
             "",
             f"**Site-only baseline** (logistic regression on the site read from the case id, same folds, protocol "
@@ -619,8 +623,7 @@ def _write(out: Path, report: dict) -> None:
         ]
     if "mixed_cohort" in audit:
         c = audit["mixed_cohort"]
-        d = c.get("auc_delong", {})
-        ci = f", 95 % DeLong CI {_fmt(d['ci_low'])}-{_fmt(d['ci_high'])}" if "ci_low" in d else ""
+        ci = _ci(c.get("auc_delong", {}), ", 95 % DeLong CI ")
         md += [
             "",
             f"Mixed-grade {c['site']} cohort alone (n = {c['n']}: {c['per_class']['HGG']['support']} HGG, "
