@@ -189,6 +189,24 @@ def test_ema_run_evaluates_best_ema(tiny_cache, tmp_path, caplog):
     assert result.final["checkpoint"] == "best_ema.pt" and result.final["used_ema"]
     assert "Using EMA best checkpoint: best_ema.pt" in caplog.text
     assert all("ema_val_auc" in h for h in result.history)
+    # the stored operating point belongs to best_ema.pt: re-scoring best.pt fits its own on the selection part
+    from gliograde.evaluation.evaluate import evaluate_run
+
+    again = evaluate_run(result.run_dir, "auto").metrics
+    assert again["operating_point"] == result.final["operating_point"] and again["auc_difference"] < 1e-9
+    other = evaluate_run(result.run_dir, "best").metrics
+    assert other["checkpoint"] == "best.pt" and other["reported_auc"] is None
+    assert other["operating_point"]["fitted_on"].startswith("select (n=")
+
+
+def test_resume_with_another_number_of_processes_is_refused(tiny_cache, tmp_path):
+    run = train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1)).run_dir
+    last = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["world"] == 1 and len(ckpt["rng_state"]["ranks"]) == 1  # each rank's own generators
+    torch.save({**ckpt, "world": 2}, last)
+    with pytest.raises(GliogradeError, match="trained with 2 process"):
+        train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1, resume=str(run)))
 
 
 # ------------------------------------------------------------------------------------------------ resume

@@ -306,7 +306,8 @@ def cmd_train(args) -> None:
         print(json.dumps(cfg.to_dict(), indent=2))
         what = f"resume {cfg.resume}" if cfg.resume else f"a new run in {cfg.output_dir}/runs/fold_{cfg.fold}/"
         print(
-            f"would train fold {cfg.fold} of {cfg.folds} ({cfg.preset} preset): ResNet{cfg.depth}-3D "
+            f"would train fold {cfg.fold} of {cfg.folds or 'K (the saved split)'} ({cfg.preset} preset, selection "
+            f"{cfg.selection}): ResNet{cfg.depth}-3D "
             f"{cfg.layout}, {len(cfg.modalities)} channel(s) {','.join(cfg.modalities)}, {cfg.loss} loss, "
             f"{cfg.sampler} sampler, {cfg.epochs} epochs, batch {cfg.batch_size} x {cfg.grad_accum}; {what}"
         )

@@ -23,10 +23,10 @@ from gliograde.data.source import load_data
 from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import plots
-from gliograde.evaluation.calibration import OperatingPoint
+from gliograde.evaluation.calibration import OperatingPoint, fit_operating_point
 from gliograde.evaluation.scoring import evaluate_checkpoint, model_from_checkpoint
 from gliograde.files import new_stamped_dir, write_json
-from gliograde.training.checkpoints import load_checkpoint
+from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
 from gliograde.training.losses import make_loss
 
 log = logging.getLogger("gliograde")
@@ -108,6 +108,11 @@ def evaluate_run(
     # the operating point the run fitted (on its selection part with inner); re-scoring applies it unchanged
     run_final = read_final(run_dir)
     point = OperatingPoint.from_dict(run_final["operating_point"]) if run_final.get("operating_point") else None
+    chosen = select_checkpoint(run_dir / "checkpoints", policy, ema_enabled=cfg.ema_decay > 0).name
+    refit = cfg.selection == "inner" and point is not None and chosen != run_final.get("checkpoint")
+    if refit:  # the stored point belongs to the run's own checkpoint: fit this one's on the same selection part
+        log.info("%s is not the run's selected %s: fitting its operating point on the selection part", chosen,
+                 run_final.get("checkpoint"))  # fmt: skip
 
     device = runtime.pick_device("cuda" if cfg.gpu else cfg.device)
     channels = cache.channels(cfg.modalities)
@@ -124,11 +129,21 @@ def evaluate_run(
         loss_fn,
         policy,
         logit_scale=float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0,
-        point=point,
+        point=None if refit else point,
+        select_loader=make_val_loader(CacheDataset(cache, split.select, channels), cfg.batch_size, 0, False)
+        if refit
+        else None,
+        fit_point=(
+            lambda labels, raw: fit_operating_point(
+                labels, raw, counts, cfg.sampler, specificity=cfg.threshold_at_specificity, temperature=cfg.temperature
+            )
+        )
+        if refit
+        else None,
     )
     probs, labels = final.pop("_probs"), final.pop("_labels")
     final.pop("_raw_probs")
-    stored = run_final.get("auc")  # the run's reported AUC: what a re-score must reproduce
+    stored = None if refit else run_final.get("auc")  # the run's reported AUC: what a re-score must reproduce
     final["reported_auc"] = stored
     final["auc_difference"] = None if stored is None else abs(final["auc"] - stored)
     final["selection"] = run_final.get("selection")

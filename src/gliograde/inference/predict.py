@@ -73,8 +73,16 @@ def _member(run_dir: Path, policy: str) -> Member:
     point = OperatingPoint(0.5, 0.5)
     try:
         final = json.loads((run_dir / "metrics" / "metrics.json").read_text()).get("final") or {}
-        if final.get("operating_point"):
+        if final.get("operating_point") and final.get("checkpoint", path.name) == path.name:
             point = OperatingPoint.from_dict(final["operating_point"])
+        elif final.get("operating_point"):  # fitted for the run's own checkpoint, not for this one
+            log.warning(
+                "%s: the run's operating point was fitted for %s, not %s; raw probabilities, threshold 0.5 (use the "
+                "default --checkpoint auto for the calibrated, thresholded prediction)",
+                run_dir,
+                final["checkpoint"],
+                path.name,
+            )
     except (OSError, ValueError):
         log.warning("%s: no readable metrics/metrics.json; raw probabilities, threshold 0.5", run_dir)
     saved = ckpt.get("config") or {}
@@ -229,7 +237,9 @@ def predict_cases(
         "modalities": ref.modalities,
         "preprocess": ref.preprocess,
         "tta": f"mean over {len(FLIPS)} axis flips" if tta else None,
-        "threshold": 0.5,
+        "threshold": threshold,
+        "threshold_rule": "mean of the members' thresholds (each fitted on its fold's selection part)",
+        "operating_points": [m.point.to_dict() for m in members],
         "predictions": records,
         "failed": failed,
     }

@@ -115,7 +115,11 @@ def _train_parallel(todo: list[TrainConfig], workers: int, gpus: list[str], thre
                     free.append(gpu)
             continue
         key = tuple(key)
-        if key not in running:  # already counted as died
+        if key not in running:  # counted as died, but its result had been sent before the process exited badly
+            if run_dir is not None and key in failures:
+                failures.pop(key)
+                runs[key] = Path(run_dir)
+                log.info("%s finished after all: AUC %.4f (%s)", name(key), detail["auc"], run_dir)
             continue
         proc, gpu = running.pop(key)
         proc.join()

@@ -88,6 +88,23 @@ def gather_predictions(
     return sum(part[0] * len(part[1]) for part in parts) / max(n, 1), out_p, out_l
 
 
+def gather(d: Dist, value) -> list:
+    """Every rank's value (a picklable object), in rank order, on every rank."""
+    if not d.active:
+        return [value]
+    parts = [None] * d.world
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+def sync_buffers(d: Dist, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP copies them at the start of each forward pass, so
+    after an epoch every rank holds its own; validation must score the weights that rank 0 saves."""
+    if d.active:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 def max_value(d: Dist, value: float) -> float:
     """The largest of a per-rank float over the ranks (a host tensor: gloo serves it beside NCCL)."""
     if not d.active:

@@ -133,16 +133,29 @@ def batch_record(cfg: TrainConfig, world: int) -> dict:
     }
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    state["cuda"] = runtime.cuda_rng_states()
-    return state
+def rng_state(generator: torch.Generator, d: Dist, device: torch.device) -> dict:
+    """The generators to resume with: the shared sampling/augmentation generator, and each rank's own global
+    generators (dropout draws differ per rank). A collective under DDP: every rank calls it."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    ranks = distributed.gather(d, mine)
+    return {"torch": ranks[0]["torch"], "generator": generator.get_state(), "cuda": runtime.cuda_rng_states(),
+            "ranks": ranks}  # fmt: skip
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> str | None:
-    """Restores the saved generators; returns a note where the run had a different number of GPUs than this machine."""
-    torch.set_rng_state(state["torch"])
+def set_rng_state(state: dict, generator: torch.Generator, d: Dist, device: torch.device) -> str | None:
+    """Restores the saved generators (this rank's own where the run recorded them); returns a note where the run
+    had a different number of GPUs than this machine."""
     generator.set_state(state["generator"])
+    ranks = state.get("ranks")
+    if ranks and len(ranks) == d.world:
+        mine = ranks[d.rank]
+        torch.set_rng_state(mine["torch"])
+        if device.type == "cuda" and mine.get("cuda") is not None:
+            torch.cuda.set_rng_state(mine["cuda"], device)
+        return None
+    torch.set_rng_state(state["torch"])  # a run saved before per-rank states were kept
     return runtime.restore_cuda_rng_states(state.get("cuda", []))
 
 
@@ -198,6 +211,12 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
     if cfg.resume:
         run_dir = Path(cfg.resume)
         resume = load_checkpoint(run_dir / "checkpoints" / LAST)
+        if resume.get("world", 1) != d.world:
+            raise TrainingError(
+                f"--resume {run_dir}: the run was trained with {resume.get('world', 1)} process(es), this is "
+                f"{d.world}; the global batch and the learning-rate schedule would change. Resume with the same "
+                "number of processes (--multi-gpu --nproc N, or torchrun --nproc-per-node N)"
+            )
         if resume["config_identity"] != json.loads(json.dumps(cfg.identity())):
             diff = sorted(k for k, v in cfg.identity().items() if resume["config_identity"].get(k) != v)
             raise TrainingError(f"--resume {run_dir}: the run was made with another configuration (differs in {diff})")
@@ -311,10 +330,13 @@ def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
         if ema is not None:
             ema.load_state_dict(resume["ema_state_dict"])
         history, tracker, start = resume["history"], Tracker.from_checkpoint(resume, cfg.min_delta), resume["epoch"] + 1
-        note = set_rng_state(resume["rng_state"], generator)
+        note = set_rng_state(resume["rng_state"], generator, d, device)
         if note:
             log.warning("--resume: %s", note)
         log.info("Resuming %s after epoch %d", run_dir, resume["epoch"])
+        if tracker.should_stop(resume["epoch"], cfg.min_epochs, cfg.patience):  # it had stopped; only finish
+            log.info("The run had stopped early at epoch %d; scoring it", resume["epoch"])
+            start = cfg.epochs + 1
     elif d.main:
         write_run_config(run_dir, cfg, cache, device, precision, d.world, data.path, split)
     net = model
@@ -343,6 +365,9 @@ def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
                 device, epoch, run_dir,
             )  # fmt: skip
             t_val = time.perf_counter()
+            distributed.sync_buffers(d, model)  # score (and save) rank 0's BatchNorm statistics on every rank
+            if ema is not None:
+                distributed.sync_buffers(d, ema)
             val_loss, probs, labels = monitored(model)
             m = compute_metrics(labels, probs)
             em = None
@@ -355,6 +380,7 @@ def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
             record = epoch_record(epoch, train_loss, val_loss, m, em, optimizer, drw, throughput)
             record.update({"is_best": is_best, "epoch_time_s": now - t0, "val_time_s": now - t_val})
             history.append(record)
+            rng = rng_state(generator, d, device)  # a collective: on every rank
             if d.main:  # the checkpoint policy: best.pt / best_ema.pt when they improve, last.pt every epoch
                 resume_state = {
                     "optimizer_state_dict": optimizer.state_dict(),
@@ -363,7 +389,8 @@ def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
                     "ema_state_dict": ema.state_dict() if ema is not None else None,
                     "history": history,
                     **tracker.state(),
-                    "rng_state": rng_state(generator),
+                    "rng_state": rng,
+                    "world": d.world,
                 }
                 save_epoch(writer, run_dir / "checkpoints", cfg, arch, epoch, model, ema, (m, em), (is_best, ema_best),
                            resume_state)  # fmt: skip
@@ -392,6 +419,7 @@ def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
 
     if not d.main:
         return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
+    loss_fn.weight = None  # the final loss unweighted, as `evaluate` computes it (DRW weights are a training device)
     return finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots)
 
 
