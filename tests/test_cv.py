@@ -356,3 +356,43 @@ def test_evaluate_measures_where_the_model_looks_and_the_summary_reports_it(cv_r
     ] == [0]
     assert summary["folds"][0]["attention_mass"] == pytest.approx(attention["mean_mass_in_mask"], nan_ok=True)
     assert "Where the model looks" in (Path(cfg.output_dir) / "summary.md").read_text()
+
+
+def test_folds_of_different_configurations_are_refused_unless_allowed(tmp_path):
+    folds = fake_cv(tmp_path, k=3)
+    config = folds[1][0] / "config" / "config.json"
+    config.write_text(json.dumps({"config": {"fold": 1, "folds": 3, "lr": 0.5}}))
+    with pytest.raises(SummaryError, match=r"different configurations \(lr: fold 0=\"<absent>\", fold 1=0.5"):
+        summarize(tmp_path)
+    report = summarize(tmp_path, allow_mixed=True)
+    assert any(w.startswith("MIXED configurations") for w in report["warnings"])
+    assert "lr" not in report["configuration"] and report["configuration"]["folds"] == 3
+
+
+def test_a_cv_records_its_provenance(cv_run):
+    cache, cfg, report = cv_run
+    run = Path(report["folds"][0]["run"])
+    record = json.loads((run / "config" / "config.json").read_text())
+    prov = record["provenance"]
+    from gliograde.provenance import sha256_file, sha256_json
+
+    assert prov["cache_fingerprint"] == sha256_file(cache.path / "manifest.json")
+    assert prov["folds_sha256"] == sha256_json(json.loads((cache.path / "folds.json").read_text()))
+    assert prov["pretrained_sha256"] is None  # cpu-demo trains from scratch
+    assert {"git_commit", "git_dirty", "cuda", "cudnn", "nccl", "precision"} <= set(record["environment"])
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    assert summary["provenance"]["shared"]["cache_fingerprint"] == prov["cache_fingerprint"]
+    assert summary["configuration"]["depth"] == 10 and "fold" not in summary["configuration"]
+
+
+def test_compare_and_the_html_report_from_the_command_line(cv_run, tmp_path, capsys):
+    _, cfg, _ = cv_run
+    assert main(["summarize", "--results", cfg.output_dir, "--bootstrap", "200"]) == 0
+    html = (Path(cfg.output_dir) / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html and "http" not in html.split("<body")[1][:200]
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert main(["compare", cfg.output_dir, cfg.output_dir, "--out", str(out), "--bootstrap", "200"]) == 0
+    assert "no evidence of a difference" in capsys.readouterr().out
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["pairs"][0]["delong"]["delta"] == 0

@@ -255,7 +255,22 @@ def test_nan_loss_stops_with_epoch_and_step(tiny_cache, tmp_path):
     with pytest.raises(GliogradeError, match=r"non-finite training loss .* at epoch 1, step 1"):
         train_fold(tiny(open_cache(copy), tmp_path))
     run = next((tmp_path / "res" / "runs" / "fold_0").iterdir())
-    assert not (run / "metrics" / "metrics.json").exists()  # nothing presented as a result
+    metrics = json.loads((run / "metrics" / "metrics.json").read_text())  # nothing presented as a result:
+    assert metrics["status"] == "failed" and "non-finite training loss" in metrics["reason"]
+    assert metrics["final"] is None
+
+
+def test_a_run_that_fails_in_its_set_up_is_marked_failed_with_the_reason(tiny_cache, tmp_path):
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(GliogradeError):
+        train_fold(tiny(tiny_cache, tmp_path, pretrained_path=str(bad)))
+    run = next((tmp_path / "res" / "runs" / "fold_0").iterdir())
+    metrics = json.loads((run / "metrics" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and str(bad) in metrics["reason"]
+    from gliograde.evaluation.summary import run_status
+
+    assert run_status(run).startswith("failed: ")
 
 
 def test_bad_requests_get_clear_errors(tiny_cache, tmp_path, capsys):

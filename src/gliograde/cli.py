@@ -339,7 +339,7 @@ def print_summary(report: dict) -> None:
     )
     for w in report["warnings"]:
         print(f"WARNING: {w}")
-    print(f"Summary: {Path(report['results_dir']) / 'summary.md'} (.csv, .json)")
+    print(f"Summary: {Path(report['results_dir']) / 'summary.md'} (.csv, .json, report.html)")
     print(f"Figures: {', '.join(report['figures'])}")
 
 
@@ -401,6 +401,9 @@ def _add_summarize(sub):
     p.add_argument("--results", default="results/ResNet50-3D", help="the results folder (with runs/)")
     p.add_argument("--runs", nargs="+", default=None, help="use these run folders instead of the newest per fold")
     p.add_argument("--allow-partial", action="store_true", help="summarize fewer than K folds, labelled partial")
+    p.add_argument(
+        "--allow-mixed", action="store_true", help="summarize folds trained with different configurations (labelled)"
+    )
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_summarize)
@@ -409,7 +412,28 @@ def _add_summarize(sub):
 def cmd_summarize(args) -> None:
     from gliograde.evaluation.summary import summarize
 
-    print_summary(summarize(args.results, args.runs, args.allow_partial, args.bootstrap, args.seed))
+    print_summary(summarize(args.results, args.runs, args.allow_partial, args.bootstrap, args.seed, args.allow_mixed))
+
+
+# -------------------------------------------------------------------------------------------- compare
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="paired comparison of results folders on the patients both hold out")
+    p.add_argument("results", nargs="+", help="results folders (with runs/): the first is the reference A")
+    p.add_argument("--out", default=None, help="output folder (default: RESULTS_A/compare_YYYYMMDD_HHMMSS)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> None:
+    from gliograde.evaluation.compare import compare
+
+    report = compare(args.results, out=args.out, n_boot=args.bootstrap, seed=args.seed)
+    for pair in report["pairs"]:
+        print(pair["verdict"])
+        for w in pair.get("warnings", []):
+            print(f"WARNING: {w}")
+    print(f"Comparison: {report['out']}/compare.md (.json, compare_roc.png)")
 
 
 # -------------------------------------------------------------------------------------------- predict
@@ -604,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = (_add_synth, _add_prepare, _add_model_info, _add_train, _add_cv, _add_evaluate, _add_summarize)
-    for add in (*commands, _add_predict, _add_bench, _add_doctor, _add_demo):
+    for add in (*commands, _add_compare, _add_predict, _add_bench, _add_doctor, _add_demo):
         add(sub)
     return parser
 

@@ -18,7 +18,7 @@ import logging
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from gliograde import GRADES
+from gliograde.config import RUNTIME_FIELDS
 from gliograde.data.brats import site_of
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats as honest
@@ -56,6 +57,8 @@ class FoldRun:
     protocol: str = "outer"  # inner | outer (runs made before the protocol was recorded: outer, the seeds')
     cache_dir: str | None = None
     split: tuple = ()  # the split settings of the run's configuration (K, seed, repeats, grouping, inner part)
+    config: dict = field(default_factory=dict)  # what it computes: the configuration less runtime and fold fields
+    provenance: dict = field(default_factory=dict)  # hashes, code version, environment
 
     @property
     def key(self) -> tuple[int, int]:
@@ -74,6 +77,8 @@ def run_status(run_dir: Path) -> str:
         metrics = json.loads((run_dir / "metrics" / "metrics.json").read_text())
     except (OSError, ValueError):
         return "no readable metrics/metrics.json"
+    if metrics.get("status") == "failed":
+        return f"failed: {metrics.get('reason', 'no reason recorded')}"
     if metrics.get("status") != "complete":
         return "running or interrupted"
     if not (run_dir / "predictions" / "val_probs.npy").is_file():
@@ -108,7 +113,39 @@ def read_run(run_dir: Path) -> FoldRun:
         tuple(
             config.get(k) for k in ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
         ),
+        {k: v for k, v in config.items() if k not in RUNTIME_FIELDS and k not in FOLD_BOOKKEEPING},
+        run_provenance(json.loads((run_dir / "config" / "config.json").read_text())),
     )
+
+
+FOLD_BOOKKEEPING = ("fold", "repeat")
+# checked on their own, with their own messages: the split settings and the selection protocol
+OWN_CHECKS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction", "selection")
+
+
+def run_provenance(record: dict) -> dict:
+    env = record.get("environment") or {}
+    keep = ("git_commit", "git_dirty", "torch", "cuda", "cudnn", "gliograde", "device")
+    return {**{k: env.get(k) for k in keep if k in env}, **(record.get("provenance") or {}),
+            "precision": (env.get("precision") or {}).get("name")}  # fmt: skip
+
+
+def config_differences(runs: list[FoldRun]) -> dict[str, dict[str, object]]:
+    """The configuration keys (fold bookkeeping and runtime fields aside) on which the runs differ: key -> {run
+    label: value}."""
+    keys = sorted({k for r in runs for k in r.config} - set(OWN_CHECKS))
+    out = {}
+    for k in keys:
+        values = {label(r.key): r.config.get(k, "<absent>") for r in runs}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            out[k] = values
+    return out
+
+
+def shared(runs: list[FoldRun], attr: str) -> dict:
+    """The entries of a per-run dict that all runs share."""
+    first = getattr(runs[0], attr)
+    return {k: v for k, v in first.items() if all(getattr(r, attr).get(k) == v for r in runs[1:])}
 
 
 def find_runs(results_dir: Path) -> tuple[dict[tuple[int, int], FoldRun], dict[tuple[int, int], str]]:
@@ -256,8 +293,10 @@ def summarize(
     allow_partial: bool = False,
     bootstrap: int = 2000,
     seed: int = 0,
+    allow_mixed: bool = False,
 ) -> dict:
-    """Build the report, write summary.{md,csv,json} and the figures into results_dir; return the JSON."""
+    """Build the report, write summary.{md,csv,json} and the figures into results_dir; return the JSON.
+    Folds trained with different configurations are refused unless `allow_mixed`."""
     results_dir = Path(results_dir)
     if runs:
         chosen = {}
@@ -276,8 +315,19 @@ def summarize(
     if len(ks) > 1:
         raise SummaryError(f"the runs were trained with different numbers of folds {sorted(ks)}: not one CV")
     k = ks.pop()
-    protocols = sorted({r.protocol for r in chosen.values()})
     warnings = []
+    differ = config_differences(list(chosen.values()))
+    if differ:
+        detail = "; ".join(
+            f"{k}: " + ", ".join(f"{who}={json.dumps(v)}" for who, v in values.items()) for k, values in differ.items()
+        )
+        if not allow_mixed:
+            raise SummaryError(
+                f"the folds were trained with different configurations ({detail}); a summary over them would mix "
+                "models. Retrain the odd folds, name the runs with --runs, or pass --allow-mixed"
+            )
+        warnings.append(f"MIXED configurations ({detail})")
+    protocols = sorted({r.protocol for r in chosen.values()})
     if len(protocols) > 1:
         which = {p: [label(key) for key, r in sorted(chosen.items()) if r.protocol == p] for p in protocols}
         detail = "; ".join(f"{p}: {', '.join(v)}" for p, v in which.items())
@@ -387,6 +437,11 @@ def summarize(
         "pooled": pooled,
         "repeats": [{"repeat": r["repeat"], "pooled": r["pooled"]} for r in per_repeat],
         "over_repeats": over_repeats,
+        "configuration": shared(ordered, "config"),
+        "provenance": {
+            "shared": shared(ordered, "provenance"),
+            "per_run": {label(r.key): r.provenance for r in ordered},
+        },
         "site_baseline": baseline,
         "attention": looks,
         "sites": audit,
@@ -397,7 +452,11 @@ def summarize(
     curves = {f"repeat {r['repeat']}": r["pooled"]["calibration"]["reliability"] for r in per_repeat}
     save_figure(honest.reliability_figure(curves), rel_png)
     report["figures"] = [str(roc_png), str(pr_png), str(rel_png)]
+    report["report_html"] = str(results_dir / "report.html")
     _write(results_dir, report)
+    from gliograde.evaluation.report import write_report
+
+    write_report(report, results_dir, report["provenance"]["shared"], report["configuration"])
     return report
 
 

@@ -41,6 +41,7 @@ from gliograde.evaluation.stats import honest_statistics, reliability_figure
 from gliograde.files import new_stamped_dir, write_json
 from gliograde.networks import build_model
 from gliograde.networks.resnet3d import ResNet3D
+from gliograde.provenance import provenance
 from gliograde.training import distributed
 from gliograde.training.checkpoints import LAST, CheckpointWriter, load_checkpoint, save_epoch
 from gliograde.training.distributed import Dist
@@ -106,6 +107,19 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def mark_failed(d: Dist, run_dir: Path, cfg: TrainConfig, resume, error: BaseException) -> None:
+    """A new run that failed before it finished says so in metrics.json (status "failed" and the reason), so that a
+    folder left by, say, an unreadable --pretrained-path is never mistaken for an interrupted or finished run.
+    An interrupted run (KeyboardInterrupt) and a resumed one keep their state for --resume."""
+    if not d.main or resume is not None:
+        return
+    path = run_dir / "metrics" / "metrics.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    write_json(path, {**previous, "status": "failed", "fold": cfg.fold, "repeat": cfg.repeat, "final": None,
+                      "reason": f"{type(error).__name__}: {reason}"})  # fmt: skip
 
 
 def check_finite(d: Dist, bad_step: int, epoch: int, run_dir: Path) -> None:
@@ -234,9 +248,14 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
             log.setLevel(logging.INFO)
         plots = PlotWriter(run_dir / "plots", "LDAM" if cfg.loss == "ldam" else "cross-entropy")
     try:
-        return _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
+        return _train(cfg, d, cache, folds, split, channels, run_dir, resume, plots, on_epoch_end)
     except torch.cuda.OutOfMemoryError as e:
-        raise TrainingError(f"fold {cfg.fold}: {runtime.oom_message(e, cfg.batch_size, cfg.grad_accum)}") from e
+        error = TrainingError(f"fold {cfg.fold}: {runtime.oom_message(e, cfg.batch_size, cfg.grad_accum)}")
+        mark_failed(d, run_dir, cfg, resume, error)
+        raise error from e
+    except Exception as e:
+        mark_failed(d, run_dir, cfg, resume, e)
+        raise
     except KeyboardInterrupt:
         log.warning("interrupted; resume with: gliograde train --fold %d --resume %s", cfg.fold, run_dir)
         raise
@@ -249,7 +268,7 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
         log.setLevel(level)
 
 
-def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end) -> RunResult:
+def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, on_epoch_end) -> RunResult:
     device = runtime.pick_device("cuda" if cfg.gpu else cfg.device, d.local_rank)
     runtime.configure_backends(device, cfg.tf32)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -338,7 +357,7 @@ def _train(cfg, d, cache, split, channels, run_dir, resume, plots, on_epoch_end)
             log.info("The run had stopped early at epoch %d; scoring it", resume["epoch"])
             start = cfg.epochs + 1
     elif d.main:
-        write_run_config(run_dir, cfg, cache, device, precision, d.world, data.path, split)
+        write_run_config(run_dir, cfg, cache, device, precision, d.world, data.path, split, folds_doc)
     net = model
     if d.active:  # gradients all-reduced across the ranks; the checkpoints hold `model`, never the wrapper
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -643,7 +662,7 @@ def check_batch(cfg, world: int, n_train: int) -> None:
         )
 
 
-def write_run_config(run_dir, cfg, cache, device, precision, world, data_path, split) -> None:
+def write_run_config(run_dir, cfg, cache, device, precision, world, data_path, split, folds) -> None:
     write_json(
         run_dir / "config" / "config.json",
         {
@@ -652,6 +671,7 @@ def write_run_config(run_dir, cfg, cache, device, precision, world, data_path, s
             "environment": {**runtime.environment(device, precision), "processes": world, "data_path": data_path},
             "seed": cfg.seed,
             "batch": batch_record(cfg, world),
+            "provenance": provenance(cfg.pretrained_path, cache.path, folds),
             "split": {key: [cache.ids[r] for r in getattr(split, key)] for key in ("fit", "select", "val")},
             "run_dir": str(run_dir),
         },

@@ -1,0 +1,181 @@
+"""report.html: one self-contained, escaped page from the summary, for a clinical reader."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from gliograde.evaluation.metrics import compute_metrics
+from gliograde.evaluation.report import fmt, write_report
+from gliograde.evaluation.summary import summarize
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SITES = ("2013", "TCIA01", "TCIA10", "CBICA")  # 2013 mixed; TCIA01 and CBICA HGG only; TCIA10 LGG only
+
+
+def fake_run(results, fold, k, ids, labels, probs, cache, stamp="20260101_000000"):
+    """A run folder as the trainer leaves it, with given validation predictions (as in test_cv.py)."""
+    run = results / "runs" / f"fold_{fold}" / f"run_{stamp}"
+    for sub in ("metrics", "config", "predictions", "checkpoints"):
+        (run / sub).mkdir(parents=True)
+    final = {**compute_metrics(labels, probs), "best_epoch": 3 + fold, "checkpoint": "best.pt"}
+    (run / "metrics" / "metrics.json").write_text(
+        json.dumps({"status": "complete", "fold": fold, "final": final, "history": []})
+    )
+    config = {"fold": fold, "folds": k, "cache_dir": str(cache)}
+    (run / "config" / "config.json").write_text(json.dumps({"config": config}))
+    np.save(run / "predictions" / "val_labels.npy", np.asarray(labels))
+    np.save(run / "predictions" / "val_probs.npy", np.asarray(probs))
+    (run / "predictions" / "val_ids.json").write_text(json.dumps(ids))
+    return run
+
+
+def fake_cv(results, k=3, n=24, seed=0):
+    """K folds over patients of four sites, and the folds.json of their cache (for the site-only baseline)."""
+    rng = np.random.default_rng(seed)
+    cache = results / "cache"
+    cache.mkdir(parents=True)
+    entries, all_ids = [], []
+    for f in range(k):
+        ids, labels = [], []
+        for i in range(n):
+            site = SITES[i % len(SITES)]
+            grade = {"2013": (i // len(SITES)) % 2, "TCIA10": 0}.get(site, 1)
+            ids.append(f"Brats18_{site}_{f}{i:02d}_1")
+            labels.append(grade)
+        labels = np.array(labels)
+        probs = np.clip(labels * 0.35 + rng.random(n) * 0.65, 0, 1)
+        fake_run(results, f, k, ids, labels, probs, cache)
+        entries.append({"fold": f, "val": ids})
+        all_ids += ids
+    for e in entries:
+        e["train"] = [i for i in all_ids if i not in set(e["val"])]
+    folds = {"k": k, "seed": 0, "case_ids": all_ids, "folds": entries}
+    (cache / "folds.json").write_text(json.dumps(folds))
+    return results
+
+
+PROVENANCE = {
+    "git": {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": True},
+    "versions": {"python": "3.11.9", "torch": "2.4.0", "gliograde": "0.1.0"},
+    "hashes": {"folds.json": "sha256:ab12cd34", "summary.json": "sha256:ef56"},
+}
+CONFIG = {"preset": "final", "folds": 3, "lr": 0.0003, "selection": "outer", "augment": ["flip", "rotate"]}
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    results = fake_cv(tmp_path_factory.mktemp("results"))
+    report = summarize(results, bootstrap=200)
+    return results, report
+
+
+def img_sources(text: str) -> list[str]:
+    return re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", text)
+
+
+def assert_self_contained(text: str) -> None:
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.I)
+    assert "<script" not in text.lower() and "<link" not in text.lower() and "@import" not in text
+    for src in img_sources(text):
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1], validate=True).startswith(PNG)
+
+
+def test_the_report_is_one_self_contained_page_with_the_results(summary):
+    results, report = summary
+    assert report["site_baseline"].get("pooled") and "mixed_cohort" in report["sites"]  # a realistic summary
+    path = write_report(report, results, PROVENANCE, CONFIG)
+    assert path == results / "report.html" and not list(results.glob(".report.html*"))
+    text = path.read_text(encoding="ascii")  # non-ASCII characters are written as character references
+    assert_self_contained(text)
+    assert len(img_sources(text)) == 3  # ROC, PR, reliability
+    # the protocol, prominent and flagged optimistic; every warning
+    assert 'class="banner outer"' in text and "selected on the reported folds (optimistic)" in text
+    for w in report["warnings"]:
+        assert w.replace("'", "&#x27;").replace('"', "&quot;") in text
+    assert any("single grade" in w for w in report["warnings"])
+    # every fold's AUC, its DeLong interval, and the mean +- sd row
+    for row in report["folds"]:
+        assert f"<td>{fmt(row['auc'])}</td>" in text
+        lo, hi = row["auc_ci95_delong"]
+        assert f"{lo:.3f}&#8211;{hi:.3f}" in text
+    assert f"{fmt(report['mean']['auc'])} &#177; {fmt(report['std']['auc'])}" in text
+    p = report["pooled"]
+    assert f"{p['auc_delong']['ci_low']:.3f}&#8211;{p['auc_delong']['ci_high']:.3f}" in text
+    assert f"{p['auc_ci95'][0]:.3f}&#8211;{p['auc_ci95'][1]:.3f}" in text
+    sens = p["rates_at_0_5"]["sensitivity"]
+    assert f"{sens['ci_low']:.3f}&#8211;{sens['ci_high']:.3f}" in text and "Wilson" in text
+    assert fmt(p["calibration"]["brier"]) in text and fmt(p["calibration"]["ece"]) in text
+    # sites, the site-only baseline beside the model, the 2013 cohort
+    for site in SITES:
+        assert f"<td>{site}</td>" in text
+    assert "Site alone" in text and f"<td>{fmt(report['site_baseline']['pooled']['auc'])}</td>" in text
+    assert "mixed-grade 2013 cohort" in text
+    # provenance and the collapsible configuration
+    assert PROVENANCE["git"]["commit"] in text and "uncommitted changes" in text and "sha256:ab12cd34" in text
+    assert "<details><summary>Configuration</summary>" in text and "flip, rotate" in text
+
+
+def test_every_string_is_escaped(summary):
+    results, report = summary
+    evil = '<script>alert("x")</script>'
+    bad = {
+        **report,
+        "warnings": [*report["warnings"], f"site {evil} & more"],
+        "protocol_label": evil,
+        "results_dir": evil,
+        "sites": {**report["sites"], "sites": {evil: {"cases": 1, "HGG": 1, "LGG": 0, "single_grade": True}}},
+    }
+    out = results / "evil"
+    text = write_report(bad, out, {"note": evil, evil: "x"}, {"name": evil}).read_text()
+    assert "<script" not in text.lower()
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; more" in text
+    assert_self_contained(text)
+
+
+def test_older_or_smaller_summaries_render_with_n_a(summary, tmp_path):
+    _, report = summary
+    lean = {
+        key: report[key] for key in ("results_dir", "k", "protocol", "protocol_label", "partial", "folds", "warnings")
+    }
+    lean["folds"] = [
+        {k: v for k, v in row.items() if k not in ("auc_ci95_delong", "brier", "ece", "threshold")}
+        for row in report["folds"]
+    ]
+    lean["pooled"] = {"auc": report["pooled"]["auc"], "n": report["pooled"]["n"]}  # no CIs, calibration, rates
+    lean["figures"] = [str(tmp_path / "cv_roc_curves.png"), str(tmp_path / "gone.png")]
+    (tmp_path / "cv_roc_curves.png").write_bytes(b"not a png")
+    text = write_report(lean, tmp_path).read_text()
+    assert "n/a" in text and "gone.png: not found" in text and "cv_roc_curves.png: not a PNG" in text
+    assert "Provenance: n/a" in text and "<img" not in text
+    for row in report["folds"]:
+        assert f"<td>{fmt(row['auc'])}</td>" in text
+    assert write_report({}, tmp_path / "empty").is_file()  # nothing at all: still a page
+    inner = {**lean, "protocol": "inner", "protocol_label": "inner selection", "warnings": []}
+    text = write_report(inner, tmp_path / "inner").read_text()
+    assert 'class="banner inner"' in text and 'class="warnings"' not in text
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on PATH")
+def test_the_report_renders_in_headless_chromium(summary, tmp_path):
+    _, report = summary
+    page = write_report(report, tmp_path, PROVENANCE, CONFIG)
+    shot = tmp_path / "report.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars"]
+    cmd += [f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400"]
+    try:
+        subprocess.run([*cmd, page.resolve().as_uri()], capture_output=True, timeout=25, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.skip("headless Chromium did not finish in 25 s")
+    assert shot.is_file() and shot.read_bytes().startswith(PNG)
+    assert shot.stat().st_size > 20_000
