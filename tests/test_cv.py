@@ -76,7 +76,7 @@ def test_summary_reports_mean_sample_std_and_pooled_auc(tmp_path):
     p = report["pooled"]
     d = p["auc_delong"]
     assert d["auc"] == pytest.approx(p["auc"]) and d["ci_low"] < p["auc"] < d["ci_high"]
-    sens = p["rates_at_0_5"]["sensitivity"]
+    sens = p["rates"]["sensitivity"]
     assert sens["value"] == pytest.approx(p["sensitivity"]) and sens["ci_low"] < sens["value"] < sens["ci_high"]
     brier = float(np.mean((pooled_probs - pooled_labels) ** 2))
     assert p["calibration"]["brier"] == pytest.approx(brier) and 0 <= p["calibration"]["ece"] <= 1

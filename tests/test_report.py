@@ -110,7 +110,7 @@ def test_the_report_is_one_self_contained_page_with_the_results(summary):
     p = report["pooled"]
     assert f"{p['auc_delong']['ci_low']:.3f}&#8211;{p['auc_delong']['ci_high']:.3f}" in text
     assert f"{p['auc_ci95'][0]:.3f}&#8211;{p['auc_ci95'][1]:.3f}" in text
-    sens = p["rates_at_0_5"]["sensitivity"]
+    sens = p["rates"]["sensitivity"]
     assert f"{sens['ci_low']:.3f}&#8211;{sens['ci_high']:.3f}" in text and "Wilson" in text
     assert fmt(p["calibration"]["brier"]) in text and fmt(p["calibration"]["ece"]) in text
     # sites, the site-only baseline beside the model, the 2013 cohort

@@ -92,7 +92,7 @@ def test_the_run_folder_holds_everything_the_seeds_list(learned):
     from gliograde.evaluation.calibration import OperatingPoint
 
     np.testing.assert_allclose(OperatingPoint.from_dict(op).apply(raw), probs)
-    assert {"auc_delong", "rates_at_0_5", "calibration"} <= set(metrics["final"])
+    assert {"auc_delong", "rates", "calibration"} <= set(metrics["final"])
     config = json.loads((run / "config" / "config.json").read_text())
     assert config["seed"] == 42 and config["config"]["depth"] == 10
     assert {"python", "torch", "monai", "gliograde", "git_commit", "device"} <= set(config["environment"])

@@ -287,7 +287,7 @@ def _folds(report: dict) -> str:
             return ""
         return f"{fmt(mean.get(m))} ± {fmt(std.get(m))}"
 
-    summary = ["Mean ± SD" + (" (partial)" if report.get("partial") else "")] + [""] * (many + 5)
+    summary = ["Mean ± SD" + (" (partial)" if report.get("partial") else "")] + [""] * (many + 4)
     summary += [ms("auc"), ""] + [ms(m) for m in ("sensitivity", "specificity", "balanced_accuracy", "f1")]
     summary += ["", ""]
     std_def = report.get("std_definition") or "standard deviation over folds"
@@ -343,15 +343,16 @@ def _pooled(report: dict) -> str:
     ]
     if "error" in delong:
         out.append(f'<p class="note">DeLong interval not computed: {esc(delong["error"])}.</p>')
-    rates = p.get("rates_at_0_5")
+    rates = p.get("rates") or p.get("rates_at_0_5")
     if isinstance(rates, dict) and rates:
         body = []
         for key, name in RATES:
             r = rates.get(key) or {}
             frac = f"{fmt(r.get('k'), 0)} / {fmt(r.get('n'), 0)}" if r else NA
             body.append([esc(name), fmt(r.get("value")), _ci_cell(_ci_of(r)), frac])
+        where = "threshold 0.5" if rates.get("threshold") == 0.5 else "each fold's own threshold"
         out += [
-            "<h3>Rates at threshold 0.5, with 95 % Wilson confidence intervals</h3>",
+            f"<h3>Rates at {where}, with 95 % Wilson confidence intervals</h3>",
             _table(["Measure", "Value", "95 % CI (Wilson)", "Count"], body),
         ]
     else:

@@ -199,14 +199,17 @@ def rates_with_ci(labels, probs, threshold: float = 0.5, z: float = Z95) -> dict
     """
     y = _labels(labels)
     p = _probs(probs, y.size)
-    pred = p >= float(threshold)
+    t = np.asarray(threshold, dtype=np.float64)  # one threshold, or one per case (each fold's own)
+    if t.ndim and t.shape != p.shape:
+        raise ValueError(f"threshold: {t.shape} thresholds for {p.size} cases")
+    pred = p >= t
     tp = int(np.sum(pred & (y == 1)))
     fn = int(np.sum(~pred & (y == 1)))
     tn = int(np.sum(~pred & (y == 0)))
     fp = int(np.sum(pred & (y == 0)))
     n_pos, n_neg = tp + fn, tn + fp
     out = {
-        "threshold": float(threshold),
+        "threshold": float(t) if t.ndim == 0 else "per case",
         "tp": tp,
         "fp": fp,
         "tn": tn,
@@ -488,16 +491,17 @@ def corrected_resampled_ttest(diffs, n_train: int, n_test: int) -> dict:
     return {"mean": mean, "t": float(t), "p_value": min(1.0, p), "df": df}
 
 
-def honest_statistics(labels, probs) -> dict:
+def honest_statistics(labels, probs, threshold=0.5) -> dict:
     """What a reviewer asks of pooled out-of-fold predictions beyond the point metrics: the DeLong interval of the
-    AUC, Wilson intervals of the rates at the 0.5 threshold, calibration (Brier, 10-bin ECE, reliability curve) and
-    the sensitivity at 90 / 95 % specificity (a threshold read off these same predictions: optimistic, and said so)."""
+    AUC, Wilson intervals of the rates at the decision threshold (one, or each case's own fold's), calibration
+    (Brier, 10-bin ECE, reliability curve) and the sensitivity at 90 / 95 % specificity (a threshold read off these
+    same predictions: optimistic, and said so)."""
     out: dict = {}
     try:
         out["auc_delong"] = delong_auc(labels, probs)
     except ValueError as e:  # fewer than two patients of a grade
         out["auc_delong"] = {"error": str(e)}
-    out["rates_at_0_5"] = rates_with_ci(labels, probs, 0.5)
+    out["rates"] = rates_with_ci(labels, probs, threshold)
     out["calibration"] = {
         "brier": brier(labels, probs),
         "ece": ece(labels, probs, 10),

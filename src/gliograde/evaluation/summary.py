@@ -385,7 +385,7 @@ def summarize(
         pooled = compute_metrics(labels, probs, threshold_of(rruns))
         low, high, used = bootstrap_auc(labels, probs, bootstrap, seed)
         pooled.update({"auc_ci95": [low, high], "bootstrap": {"resamples": used, "seed": seed, **BOOTSTRAP}})
-        pooled.update(honest.honest_statistics(labels, probs))
+        pooled.update(honest.honest_statistics(labels, probs, threshold_of(rruns)))
         per_repeat.append({"repeat": rep, "ids": ids, "labels": labels, "probs": probs, "pooled": pooled})
     first = per_repeat[0]
     pooled, labels, probs, all_ids = first["pooled"], first["labels"], first["probs"], first["ids"]
@@ -589,13 +589,14 @@ def honest_lines(p: dict) -> list[str]:
     d = p.get("auc_delong", {})
     if "ci_low" in d:
         lines.append(f"- AUC 95 % DeLong CI {_fmt(d['ci_low'])}-{_fmt(d['ci_high'])} (logit scale, SE {_fmt(d['se'])})")
-    r = p["rates_at_0_5"]
+    r = p["rates"]
     cells = [
         f"{name} {_fmt(r[key]['value'])} ({_fmt(r[key]['ci_low'])}-{_fmt(r[key]['ci_high'])})"
         for name, key in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("balanced accuracy",
                           "balanced_accuracy"))
     ]  # fmt: skip
-    lines.append("- at threshold 0.5, with 95 % Wilson CIs: " + ", ".join(cells))
+    where = "threshold 0.5" if r["threshold"] == 0.5 else "each fold's own threshold"
+    lines.append(f"- at {where}, with 95 % Wilson CIs: " + ", ".join(cells))
     c = p["calibration"]
     lines.append(f"- calibration: Brier {_fmt(c['brier'])}, ECE {_fmt(c['ece'])} ({c['n_bins']} equal-width bins)")
     sas = p.get("sensitivity_at_specificity")

@@ -579,7 +579,7 @@ def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run
     )
     probs, raw, labels = final.pop("_probs"), final.pop("_raw_probs"), final.pop("_labels")
     final.update(protocol_record(cfg, split))
-    final.update(honest_statistics(labels, probs))
+    final.update(honest_statistics(labels, probs, final["threshold"]))
     out = run_dir / "predictions"
     np.save(out / "val_probs.npy", probs)
     np.save(out / "val_probs_raw.npy", raw)
