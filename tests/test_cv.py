@@ -396,3 +396,12 @@ def test_compare_and_the_html_report_from_the_command_line(cv_run, tmp_path, cap
     assert "no evidence of a difference" in capsys.readouterr().out
     saved = json.loads((out / "compare.json").read_text())
     assert saved["pairs"][0]["delong"]["delta"] == 0
+
+
+def test_predict_refuses_an_ensemble_of_different_configurations(tmp_path):
+    from gliograde.inference.predict import PredictError, load_ensemble
+
+    folds = fake_cv(tmp_path, k=2)
+    (folds[1][0] / "config" / "config.json").write_text(json.dumps({"config": {"fold": 1, "folds": 2, "depth": 18}}))
+    with pytest.raises(PredictError, match="different configurations.*depth"):
+        load_ensemble([tmp_path])

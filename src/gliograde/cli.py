@@ -454,6 +454,9 @@ def _add_predict(sub):
         default="auto",
         help="Grad-CAM layer (auto: the deepest with a map of at least 4 voxels per edge; layer3 is 8^3 at 128^3)",
     )
+    p.add_argument(
+        "--allow-mixed", action="store_true", help="ensemble folds trained with different configurations anyway"
+    )
     p.set_defaults(func=cmd_predict)
 
 
@@ -462,7 +465,7 @@ def cmd_predict(args) -> None:
     from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
 
     cases = [read_case_folder(c) for c in args.case] if args.case else cases_to_predict(args.data_root)
-    members = load_ensemble(args.runs, args.checkpoint)
+    members = load_ensemble(args.runs, args.checkpoint, args.allow_mixed)
     log.info("ensemble of %d checkpoint(s); %d case(s) to predict", len(members), len(cases))
     out = output_dir(args.out)
     predict_cases(cases, members, out, args.tta, args.saliency, saliency_layer=args.saliency_layer)

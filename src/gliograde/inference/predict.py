@@ -29,7 +29,7 @@ from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, prepro
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.scoring import model_from_checkpoint
-from gliograde.evaluation.summary import find_runs
+from gliograde.evaluation.summary import config_differences, find_runs
 from gliograde.files import new_stamped_dir, write_json, write_text_atomic
 from gliograde.inference.saliency import grad_cam, saliency_png
 from gliograde.networks.resnet3d import ResNet3D
@@ -91,8 +91,9 @@ def _member(run_dir: Path, policy: str) -> Member:
     return Member(fold, path, model, list(ckpt["modalities"]), int(ckpt["size"]), pre, point, scale)
 
 
-def load_ensemble(paths: list[str | Path], policy: str = "auto") -> list[Member]:
-    """Members from results folders (the newest complete run of each fold) and/or single run folders."""
+def load_ensemble(paths: list[str | Path], policy: str = "auto", allow_mixed: bool = False) -> list[Member]:
+    """Members from results folders (the newest complete run of each fold) and/or single run folders. Folds
+    trained with different configurations are refused unless `allow_mixed`."""
     members: list[Member] = []
     for p in map(Path, paths):
         if (p / "runs").is_dir():
@@ -101,7 +102,15 @@ def load_ensemble(paths: list[str | Path], policy: str = "auto") -> list[Member]
                 if repeat == 0:
                     log.warning("%s: fold %d has no complete run (%s); the ensemble goes without it", p, fold, why)
             # one model per fold: repeat 0's (other repeats re-split the same patients)
-            members += [_member(r.run_dir, policy) for (repeat, _), r in sorted(runs.items()) if repeat == 0]
+            chosen = [r for (repeat, _), r in sorted(runs.items()) if repeat == 0]
+            differ = config_differences(chosen)
+            if differ and not allow_mixed:
+                detail = "; ".join(f"{k}: {values}" for k, values in differ.items())
+                raise PredictError(
+                    f"--runs {p}: the folds were trained with different configurations ({detail}); an ensemble of "
+                    "them mixes models. Pass --allow-mixed to use them anyway"
+                )
+            members += [_member(r.run_dir, policy) for r in chosen]
         elif (p / "checkpoints").is_dir():
             members.append(_member(p, policy))
         else:
