@@ -403,5 +403,5 @@ def test_predict_refuses_an_ensemble_of_different_configurations(tmp_path):
 
     folds = fake_cv(tmp_path, k=2)
     (folds[1][0] / "config" / "config.json").write_text(json.dumps({"config": {"fold": 1, "folds": 2, "depth": 18}}))
-    with pytest.raises(PredictError, match="different configurations.*depth"):
+    with pytest.raises(PredictError, match=r"different configurations.*depth"):
         load_ensemble([tmp_path])
