@@ -74,6 +74,11 @@ def test_the_run_folder_holds_everything_the_seeds_list(learned):
     for name in ("loss_curve", "learning_curves", "confusion_matrix", "roc_curve", "pr_curve"):
         assert f"{name}.png" in plots and f"{name}_epoch_1.png" in plots
     assert "reliability.png" in plots  # the calibration of the reported fold
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("val/auc")] == pytest.approx([h["val_auc"] for h in metrics["history"]])
     preds = run / "predictions"
     probs, labels = np.load(preds / "val_probs.npy"), np.load(preds / "val_labels.npy")
     threshold = metrics["final"]["threshold"]
@@ -197,6 +202,19 @@ def test_ema_run_evaluates_best_ema(tiny_cache, tmp_path, caplog):
     other = evaluate_run(result.run_dir, "best").metrics
     assert other["checkpoint"] == "best.pt" and other["reported_auc"] is None
     assert other["operating_point"]["fitted_on"].startswith("select (n=")
+
+
+def test_a_run_logs_to_mlflow_when_asked(tiny_cache, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    result = train_fold(tiny(tiny_cache, tmp_path, epochs=2, min_epochs=2, mlflow="default", tensorboard=False))
+    assert not (result.run_dir / "tensorboard").exists()
+    client = MlflowClient((tmp_path / "res" / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("gliograde").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["depth"] == "10"
+    history = client.get_metric_history(run.info.run_id, "val/auc")
+    assert [m.value for m in history] == pytest.approx([h["val_auc"] for h in result.history])
+    assert {"metrics", "config", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_resume_with_another_number_of_processes_is_refused(tiny_cache, tmp_path):

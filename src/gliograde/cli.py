@@ -270,6 +270,14 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--cache-dir", "--cache_dir", dest="cache_dir", help="folder of caches, or one cache folder")
     flag("--output-dir", "--output_dir", dest="output_dir", help="default results/ResNet50-3D")
     flag("--plots-every", "--plots_every", dest="plots_every", type=int, help="per-epoch plots every N epochs")
+    flag("--no-tensorboard", dest="tensorboard", action="store_const", const=False, help="no TensorBoard event files")
+    flag(
+        "--mlflow",
+        nargs="?",
+        const="default",
+        metavar="URI",
+        help="also log to MLflow (default store: <output-dir>/mlruns; or a tracking server URI)",
+    )
     if not for_cv:
         flag("--resume", help="RUN_DIR of an interrupted run to continue from its last.pt")
     p.add_argument(

@@ -35,6 +35,8 @@ RUNTIME_FIELDS = {
     "channels_last",
     "compile",
     "preset",
+    "tensorboard",
+    "mlflow",
 }
 
 
@@ -118,6 +120,8 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = "results/ResNet50-3D"
     plots_every: int = 1
+    tensorboard: bool = True  # event files in run_dir/tensorboard/
+    mlflow: str | None = None  # MLflow tracking URI; "default" = a file store at <output_dir>/mlruns; None = off
     resume: str | None = None
     preset: str = "final"
 

@@ -48,6 +48,7 @@ from gliograde.training.distributed import Dist
 from gliograde.training.ema import EMA
 from gliograde.training.losses import drw_active, drw_weights, make_loss
 from gliograde.training.selection import Tracker, improved  # noqa: F401  (improved: part of this module's API)
+from gliograde.training.tracking import RunLogger
 
 log = logging.getLogger("gliograde")
 CHECK_EVERY = 25  # micro-batches between reads of the loss (the finite check and the progress bar)
@@ -237,7 +238,7 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
     elif run_dir is None and d.main:
         run_dir = new_run_dir(cfg.output_dir, cfg.fold, cfg.repeat)
     run_dir = Path(distributed.broadcast(d, str(run_dir)))
-    handler, plots, level = None, None, log.level
+    handler, plots, tracking, level = None, None, None, log.level
     if d.main:
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         handler = logging.FileHandler(run_dir / "logs" / f"train_{stamp}.log")
@@ -247,8 +248,13 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
         if log.getEffectiveLevel() > logging.INFO:  # the run's log file gets INFO whatever the caller configured
             log.setLevel(logging.INFO)
         plots = PlotWriter(run_dir / "plots", "LDAM" if cfg.loss == "ldam" else "cross-entropy")
+        name = f"fold_{cfg.fold}" + (f"_repeat_{cfg.repeat}" if cfg.repeat else "") + f"_{run_dir.name}"
+        tracking = RunLogger(run_dir, cfg.tensorboard, cfg.mlflow, name, cfg.identity())
+    status = "FAILED"
     try:
-        return _train(cfg, d, cache, folds, split, channels, run_dir, resume, plots, on_epoch_end)
+        result = _train(cfg, d, cache, folds, split, channels, run_dir, resume, plots, tracking, on_epoch_end)
+        status = "FINISHED"
+        return result
     except torch.cuda.OutOfMemoryError as e:
         error = TrainingError(f"fold {cfg.fold}: {runtime.oom_message(e, cfg.batch_size, cfg.grad_accum)}")
         mark_failed(d, run_dir, cfg, resume, error)
@@ -257,9 +263,12 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
         mark_failed(d, run_dir, cfg, resume, e)
         raise
     except KeyboardInterrupt:
+        status = "KILLED"
         log.warning("interrupted; resume with: gliograde train --fold %d --resume %s", cfg.fold, run_dir)
         raise
     finally:
+        if tracking is not None:
+            tracking.close(status)
         if plots is not None:
             plots.close()
         if handler is not None:
@@ -268,7 +277,7 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
         log.setLevel(level)
 
 
-def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, on_epoch_end) -> RunResult:
+def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tracking, on_epoch_end) -> RunResult:
     device = runtime.pick_device("cuda" if cfg.gpu else cfg.device, d.local_rank)
     runtime.configure_backends(device, cfg.tf32)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -418,6 +427,8 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, on
                     {"status": "running", "fold": cfg.fold, "repeat": cfg.repeat, "final": None, "history": history},
                 )
             log_epoch(cfg, record, m, is_best, ema is not None)
+            if tracking is not None:
+                tracking.log_epoch(record)
             if plots is not None and (is_best or epoch % cfg.plots_every == 0):
                 plots.submit(history, labels, probs, m, f"_epoch_{epoch}", f"fold {cfg.fold}, epoch {epoch}")
             if on_epoch_end is not None:
@@ -439,7 +450,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, on
     if not d.main:
         return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
     loss_fn.weight = None  # the final loss unweighted, as `evaluate` computes it (DRW weights are a training device)
-    return finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots)
+    return finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots, tracking)
 
 
 def train_epoch(
@@ -555,7 +566,7 @@ def log_epoch(cfg, r: dict, m: dict, is_best: bool, ema: bool) -> None:
     )
 
 
-def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots) -> RunResult:
+def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots, tracking) -> RunResult:
     """The reported fold scored once with the selected checkpoint at the operating point (fitted on the selection
     part with inner), its predictions, figures and metrics.json."""
     inner = cfg.selection == "inner"
@@ -604,6 +615,11 @@ def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run
             "loss_summary": losses,
         },
     )
+    if tracking is not None:
+        figures = sorted(p for p in (run_dir / "plots").glob("*.png") if "_epoch_" not in p.name)
+        tracking.log_final(
+            final, figures, [run_dir / "metrics" / "metrics.json", run_dir / "config", run_dir / "plots"]
+        )
     log.info(
         "Fold %d finished: AUC %.4f F1 %.4f accuracy %.4f at threshold %.3f (%s; %s, epoch %d). Run folder: %s",
         cfg.fold,
