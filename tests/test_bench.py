@@ -48,4 +48,9 @@ def test_bench_trainer_times_the_real_train_fold_and_projects_the_cv(tmp_path, c
     expected = 5 * 50 * (228 / r["train_volumes_per_s"] + 57 * r["val_s_per_case"])
     assert r["projected_cv_s"] == pytest.approx(expected)
     assert r["gflop_per_volume_train"] > 0 and r["tflops"] > 0
-    assert "projected CV" in capsys.readouterr().out
+    mil = r["mil2d"]  # the 2D MIL model timed in the same run, on the same cache
+    assert mil["train_volumes_per_s"] > 0 and mil["speed_vs_3d"] == pytest.approx(
+        mil["train_volumes_per_s"] / r["train_volumes_per_s"]
+    )
+    out_text = capsys.readouterr().out
+    assert "projected CV" in out_text and "MIL ResNet18-2D" in out_text

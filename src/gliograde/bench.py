@@ -11,6 +11,7 @@ GPU also TFLOP/s and MFU. Plus preprocessing: the parallel cache writer against 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -362,11 +363,13 @@ def run_trainer_bench(
     preset: str = "final",
     workdir: Path | None = None,
     log=print,
+    mil: bool = True,
 ) -> dict:
     """Time `train_fold` itself (not a copy of its loop) on a synthetic cache: per-epoch volumes/s, data-wait
     fraction, peak memory and epoch time from the run's own metrics.json history, MFU from the model's FLOP count
     and the device's stated peak, and the projected wall time of a 5-fold x 50-epoch CV on 285 cases. The first
-    epoch (cuDNN autotuning, torch.compile) is reported apart and left out of the steady-state figures."""
+    epoch (cuDNN autotuning, torch.compile) is reported apart and left out of the steady-state figures. `mil`: also
+    time the 2D MIL model (ResNet18-2D over min(16, size) slices) in the same run, on the same cache."""
     from gliograde import MODALITIES
     from gliograde.config import resolve
     from gliograde.training.trainer import train_fold
@@ -411,7 +414,27 @@ def run_trainer_bench(
         cv_train, cv_val = CV_CASES * (CV_FOLDS - 1) // CV_FOLDS, CV_CASES // CV_FOLDS
         projected = CV_FOLDS * CV_EPOCHS * (cv_train / train_rate + cv_val * val_per_case)
         peaks = [h["peak_gpu_memory_gib"] for h in history if h["peak_gpu_memory_gib"] is not None]
+        mil_figures = None
+        if mil:
+            k = min(16, size)
+            log(f"train_fold: MIL ResNet18-2D over {k} slices, same cache and settings ...")
+            mcfg = dataclasses.replace(cfg, model="mil2d", depth=18, mil_k=k, output_dir=str(work / "results-mil"))
+            mh = train_fold(mcfg).history
+            msteady = mh[1:] or mh
+            mil_rate = float(np.mean([h["train_volumes_per_s"] for h in msteady]))
+            mil_val = float(np.mean([h["val_time_s"] for h in msteady])) / max(n_val, 1)
+            mpeaks = [h["peak_gpu_memory_gib"] for h in mh if h["peak_gpu_memory_gib"] is not None]
+            mil_figures = {
+                "model": f"MIL ResNet18-2D, {k} slices, {mcfg.mil_pooling} pooling",
+                "train_volumes_per_s": mil_rate,
+                "data_wait_fraction": float(np.mean([h["data_wait_fraction"] for h in msteady])),
+                "epoch_time_s": float(np.mean([h["epoch_time_s"] for h in msteady])),
+                "peak_gpu_memory_gib": max(mpeaks) if mpeaks else None,
+                "projected_cv_s": CV_FOLDS * CV_EPOCHS * (cv_train / mil_rate + cv_val * mil_val),
+                "speed_vs_3d": mil_rate / train_rate,
+            }
         return {
+            "mil2d": mil_figures,
             "device": name,
             "torch": torch.__version__,
             "gliograde": __version__,
@@ -460,4 +483,10 @@ def trainer_table(r: dict) -> str:
         f"  epoch time             {r['epoch_time_s']:.1f} s (first epoch {r['first_epoch_s']:.1f} s)",
         f"  projected CV           {r['projected_cv_s'] / 60:.1f} min for a {r['projected_cv']}",
     ]
+    m = r.get("mil2d")
+    if m:
+        rows.append(
+            f"  {m['model']}: {m['train_volumes_per_s']:.1f} train volumes/s ({m['speed_vs_3d']:.2f}x the 3D model), "
+            f"epoch {m['epoch_time_s']:.1f} s, projected CV {m['projected_cv_s'] / 60:.1f} min"
+        )
     return "\n".join(rows)

@@ -233,7 +233,11 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--min-epochs", "--min_epochs", dest="min_epochs", type=int)
     flag("--min-delta", "--min_delta", dest="min_delta", type=float)
     flag("--dropout", type=float)
-    flag("--depth", type=int, choices=[10, 18, 34, 50, 101, 152, 200])
+    flag("--model", choices=["resnet3d", "mil2d"], help="resnet3d (default) or mil2d: 2D MIL over axial slices")
+    flag("--mil-k", "--mil_k", dest="mil_k", type=int, help="mil2d: entropy-selected axial slices per case (16)")
+    flag("--mil-pooling", dest="mil_pooling", choices=["attention", "mean", "max"], help="mil2d: bag pooling")
+    flag("--mil-min-gap", dest="mil_min_gap", type=int, help="mil2d: minimum distance between selected slices")
+    flag("--depth", type=int, choices=[10, 18, 34, 50, 101, 152, 200], help="ResNet depth (mil2d: 18 or 34)")
     flag("--layout", choices=["strided", "medicalnet"])
     flag("--shortcut", choices=["A", "B"])
     flag("--size", type=int, help="edge of the cubic input volumes (default 128)")
@@ -507,6 +511,7 @@ def _add_bench(sub):
         help="time the real train_fold loop instead (volumes/s, data wait, MFU, peak memory, projected CV time)",
     )
     p.add_argument("--epochs", type=int, default=None, help="--trainer: epochs (default 3; the first is warm-up)")
+    p.add_argument("--no-mil", dest="mil", action="store_false", help="--trainer: skip the 2D MIL model's figures")
     p.set_defaults(func=cmd_bench)
 
 
@@ -533,6 +538,7 @@ def cmd_bench(args) -> None:
             args.cases or d["cases"],
             workdir=Path(args.workdir) if args.workdir else None,
             log=log.info,
+            mil=args.mil,
         )
         print(trainer_table(report))
         if args.json:

@@ -67,6 +67,10 @@ class TrainConfig:
     threshold_at_specificity: float | None = None  # None: Youden's J on the selection part
     temperature: bool = False  # fit a temperature on the selection part (after the prior correction)
     # model
+    model: str = "resnet3d"  # resnet3d (MedicalNet ResNet-3D) | mil2d (2D MIL over entropy-selected axial slices)
+    mil_k: int = 16  # mil2d: slices per case
+    mil_pooling: str = "attention"  # mil2d: attention (gated, Ilse et al. 2018) | mean | max
+    mil_min_gap: int = 0  # mil2d: minimum distance between selected slices
     depth: int = 50
     layout: str = "strided"
     shortcut: str = "B"
@@ -187,7 +191,14 @@ def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig
     need(cfg.scheduler in ("cosine", "step", "none"), f"--scheduler {cfg.scheduler!r} is not cosine, step or none")
     need(cfg.sampler in ("weighted", "shuffle"), f"--sampler {cfg.sampler!r} is neither weighted nor shuffle")
     need(cfg.layout in ("strided", "medicalnet"), f"--layout {cfg.layout!r} is neither strided nor medicalnet")
-    need(cfg.depth in (10, 18, 34, 50, 101, 152, 200), f"--depth {cfg.depth} is not a ResNet-3D depth")
+    need(cfg.model in ("resnet3d", "mil2d"), f"--model {cfg.model!r} is neither resnet3d nor mil2d")
+    if cfg.model == "mil2d":
+        need(cfg.depth in (18, 34), f"--model mil2d: --depth {cfg.depth} is not a 2D ResNet depth (18 or 34)")
+        need(cfg.mil_k >= 1 and cfg.mil_min_gap >= 0, "--mil-k must be >= 1 and --mil-min-gap >= 0")
+        need(cfg.mil_pooling in ("attention", "mean", "max"), f"--mil-pooling {cfg.mil_pooling!r} is not known")
+        need(cfg.mil_k <= cfg.size, f"--mil-k {cfg.mil_k} exceeds the {cfg.size} axial slices of a volume")
+    else:
+        need(cfg.depth in (10, 18, 34, 50, 101, 152, 200), f"--depth {cfg.depth} is not a ResNet-3D depth")
     need(cfg.size >= 16, f"--size must be at least 16, got {cfg.size}")
     need(cfg.patience >= 1 and cfg.min_epochs >= 0, "--early-stopping must be >= 1 and --min-epochs >= 0")
     need(cfg.max_m > 0 and cfg.ldam_s > 0, "--max-m and --ldam-s must be positive")

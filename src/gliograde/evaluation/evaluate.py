@@ -42,7 +42,7 @@ def attention_check(run_dir: Path, checkpoint: str, cache, rows, channels, devic
     from gliograde.inference.attention import attention_report
 
     path = run_dir / "checkpoints" / checkpoint
-    model = model_from_checkpoint(load_checkpoint(path), path).to(device)
+    model = model_from_checkpoint(load_checkpoint(path), path, "resnet3d").to(device)
     report = attention_report(model, cache, rows, channels, device, layer)
     write_json(out / "attention.json", report)
     s = report["summary"]
@@ -89,6 +89,11 @@ def evaluate_run(
     tumour mask: the mass inside it and the pointing game), written to attention.json and into metrics.json."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    if attention and cfg.model != "resnet3d":
+        raise EvaluationError(
+            f"--attention measures the 3D model's Grad-CAM; a {cfg.model} run records its slice attention instead "
+            "(predictions/val_attention.npy)"
+        )
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
     try:
@@ -130,6 +135,7 @@ def evaluate_run(
         policy,
         logit_scale=float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0,
         point=None if refit else point,
+        expected=cfg.model,
         select_loader=make_val_loader(CacheDataset(cache, split.select, channels), cfg.batch_size, 0, False)
         if refit
         else None,
@@ -143,6 +149,7 @@ def evaluate_run(
     )
     probs, labels = final.pop("_probs"), final.pop("_labels")
     final.pop("_raw_probs")
+    final.pop("_attention")
     stored = None if refit else run_final.get("auc")  # the run's reported AUC: what a re-score must reproduce
     final["reported_auc"] = stored
     final["auc_difference"] = None if stored is None else abs(final["auc"] - stored)

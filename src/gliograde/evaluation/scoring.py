@@ -21,10 +21,13 @@ log = logging.getLogger("gliograde")
 
 
 @torch.no_grad()
-def predict(model, loader, device, dtype, loss_fn, logit_scale: float = 1.0) -> tuple[float, np.ndarray, np.ndarray]:
+def predict(
+    model, loader, device, dtype, loss_fn, logit_scale: float = 1.0, collect: list | None = None
+) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean loss, P(HGG), labels) over a loader, in eval mode and without gradients. The loss and the predictions
     are accumulated on the device and read once at the end. P(HGG) is softmax(logit_scale x logits): LDAM's
-    probabilities come from the scaled logits its loss used (s), cross-entropy's from the logits (1)."""
+    probabilities come from the scaled logits its loss used (s), cross-entropy's from the logits (1).
+    `collect`: a list that receives each batch's (slice indices, attention weights) of a MIL model."""
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     n, probs, labels = 0, [], []
@@ -36,17 +39,29 @@ def predict(model, loader, device, dtype, loss_fn, logit_scale: float = 1.0) -> 
         n += len(y)
         probs.append(torch.softmax(logit_scale * logits.float(), 1)[:, 1])
         labels.append(y)
+        if collect is not None and getattr(model, "last_attention", None) is not None:
+            collect.append((model.last_slices.cpu().numpy(), model.last_attention.float().cpu().numpy()))
     if not probs:
         raise ValueError("predict: the loader yielded no batches")
     return float(total) / max(n, 1), torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
-def model_from_checkpoint(ckpt: dict, path: Path) -> ResNet3D:
-    """The network a gliograde checkpoint describes (its `arch` record), with its weights, in eval mode."""
+def model_from_checkpoint(ckpt: dict, path: Path, expected: str | None = None) -> ResNet3D:
+    """The network a gliograde checkpoint describes (its `arch` record), with its weights, in eval mode.
+    `expected`: the model kind (resnet3d | mil2d) the caller needs; another kind is an error naming both."""
     arch = ckpt.get("arch")
     if not isinstance(arch, dict):
         raise CheckpointError(f"{path} has no architecture record; it was not written by gliograde's trainer")
-    model = ResNet3D(arch["depth"], arch["in_channels"], arch["num_classes"], arch["shortcut"], arch["layout"])
+    kind = arch.get("model", "resnet3d")
+    if expected is not None and kind != expected:
+        raise CheckpointError(f"{path} holds a {kind} model, but a {expected} model was asked for")
+    if arch.get("model", "resnet3d") == "mil2d":
+        from gliograde.networks.mil import MILResNet2D
+
+        model = MILResNet2D(arch["depth"], arch["in_channels"], arch["num_classes"], arch["k"], arch["pooling"],
+                            arch.get("dropout", 0.0), arch.get("min_gap", 0))  # fmt: skip
+    else:
+        model = ResNet3D(arch["depth"], arch["in_channels"], arch["num_classes"], arch["shortcut"], arch["layout"])
     try:
         model.load_state_dict(ckpt["model_state_dict"])
     except RuntimeError as e:
@@ -67,6 +82,7 @@ def evaluate_checkpoint(
     point: OperatingPoint | None = None,
     select_loader=None,
     fit_point=None,
+    expected: str | None = None,
 ) -> dict:
     """Load the checkpoint chosen by the policy and score the reported patients (`val_loader`) once.
 
@@ -88,7 +104,7 @@ def evaluate_checkpoint(
         ckpt["epoch"],
         stored if stored is not None else math.nan,
     )
-    model = model_from_checkpoint(ckpt, path).to(device)
+    model = model_from_checkpoint(ckpt, path, expected).to(device)
     batches = iter(val_loader)  # may be one-shot (the device path's generator): the first batch is put back
     first = next(batches)
     decided = runtime.decide_precision(*precision, device, model, first[0][:2].to(device))
@@ -98,7 +114,8 @@ def evaluate_checkpoint(
         _, sel_probs, sel_labels = predict(model, select_loader, device, dtype, loss_fn, logit_scale)
         recheck = compute_metrics(sel_labels, sel_probs)["auc"]
         point = fit_point(sel_labels, sel_probs)
-    loss, raw, labels = predict(model, itertools.chain([first], batches), device, dtype, loss_fn, logit_scale)
+    bags: list | None = [] if hasattr(model, "last_attention") else None  # MIL: which slices, how much weight
+    loss, raw, labels = predict(model, itertools.chain([first], batches), device, dtype, loss_fn, logit_scale, bags)
     if recheck is None:
         recheck = compute_metrics(labels, raw)["auc"]
     if stored is not None and not math.isnan(stored) and abs(recheck - stored) > 0.01:
@@ -123,4 +140,5 @@ def evaluate_checkpoint(
         "_probs": probs,
         "_raw_probs": raw,
         "_labels": labels,
+        "_attention": (np.concatenate([b[0] for b in bags]), np.concatenate([b[1] for b in bags])) if bags else None,
     }

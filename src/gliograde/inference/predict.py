@@ -32,6 +32,7 @@ from gliograde.evaluation.scoring import model_from_checkpoint
 from gliograde.evaluation.summary import config_differences, find_runs
 from gliograde.files import new_stamped_dir, write_json, write_text_atomic
 from gliograde.inference.saliency import grad_cam, saliency_png
+from gliograde.networks import model_kind
 from gliograde.networks.resnet3d import ResNet3D
 from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
 
@@ -120,6 +121,7 @@ def load_ensemble(paths: list[str | Path], policy: str = "auto", allow_mixed: bo
     ref = members[0]
     for m in members[1:]:
         for what, a, b in (
+            ("model kind", model_kind(ref.model), model_kind(m.model)),
             ("modalities", ref.modalities, m.modalities),
             ("input size", ref.size, m.size),
             ("preprocessing", ref.preprocess, m.preprocess),
@@ -146,6 +148,37 @@ def _probability(member: Member, x: torch.Tensor, tta: bool, dtype) -> tuple[flo
         logits = member.model(batch)
     raw = float(torch.softmax(member.logit_scale * logits.float(), 1)[:, 1].mean())
     return raw, float(member.point.apply(np.array([raw]))[0])
+
+
+@torch.no_grad()
+def mil_attention(members: list[Member], x: torch.Tensor) -> dict:
+    """The axial slices a MIL ensemble looked at (the entropy selection does not depend on the weights, so every
+    fold picks the same ones) and their attention weights, averaged over the folds."""
+    weights = []
+    for m in members:
+        m.model.eval()(x)
+        slices = m.model.last_slices[0].cpu().numpy()
+        weights.append(m.model.last_attention[0].float().cpu().numpy())
+    mean = np.mean(weights, axis=0)
+    order = np.argsort(-mean)
+    return {"slices": [int(slices[i]) for i in order], "attention": [float(mean[i]) for i in order]}
+
+
+def attention_strip(volume: np.ndarray, mil: dict, path: Path, title: str, n: int = 6) -> None:
+    """A PNG strip of the n most-attended axial slices (last channel: FLAIR when all four are used), weights above."""
+    from matplotlib.figure import Figure
+
+    from gliograde.evaluation.plots import save_figure
+
+    n = min(n, len(mil["slices"]))
+    fig = Figure(figsize=(2.2 * n, 2.6))
+    for i in range(n):
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(np.rot90(volume[-1][:, :, mil["slices"][i]]), cmap="gray")
+        ax.set_title(f"z={mil['slices'][i]}  w={mil['attention'][i]:.2f}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
 
 
 def output_dir(out: str | Path | None, parent: str | Path = "predictions") -> Path:
@@ -210,7 +243,13 @@ def predict_cases(
             "true_grade": case.grade if case.grade != UNKNOWN_GRADE else None,
             "folds": dict(zip(names, per_model, strict=True)),
         }
-        if saliency:
+        if model_kind(ref.model) == "mil2d":
+            record["mil"] = mil_attention(members, x)
+            if saliency:
+                png = out / "saliency" / f"{case.id}_slices.png"
+                attention_strip(volume[channels], record["mil"], png, f"{case.id}: P(HGG) = {p:.3f}")
+                record["saliency"] = {"png": str(png), "method": "the most-attended axial slices and their weights"}
+        elif saliency:
             cams = [grad_cam(m.model, x, layer=saliency_layer) for m in members]
             cam = torch.stack([c[0][0] for c in cams]).mean(0)
             cam = (cam / cam.max().clamp_min(1e-12)).cpu().numpy()  # the ensemble map scaled to peak 1 again

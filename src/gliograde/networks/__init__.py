@@ -36,4 +36,38 @@ def build_model(
     return initialise(ResNet3D(depth, in_channels, num_classes, shortcut, layout, dropout), pretrained_path, logger)
 
 
-__all__ = ["ResNet3D", "build_model", "initialise", "load_medicalnet_pretrained", "resolve_pretrained"]
+MODEL_KINDS = ("resnet3d", "mil2d")
+
+
+def build_for(cfg, in_channels: int, pretrained_path: str | Path | None, logger: logging.Logger | None = None):
+    """The network a training configuration asks for: the ResNet-3D (MedicalNet weights when given) or the 2D MIL
+    model (MedicalNet weights are 3D and do not apply: it trains from scratch, said so)."""
+    log = logger or logging.getLogger("gliograde")
+    if cfg.model == "mil2d":
+        from gliograde.networks.mil import MILResNet2D
+
+        if pretrained_path:
+            log.warning("--model mil2d: MedicalNet weights (%s) are 3D and do not apply; training from scratch",
+                        pretrained_path)  # fmt: skip
+        model = MILResNet2D(cfg.depth, in_channels, 2, cfg.mil_k, cfg.mil_pooling, cfg.dropout, cfg.mil_min_gap)
+        n = sum(p.numel() for p in model.parameters())
+        log.info("Model: MIL ResNet%d-2D over %d entropy-selected axial slices, %s pooling, %.2fM params", cfg.depth,
+                 cfg.mil_k, cfg.mil_pooling, n / 1e6)  # fmt: skip
+        return model
+    return build_model(cfg.depth, in_channels, 2, cfg.shortcut, cfg.layout, cfg.dropout, pretrained_path, log)
+
+
+def model_kind(model) -> str:
+    return "mil2d" if type(model).__name__ == "MILResNet2D" else "resnet3d"
+
+
+__all__ = [
+    "MODEL_KINDS",
+    "ResNet3D",
+    "build_for",
+    "build_model",
+    "initialise",
+    "load_medicalnet_pretrained",
+    "model_kind",
+    "resolve_pretrained",
+]

@@ -49,11 +49,17 @@ def checkpoint_payload(cfg, arch: dict, epoch: int, state_dict: dict, metrics: d
         "size": cfg.size,
         "preprocess": arch["preprocess"],
         "arch": {
+            "model": cfg.model,
             "depth": cfg.depth,
             "layout": cfg.layout,
             "shortcut": cfg.shortcut,
             "in_channels": arch["in_channels"],
             "num_classes": 2,
+            **(
+                {"k": cfg.mil_k, "pooling": cfg.mil_pooling, "min_gap": cfg.mil_min_gap, "dropout": cfg.dropout}
+                if cfg.model == "mil2d"
+                else {}
+            ),
         },
     }
 

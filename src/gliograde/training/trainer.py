@@ -39,7 +39,7 @@ from gliograde.evaluation.plots import PlotWriter, save_figure
 from gliograde.evaluation.scoring import evaluate_checkpoint, predict
 from gliograde.evaluation.stats import honest_statistics, reliability_figure
 from gliograde.files import new_stamped_dir, write_json
-from gliograde.networks import build_model
+from gliograde.networks import build_for
 from gliograde.networks.resnet3d import ResNet3D
 from gliograde.provenance import provenance
 from gliograde.training import distributed
@@ -280,7 +280,10 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
 def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tracking, on_epoch_end) -> RunResult:
     device = runtime.pick_device("cuda" if cfg.gpu else cfg.device, d.local_rank)
     runtime.configure_backends(device, cfg.tf32)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    # channels_last_3d: the 3D network's convolutions only (the MIL model's are 2D)
+    channels_last = cfg.model == "resnet3d" and (
+        cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    )
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # sampling and augmentation, identical on every rank
     inner = cfg.selection == "inner"
@@ -327,9 +330,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
         f" x {d.world} processes (DDP)" if d.active else "",
     )
 
-    model = build_model(
-        cfg.depth, len(channels), 2, cfg.shortcut, cfg.layout, cfg.dropout, None if resume else cfg.pretrained_path, log
-    ).to(device)
+    model = build_for(cfg, len(channels), None if resume else cfg.pretrained_path, log).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     if d.active and cfg.sync_bn and device.type == "cuda":
@@ -587,8 +588,10 @@ def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run
         point=None if inner else seeds_point(counts),
         select_loader=data.batches("monitor", shard=False) if inner else None,
         fit_point=fit_point if inner else None,
+        expected=cfg.model,
     )
     probs, raw, labels = final.pop("_probs"), final.pop("_raw_probs"), final.pop("_labels")
+    bags = final.pop("_attention")
     final.update(protocol_record(cfg, split))
     final.update(honest_statistics(labels, probs, final["threshold"]))
     out = run_dir / "predictions"
@@ -596,6 +599,9 @@ def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run
     np.save(out / "val_probs_raw.npy", raw)
     np.save(out / "val_preds.npy", (probs >= final["threshold"]).astype(np.int64))
     np.save(out / "val_labels.npy", labels)
+    if bags is not None:  # MIL: each case's selected slices and their attention weights, to audit
+        np.save(out / "val_slices.npy", bags[0])
+        np.save(out / "val_attention.npy", bags[1])
     write_json(out / "val_ids.json", [cache.ids[r] for r in split.val])
     title = f"fold {cfg.fold}, final ({final['checkpoint']}, epoch {final['best_epoch']})"
     plots.submit(history, labels, probs, final, "", title)
