@@ -173,6 +173,7 @@ def test_pooling_forward_backward(pooling):
         "pooling": pooling,
         "min_gap": 1,
         "bins": 32,
+        "entropy_channel": None,
     }
     assert "ResNet18-2D" in m.describe()
 
@@ -210,3 +211,31 @@ def test_tiny_model_overfits_toy_set():
         opt.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < losses[0] / 2, losses
+
+
+def test_bag_sizes_are_checked_before_a_mil_run(tiny_cache, caplog):
+    import logging
+
+    from gliograde.data.slices import check_bag_sizes
+
+    rows = np.arange(3)
+    log = logging.getLogger("gliograde")
+    with caplog.at_level("WARNING", logger="gliograde"):
+        check_bag_sizes(tiny_cache, rows, [0, 1, 2, 3], 16, log)  # 16^3: at most 16 slices, fewer hold brain
+    assert "fewer axial brain slices" in caplog.text and tiny_cache.ids[0] in caplog.text
+    empty = type("C", (), {"ids": ["Brats18_X_1_1"], "volumes": np.zeros((1, 4, 8, 8, 8), np.float16)})()
+    with pytest.raises(ValueError, match="Brats18_X_1_1 has no brain voxels"):
+        check_bag_sizes(empty, [0], [0, 1, 2, 3], 4, log)
+
+
+def test_slices_can_be_ranked_on_one_modality():
+    from gliograde.networks.mil import select_slice_indices
+
+    torch.manual_seed(0)
+    x = torch.zeros(1, 2, 8, 8, 12)
+    x[0, 0, :, :, 2:5] = torch.randn(8, 8, 3)  # channel 0 varies on slices 2-4
+    x[0, 1, :, :, 7:10] = torch.randn(8, 8, 3)  # channel 1 on slices 7-9
+    x[0, 0, :, :, 7:10] = 1.0  # constant where channel 1 varies: brain, no entropy in channel 0
+    x[0, 1, :, :, 2:5] = 1.0
+    assert select_slice_indices(x, 3, channel=0).tolist() == [[2, 3, 4]]
+    assert select_slice_indices(x, 3, channel=1).tolist() == [[7, 8, 9]]

@@ -237,6 +237,12 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--mil-k", "--mil_k", dest="mil_k", type=int, help="mil2d: entropy-selected axial slices per case (16)")
     flag("--mil-pooling", dest="mil_pooling", choices=["attention", "mean", "max"], help="mil2d: bag pooling")
     flag("--mil-min-gap", dest="mil_min_gap", type=int, help="mil2d: minimum distance between selected slices")
+    flag(
+        "--mil-entropy-modality",
+        dest="mil_entropy_modality",
+        choices=["t1", "t1ce", "t2", "flair"],
+        help="mil2d: rank slices on this modality's entropy (default: the mean over the input modalities)",
+    )
     flag("--depth", type=int, choices=[10, 18, 34, 50, 101, 152, 200], help="ResNet depth (mil2d: 18 or 34)")
     flag("--layout", choices=["strided", "medicalnet"])
     flag("--shortcut", choices=["A", "B"])

@@ -71,6 +71,7 @@ class TrainConfig:
     mil_k: int = 16  # mil2d: slices per case
     mil_pooling: str = "attention"  # mil2d: attention (gated, Ilse et al. 2018) | mean | max
     mil_min_gap: int = 0  # mil2d: minimum distance between selected slices
+    mil_entropy_modality: str | None = None  # mil2d: rank slices on this modality's entropy; None: mean over all
     depth: int = 50
     layout: str = "strided"
     shortcut: str = "B"
@@ -197,6 +198,10 @@ def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig
         need(cfg.mil_k >= 1 and cfg.mil_min_gap >= 0, "--mil-k must be >= 1 and --mil-min-gap >= 0")
         need(cfg.mil_pooling in ("attention", "mean", "max"), f"--mil-pooling {cfg.mil_pooling!r} is not known")
         need(cfg.mil_k <= cfg.size, f"--mil-k {cfg.mil_k} exceeds the {cfg.size} axial slices of a volume")
+        need(
+            cfg.mil_entropy_modality in (None, *cfg.modalities),
+            f"--mil-entropy-modality {cfg.mil_entropy_modality!r} is not one of the input modalities {cfg.modalities}",
+        )
     else:
         need(cfg.depth in (10, 18, 34, 50, 101, 152, 200), f"--depth {cfg.depth} is not a ResNet-3D depth")
     need(cfg.size >= 16, f"--size must be at least 16, got {cfg.size}")

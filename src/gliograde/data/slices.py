@@ -178,3 +178,25 @@ def selection_record(
         except ValueError as e:
             raise ValueError(f"case {case}: {e}") from e
     return record
+
+
+def check_bag_sizes(cache, rows, channels: list[int], k: int, log) -> None:
+    """Before a MIL run: a case with no brain voxels is an error naming it; a case with fewer axial brain slices
+    than k is warned about (its bag is filled with the next slices without brain: a clamp, said here once)."""
+    short, names = [], cache.ids
+    for r in rows:
+        counts = brain_slice_counts(np.asarray(cache.volumes[r][channels]))
+        n = int((counts > 1).sum())
+        if n == 0:
+            raise ValueError(f"case {names[r]} has no brain voxels in the cache; it cannot make a bag of slices")
+        if n < k:
+            short.append(f"{names[r]} ({n})")
+    if short:
+        log.warning(
+            "--mil-k %d: %d case(s) have fewer axial brain slices than that, and their bags are filled with slices "
+            "without brain: %s%s",
+            k,
+            len(short),
+            ", ".join(short[:5]),
+            " ..." if len(short) > 5 else "",
+        )

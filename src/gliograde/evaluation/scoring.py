@@ -59,7 +59,8 @@ def model_from_checkpoint(ckpt: dict, path: Path, expected: str | None = None) -
         from gliograde.networks.mil import MILResNet2D
 
         model = MILResNet2D(arch["depth"], arch["in_channels"], arch["num_classes"], arch["k"], arch["pooling"],
-                            arch.get("dropout", 0.0), arch.get("min_gap", 0))  # fmt: skip
+                            arch.get("dropout", 0.0), arch.get("min_gap", 0),
+                            entropy_channel=arch.get("entropy_channel"))  # fmt: skip
     else:
         model = ResNet3D(arch["depth"], arch["in_channels"], arch["num_classes"], arch["shortcut"], arch["layout"])
     try:

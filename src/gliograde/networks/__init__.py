@@ -49,7 +49,10 @@ def build_for(cfg, in_channels: int, pretrained_path: str | Path | None, logger:
         if pretrained_path:
             log.warning("--model mil2d: MedicalNet weights (%s) are 3D and do not apply; training from scratch",
                         pretrained_path)  # fmt: skip
-        model = MILResNet2D(cfg.depth, in_channels, 2, cfg.mil_k, cfg.mil_pooling, cfg.dropout, cfg.mil_min_gap)
+        channel = cfg.modalities.index(cfg.mil_entropy_modality) if cfg.mil_entropy_modality else None
+        model = MILResNet2D(
+            cfg.depth, in_channels, 2, cfg.mil_k, cfg.mil_pooling, cfg.dropout, cfg.mil_min_gap, entropy_channel=channel
+        )
         n = sum(p.numel() for p in model.parameters())
         log.info("Model: MIL ResNet%d-2D over %d entropy-selected axial slices, %s pooling, %.2fM params", cfg.depth,
                  cfg.mil_k, cfg.mil_pooling, n / 1e6)  # fmt: skip

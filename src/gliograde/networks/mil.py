@@ -100,7 +100,9 @@ class GatedAttention(nn.Module):
         return torch.einsum("bk,bkf->bf", a, h), a
 
 
-def select_slice_indices(x: torch.Tensor, k: int, min_gap: int = 0, bins: int = 32) -> torch.Tensor:
+def select_slice_indices(
+    x: torch.Tensor, k: int, min_gap: int = 0, bins: int = 32, channel: int | None = None
+) -> torch.Tensor:
     """(B, k) indices of the k axial slices of highest entropy per case, sorted ascending (no gradient).
 
     Slices with brain come first (by entropy); if a case has fewer than k, slices without brain fill the bag.
@@ -111,7 +113,7 @@ def select_slice_indices(x: torch.Tensor, k: int, min_gap: int = 0, bins: int = 
     if k > n_slices:
         raise ValueError(f"k={k} slices requested but the volume has only {n_slices} axial slices")
     with torch.no_grad():
-        h = torch_slice_entropy(x, bins=bins)  # (B, S)
+        h = torch_slice_entropy(x, bins=bins, channel=channel)  # (B, S); channel None: mean over modalities
         brain = (x.detach() != 0).flatten(1, -2).any(1)  # (B, S)
         score = torch.where(brain, h, torch.full_like(h, -1.0))
         if min_gap <= 0:
@@ -150,6 +152,7 @@ class MILResNet2D(nn.Module):
         dropout: float = 0.0,
         min_gap: int = 0,
         bins: int = 32,
+        entropy_channel: int | None = None,
     ):
         super().__init__()
         if depth not in ARCHS_2D:
@@ -166,6 +169,7 @@ class MILResNet2D(nn.Module):
             raise ValueError(f"dropout {dropout} must lie in [0, 1)")
         self.depth, self.in_channels, self.num_classes = depth, in_channels, num_classes
         self.k, self.pooling, self.min_gap, self.bins = k, pooling, min_gap, bins
+        self.entropy_channel = entropy_channel  # the input channel the slices are ranked on; None: all, averaged
         self.backbone = ResNet2D(depth, in_channels)
         self.num_features = self.backbone.num_features
         self.attention = GatedAttention(self.num_features) if pooling == "attention" else None
@@ -175,7 +179,7 @@ class MILResNet2D(nn.Module):
         self.last_slices: torch.Tensor | None = None  # (B, k), detached, sorted axial indices
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        return select_slice_indices(x, self.k, self.min_gap, self.bins)
+        return select_slice_indices(x, self.k, self.min_gap, self.bins, self.entropy_channel)
 
     def instance_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, D, H, W) -> (instance features (B, k, F), slice indices (B, k))."""
@@ -233,6 +237,7 @@ class MILResNet2D(nn.Module):
             "pooling": self.pooling,
             "min_gap": self.min_gap,
             "bins": self.bins,
+            "entropy_channel": self.entropy_channel,
         }
 
     def describe(self) -> str:

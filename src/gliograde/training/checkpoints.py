@@ -56,7 +56,15 @@ def checkpoint_payload(cfg, arch: dict, epoch: int, state_dict: dict, metrics: d
             "in_channels": arch["in_channels"],
             "num_classes": 2,
             **(
-                {"k": cfg.mil_k, "pooling": cfg.mil_pooling, "min_gap": cfg.mil_min_gap, "dropout": cfg.dropout}
+                {
+                    "k": cfg.mil_k,
+                    "pooling": cfg.mil_pooling,
+                    "min_gap": cfg.mil_min_gap,
+                    "dropout": cfg.dropout,
+                    "entropy_channel": cfg.modalities.index(cfg.mil_entropy_modality)
+                    if cfg.mil_entropy_modality
+                    else None,
+                }
                 if cfg.model == "mil2d"
                 else {}
             ),

@@ -30,6 +30,7 @@ from gliograde import runtime
 from gliograde.config import TrainConfig, validate, with_split
 from gliograde.data.augment import AugmentParams
 from gliograde.data.delivery import make_delivery, use_device_path
+from gliograde.data.slices import check_bag_sizes
 from gliograde.data.source import load_data
 from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
@@ -291,6 +292,11 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
     monitor_rows = split.select if inner else split.val
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
     check_batch(cfg, d.world, len(train_rows))
+    if cfg.model == "mil2d":
+        try:
+            check_bag_sizes(cache, np.concatenate([split.train, split.val]), channels, cfg.mil_k, log)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     augment = (
         AugmentParams(cfg.flip_prob, cfg.rotate_deg, cfg.scale_range, cfg.intensity_scale, cfg.intensity_shift)
         if cfg.augment
