@@ -405,3 +405,21 @@ def test_the_seeds_script_runs_as_written_with_dry_run():
     assert printed["loss"] == "ldam" and printed["ema_decay"] == 0.999 and printed["grad_accum"] == 2
     assert printed["selection"] == "outer"  # the seeds' script keeps the seeds' protocol
     assert "would train fold 0" in out.stdout and "triple balancing" in out.stderr
+
+
+def test_a_config_file_sits_between_the_preset_and_the_flags(tmp_path, capsys):
+    from gliograde.config import ConfigError, resolve_with_sources
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("lr: 5.0e-4\nepochs: 7\nmodalities: [flair]\n")
+    cfg, sources = resolve_with_sources("cpu-demo", path, epochs=9)
+    assert (cfg.lr, cfg.epochs, cfg.depth, cfg.modalities) == (5e-4, 9, 10, ["flair"])
+    assert sources["lr"] == f"file {path}" and sources["epochs"] == "command line"
+    assert sources["depth"] == "preset cpu-demo" and sources["tf32"] == "default"
+    for text, hint in (("learning_rate: 1\n", "did you mean 'lr'"), ("batchsize: 2\n", "did you mean 'batch_size'")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=hint):
+            resolve_with_sources("final", path)
+    path.write_text("lr: 5.0e-4\n")
+    assert main(["train", "--preset", "cpu-demo", "--config", str(path), "--dry-run"]) == 0
+    assert f"0.0005  (file {path})" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -187,6 +188,7 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
         p.add_argument(*names, default=S, **kw)
 
     flag("--preset", choices=["final", "ldam-drw", "cpu-demo"], help="configuration preset (default: final)")
+    flag("--config", help="a YAML file of configuration keys: preset < file < flags")
     add_split_flags(p, S)
     if not for_cv:
         flag("--fold", type=int, help="fold to train, 0..K-1 (default 0)")
@@ -299,12 +301,21 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     )
 
 
-def config_from_args(args):
-    from gliograde.config import TrainConfig, resolve
+def config_from_args(args, with_sources: bool = False):
+    """The configuration of a training command: preset < --config FILE < flags (and, if asked, each value's source)."""
+    from gliograde.config import TrainConfig, resolve_with_sources
 
     names = {f for f in TrainConfig.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in names and k != "preset"}
-    return resolve(getattr(args, "preset", "final"), **overrides)
+    cfg, sources = resolve_with_sources(getattr(args, "preset", "final"), getattr(args, "config", None), **overrides)
+    return (cfg, sources) if with_sources else cfg
+
+
+def print_sources(cfg, sources: dict) -> None:
+    """--dry-run: every value and where it came from."""
+    values = cfg.to_dict()
+    width = max(map(len, values))
+    print("\n".join(f"  {k:<{width}}  {json.dumps(v)}  ({sources.get(k, 'default')})" for k, v in values.items()))
 
 
 def _add_train(sub):
@@ -318,10 +329,12 @@ def cmd_train(args) -> None:
 
     from gliograde.config import validate
 
-    cfg = config_from_args(args)
+    cfg, sources = config_from_args(args, with_sources=True)
     if args.dry_run:
         validate(cfg, log)  # train_fold validates (and warns) itself; only the dry run needs it here
         print(json.dumps(cfg.to_dict(), indent=2))
+        print("where each value comes from:")
+        print_sources(cfg, sources)
         what = f"resume {cfg.resume}" if cfg.resume else f"a new run in {cfg.output_dir}/runs/fold_{cfg.fold}/"
         print(
             f"would train fold {cfg.fold} of {cfg.folds or 'K (the saved split)'} ({cfg.preset} preset, selection "
@@ -365,8 +378,9 @@ def cmd_cv(args) -> None:
     from gliograde.config import parse_fold_list
     from gliograde.training.cv import run_cv
 
-    cfg = config_from_args(args)
+    cfg, sources = config_from_args(args, with_sources=True)
     if args.dry_run:
+        print_sources(cfg, sources)
         k = cfg.folds or 5
         folds = parse_fold_list(args.fold_list, k)
         print(

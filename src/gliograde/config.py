@@ -156,18 +156,70 @@ def parse_modalities(value) -> list[str]:
     return items
 
 
-def resolve(preset: str = "final", **overrides) -> TrainConfig:
-    """Defaults < preset < overrides (None values in overrides mean 'not given')."""
-    values = {**load_preset(preset), **{k: v for k, v in overrides.items() if v is not None}}
+# the seeds' flag spellings of keys that a configuration file spells otherwise (suggested, not accepted)
+KEY_SPELLINGS = {
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum",
+    "early_stopping": "patience",
+    "modality": "modalities",
+    "num_folds": "folds",
+    "k": "folds",
+    "multi-gpu": "multi_gpu",
+}
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A YAML file of configuration keys (the presets' keys); an unknown key is an error that suggests the closest
+    valid one."""
+    import difflib
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of configuration keys, got {type(values).__name__}")
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in names:
+            close = [KEY_SPELLINGS[key]] if key in KEY_SPELLINGS else difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--config {path}: unknown key {key!r}{hint}")
+    if "preset" in values:
+        raise ConfigError(f"--config {path}: 'preset' is chosen with --preset, not in the file")
+    return values
+
+
+def resolve_with_sources(
+    preset: str = "final", config_file: str | Path | None = None, **overrides
+) -> tuple[TrainConfig, dict[str, str]]:
+    """Defaults < preset < config file < overrides (None values in overrides mean 'not given'); also returns where
+    each value came from (default | preset NAME | file PATH | command line)."""
+    layers = [(f"preset {preset}", load_preset(preset))]
+    if config_file is not None:
+        layers.append((f"file {config_file}", load_config_file(config_file)))
+    layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown configuration keys {unknown}")
-    values["preset"] = preset
+    values, sources = {}, {name: "default" for name in names}
+    for source, layer in layers:
+        unknown = sorted(set(layer) - names)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {unknown}")
+        values.update(layer)
+        sources.update({k: source for k in layer})
+    values["preset"], sources["preset"] = preset, "--preset" if overrides.get("preset") else "default"
     cfg = TrainConfig(**values)
     cfg.modalities = parse_modalities(cfg.modalities)
     cfg.loss, cfg.optimizer, cfg.scheduler = cfg.loss.lower(), cfg.optimizer.lower(), cfg.scheduler.lower()
-    return cfg
+    return cfg, sources
+
+
+def resolve(preset: str = "final", config_file: str | Path | None = None, **overrides) -> TrainConfig:
+    """Defaults < preset < config file < overrides (None values in overrides mean 'not given')."""
+    return resolve_with_sources(preset, config_file, **overrides)[0]
 
 
 def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig:
