@@ -114,9 +114,13 @@ def _features(model, x: torch.Tensor, dtype) -> torch.Tensor:
 def bf16_check(model, x: torch.Tensor) -> dict:
     """bf16 autocast against fp32 on `x` (a real input at the run's size): relative error of the pooled features, and
     of the gradients of all parameters for one backward pass of a fixed random projection of those features.
-    The model is left as it was (mode, weights, gradients, global RNG)."""
+
+    Eval mode: no dropout, BatchNorm on its running statistics (batch statistics of a batch of 2 would divide by
+    near-zero variances in the deep layers and amplify any rounding). A fresh model's activations can then grow
+    large, so norms are taken in float64. The model is left as it was (mode, weights, buffers, gradients)."""
     was_training = model.training
-    model.eval()  # no dropout, no BatchNorm statistics updated
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     saved_grads = [p.grad for p in params]
     try:
@@ -127,14 +131,18 @@ def bf16_check(model, x: torch.Tensor) -> dict:
             f = _features(model, x, dtype)
             projection = torch.randn(f.shape, generator=torch.Generator().manual_seed(0)).to(f.device)
             (f * projection).sum().backward()
-            grads = torch.cat([p.grad.detach().float().flatten() for p in params if p.grad is not None])
-            results[name] = (f.detach(), grads)
+            grads = torch.cat([p.grad.detach().double().flatten() for p in params if p.grad is not None])
+            results[name] = (f.detach().double(), grads)
         (f32, g32), (f16, g16) = results["fp32"], results["bf16"]
         feature_err = float((f16 - f32).norm() / f32.norm().clamp_min(1e-12))
         grad_err = float((g16 - g32).norm() / g32.norm().clamp_min(1e-12))
     finally:
         for p, g in zip(params, saved_grads, strict=True):
             p.grad = g
+        with torch.no_grad():
+            live = dict(model.named_buffers())
+            for k, v in buffers.items():
+                live[k].copy_(v)
         model.train(was_training)
     ok = feature_err <= FEATURE_TOLERANCE and grad_err <= GRADIENT_TOLERANCE  # NaN fails both comparisons
     return {
