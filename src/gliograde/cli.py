@@ -477,6 +477,13 @@ def _add_predict(sub):
     src.add_argument("--data-root", "--data_root", dest="data_root", help="a folder of case folders")
     p.add_argument("--out", default=None, help="new folder for the outputs (default predictions/predict_<time>)")
     p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "best_ema"])
+    p.add_argument(
+        "--onnx",
+        metavar="MODEL_DIR",
+        default=None,
+        help="predict with an exported ONNX ensemble (gliograde export) through ONNX Runtime, without the training "
+        "code; --runs, --tta and --saliency do not apply",
+    )
     p.add_argument("--tta", action="store_true", help="average over the 8 axis-flip versions of each volume")
     p.add_argument("--saliency", action="store_true", help="Grad-CAM NIfTI on the case's grid + PNG per case")
     p.add_argument(
@@ -497,6 +504,13 @@ def cmd_predict(args) -> None:
     from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
 
     cases = [read_case_folder(c) for c in args.case] if args.case else cases_to_predict(args.data_root)
+    if args.onnx:
+        from gliograde.inference.onnx_predict import predict_cases_onnx
+
+        out = output_dir(args.out)
+        predict_cases_onnx(cases, args.onnx, out)
+        log.info("predictions (ONNX Runtime, %s): %s (and .json)", args.onnx, out / "predictions.csv")
+        return
     members = load_ensemble(args.runs, args.checkpoint, args.allow_mixed)
     log.info("ensemble of %d checkpoint(s); %d case(s) to predict", len(members), len(cases))
     out = output_dir(args.out)
@@ -504,6 +518,24 @@ def cmd_predict(args) -> None:
     log.info("predictions: %s (and .json)", out / "predictions.csv")
     if args.saliency:
         log.info("saliency maps: %s", out / "saliency")
+
+
+# --------------------------------------------------------------------------------------------- export
+def _add_export(sub):
+    p = sub.add_parser("export", help="the selected checkpoint(s) as ONNX or TorchScript, with a JSON sidecar each")
+    p.add_argument("target", help="a run folder, or a results folder (one model per fold)")
+    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", required=True, help="new or empty folder for the model files and their sidecars")
+    p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "best_ema"])
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> None:
+    from gliograde.export import export
+
+    files = export(args.target, args.out, args.fmt, args.checkpoint)
+    for f in files:
+        print(f"{f}  (+ {f.with_suffix('.json').name})")
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -665,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = (_add_synth, _add_prepare, _add_model_info, _add_train, _add_cv, _add_evaluate, _add_summarize)
-    for add in (*commands, _add_compare, _add_predict, _add_bench, _add_doctor, _add_demo):
+    for add in (*commands, _add_compare, _add_predict, _add_export, _add_bench, _add_doctor, _add_demo):
         add(sub)
     return parser
 
