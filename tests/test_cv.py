@@ -405,3 +405,19 @@ def test_predict_refuses_an_ensemble_of_different_configurations(tmp_path):
     (folds[1][0] / "config" / "config.json").write_text(json.dumps({"config": {"fold": 1, "folds": 2, "depth": 18}}))
     with pytest.raises(PredictError, match=r"different configurations.*depth"):
         load_ensemble([tmp_path])
+
+
+def test_cv_through_the_local_launcher_and_its_status(cv_run, tmp_path, capsys, monkeypatch):
+    cache, _, _ = cv_run
+    out = tmp_path / "res"
+    common = ["--preset", "cpu-demo", "--size", "16", "--cache-dir", str(cache.path), "--output-dir", str(out)]
+    args = [*common, "--epochs", "1", "--min-epochs", "1", "--no-tensorboard", "--only", "0,1", "--allow-partial"]
+    assert main(["cv", *args, "--launcher", "local", "--cpus-per-task", "1"]) == 0
+    assert "Pooled out-of-fold" in capsys.readouterr().out
+    assert main(["cv", "--status", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("done") >= 2
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert main(["cv", *args, "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sbatch is not on PATH" in err and "\n" not in err

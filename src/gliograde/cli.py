@@ -355,6 +355,25 @@ def _add_cv(sub):
     p.add_argument("--only", "--fold-list", dest="fold_list", default=None, help="folds to run, e.g. 0-4 or 0,2")
     p.add_argument("--parallel-folds", type=int, default=1, help="folds trained at once (one per GPU; default 1)")
     p.add_argument("--allow-partial", action="store_true", help="summarize even if some folds are missing or failed")
+    p.add_argument(
+        "--launcher",
+        choices=["slurm", "local"],
+        default=None,
+        help="submit the folds (x repeats) as a submitit job array: slurm, or local (the same code path here)",
+    )
+    p.add_argument("--partition", default=None, help="--launcher slurm: partition")
+    p.add_argument("--account", default=None, help="--launcher slurm: account")
+    p.add_argument("--gpus-per-task", type=int, default=1, help="--launcher: GPUs per fold (default 1)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="--launcher: CPUs per fold (default 8)")
+    p.add_argument("--mem-gb", type=int, default=64, help="--launcher: memory per fold in GB (default 64)")
+    p.add_argument("--time-min", type=int, default=720, help="--launcher: time limit per fold in minutes (720)")
+    p.add_argument(
+        "--sbatch", nargs="*", default=[], metavar="KEY=VALUE", help="--launcher slurm: extra sbatch options"
+    )
+    p.add_argument("--jobs-dir", default=None, help="--launcher: submitit logs (default <output-dir>/jobs)")
+    p.add_argument(
+        "--status", metavar="RESULTS", default=None, help="show which folds are done, running, failed or missing"
+    )
     p.set_defaults(func=cmd_cv)
 
 
@@ -378,6 +397,11 @@ def cmd_cv(args) -> None:
     from gliograde.config import parse_fold_list
     from gliograde.training.cv import run_cv
 
+    if args.status:
+        from gliograde.training.launcher import cv_status, status_table
+
+        print(status_table(cv_status(Path(args.status))))
+        return
     cfg, sources = config_from_args(args, with_sources=True)
     if args.dry_run:
         print_sources(cfg, sources)
@@ -388,7 +412,44 @@ def cmd_cv(args) -> None:
             f"repeat(s) ({cfg.preset} preset, selection {cfg.selection}) into {cfg.output_dir}, then summarize"
         )
         return
+    if args.launcher:
+        return launch_cv(cfg, args)
     print_summary(run_cv(cfg, args.fold_list, args.parallel_folds, args.allow_partial))
+
+
+def launch_cv(cfg, args) -> None:
+    """cv through submitit: the folds as a job array (each task resumes its fold when it finds it unfinished), then
+    the summary: by a dependent job on SLURM, at once locally."""
+    import shutil
+
+    from gliograde.training import launcher
+    from gliograde.training.cv import name, plan_cv
+
+    if args.launcher == "slurm" and shutil.which("sbatch") is None:
+        raise GliogradeError(launcher.NO_SBATCH)  # before any cache is prepared
+    cfg, _, todo, _ = plan_cv(cfg, args.fold_list)
+    folder = Path(args.jobs_dir or Path(cfg.output_dir) / "jobs")
+    extra = dict(item.split("=", 1) for item in args.sbatch) if args.sbatch else None
+    options = {"partition": args.partition, "account": args.account}
+    jobs = []
+    if todo:
+        jobs = launcher.submit_folds(
+            todo, args.launcher, folder, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
+            mem_gb=args.mem_gb, timeout_min=args.time_min, extra_sbatch=extra, **options,
+        )  # fmt: skip
+        log.info("submitted %d fold(s) (%s): %s", len(jobs), args.launcher, ", ".join(j.job_id for j in jobs))
+    if args.launcher == "slurm":
+        summary = launcher.submit_summary(
+            cfg.output_dir, jobs, args.launcher, folder, allow_partial=args.allow_partial, **options
+        )
+        print(f"submitted: folds {[j.job_id for j in jobs]}, summary {summary.job_id} (after them)")
+        print(f"follow with: gliograde cv --status {cfg.output_dir}")
+        return
+    _, failures = launcher.wait_and_collect(jobs) if jobs else ({}, {})
+    for key, why in sorted(failures.items()):
+        log.error("%s failed: %s", name(key), why)
+    summary = launcher.submit_summary(cfg.output_dir, jobs, args.launcher, folder, allow_partial=args.allow_partial)
+    print_summary(summary.result())
 
 
 # ------------------------------------------------------------------------------------------- evaluate

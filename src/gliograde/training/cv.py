@@ -133,16 +133,13 @@ def _train_parallel(todo: list[TrainConfig], workers: int, gpus: list[str], thre
     return runs, failures
 
 
-def run_cv(
-    cfg: TrainConfig, only: str | list[int] | None = None, parallel: int = 1, allow_partial: bool = False
-) -> dict:
-    """Train (or skip, or resume) each fold of each repeat, then summarize the results folder; returns the summary.
-    `only`: the folds to run ("0-4", "0,2" or a list; default all K), in every repeat."""
+def plan_cv(cfg: TrainConfig, only: str | list[int] | None = None) -> tuple[TrainConfig, list[int], list, dict]:
+    """The CV to run: (cfg with the saved split filled in, the folds, the configs still to train (resume set for an
+    interrupted one), the complete runs kept). The cache and folds.json are made here, once, never by folds racing
+    each other in parallel processes or cluster jobs."""
     validate(cfg, log)
     from gliograde.data.source import load_data
-    from gliograde.training.trainer import train_fold
 
-    # the cache and folds.json are made once, here, not by folds racing each other in parallel processes
     cache, split = load_data(cfg)
     cfg = with_split(dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()), fold=0, repeat=0), split)
     log.info("split: %s", describe(split))
@@ -161,7 +158,17 @@ def run_cv(
                 log.info("%s: resuming the interrupted run %s", name(key), run)
                 fcfg.resume = str(run)
             todo.append(fcfg)
+    return cfg, folds, todo, runs
 
+
+def run_cv(
+    cfg: TrainConfig, only: str | list[int] | None = None, parallel: int = 1, allow_partial: bool = False
+) -> dict:
+    """Train (or skip, or resume) each fold of each repeat, then summarize the results folder; returns the summary.
+    `only`: the folds to run ("0-4", "0,2" or a list; default all K), in every repeat."""
+    from gliograde.training.trainer import train_fold
+
+    cfg, folds, todo, runs = plan_cv(cfg, only)
     failures: dict[tuple[int, int], str] = {}
     if parallel <= 1 or len(todo) <= 1:
         for fcfg in todo:

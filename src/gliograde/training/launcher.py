@@ -1,0 +1,293 @@
+"""Cross-validation folds as cluster jobs: a submitit job array (SLURM, or local subprocesses), then the summary.
+
+    jobs = submit_folds(todo, "slurm", results / "slurm", partition="gpu")   # one array task per (repeat, fold)
+    runs, failures = wait_and_collect(jobs)                                  # or leave them queued and log out
+    submit_summary(results, jobs, "slurm", results / "slurm")                # afterok: runs once all succeeded
+    print(status_table(cv_status(results, k=5)))                             # at any time, from the run folders
+
+Each task runs `run_fold_task`, which re-checks `fold_plan` when it *starts*, not when it was submitted: a task
+re-queued by SLURM (pre-emption, or a timeout: submitit signals it and re-submits it, see `run_fold_task.checkpoint`)
+or submitted again resumes its fold's interrupted run from last.pt, and skips a fold that is already complete.
+
+"local" runs the very same code path with `submitit.LocalExecutor`: every task at once, in a subprocess of its own
+(sharing the CPU cores, and GPUs 0..gpus_per_task-1 where there are GPUs; for several GPUs on one machine
+`gliograde cv --parallel N` pins one GPU per fold). submitit is an optional dependency: `pip install gliograde[slurm]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from gliograde.config import TrainConfig
+from gliograde.errors import GliogradeError
+
+log = logging.getLogger("gliograde")
+
+LAUNCHERS = ("slurm", "local")
+NO_SBATCH = (
+    "--launcher slurm: sbatch is not on PATH (not a SLURM login node?); use --launcher local to run the same code "
+    "path here"
+)
+
+
+class LauncherError(GliogradeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ the task
+def run_fold_task(values: dict, threads: int | None = None) -> tuple[int, int, str, float]:
+    """One array task: TrainConfig(**values)'s fold, planned now (done: skipped, interrupted: resumed, else new) and
+    trained. Returns (repeat, fold, run_dir, final AUC). A failure raises (submitit records it, with its traceback,
+    in the task's stderr log); a CUDA out-of-memory error is turned into the usual one-line advice."""
+    import torch
+
+    from gliograde import runtime
+    from gliograde.training.cv import fold_plan, name
+    from gliograde.training.trainer import train_fold
+
+    if not logging.getLogger().handlers:  # in a fresh task process: INFO to stdout/stderr, i.e. the task's log
+        logging.basicConfig(level=logging.INFO, format=f"[fold {values['fold']}] %(levelname)s: %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = dataclasses.replace(TrainConfig(**values), resume=None)  # the plan at submission time may be stale
+    key = (cfg.repeat, cfg.fold)
+    state, run = fold_plan(cfg)
+    if state == "done":
+        log.info("%s: complete run %s with this configuration; skipped", name(key), run)
+        final = json.loads((run / "metrics" / "metrics.json").read_text())["final"]
+        return cfg.repeat, cfg.fold, str(run), float(final["auc"])
+    if state == "resume":
+        log.info("%s: resuming the interrupted run %s", name(key), run)
+        cfg = dataclasses.replace(cfg, resume=str(run))
+    try:
+        result = train_fold(cfg)
+    except torch.cuda.OutOfMemoryError as e:
+        raise LauncherError(f"{name(key)}: {runtime.oom_message(e, cfg.batch_size, cfg.grad_accum)}") from e
+    return cfg.repeat, cfg.fold, str(result.run_dir), float(result.final["auc"])
+
+
+def _requeue(values: dict, threads: int | None = None):
+    """submitit calls this (any callable with a `checkpoint` attribute is checkpointable) when SLURM signals a
+    timeout or a pre-emption: the task is re-queued with the same arguments, and `run_fold_task` then resumes the
+    fold from its last.pt (at most the epoch in progress is lost)."""
+    from submitit.helpers import DelayedSubmission
+
+    return DelayedSubmission(run_fold_task, values, threads)
+
+
+run_fold_task.checkpoint = _requeue  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------------ submitting
+def _submitit():
+    try:
+        import submitit
+    except ImportError as e:
+        raise LauncherError(
+            "--launcher needs submitit: pip install 'gliograde[slurm]' (or pip install submitit)"
+        ) from e
+    return submitit
+
+
+def _executor(launcher: str, folder: Path, *, name: str, slurm: dict, timeout_min: int, gpus: int):
+    """A submitit executor logging under folder/%j: AutoExecutor(cluster="slurm") or LocalExecutor."""
+    if launcher not in LAUNCHERS:
+        raise LauncherError(f"--launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        raise LauncherError(NO_SBATCH)
+    submitit = _submitit()
+    folder = Path(folder)
+    logs = str(folder / "%j")
+    if launcher == "slurm":
+        executor = submitit.AutoExecutor(folder=logs, cluster="slurm")
+        executor.update_parameters(name=name, timeout_min=timeout_min, gpus_per_node=gpus, tasks_per_node=1, **slurm)
+    else:
+        import torch
+
+        executor = submitit.LocalExecutor(folder=logs)
+        executor.update_parameters(timeout_min=timeout_min, gpus_per_node=min(gpus, torch.cuda.device_count()))
+    return executor
+
+
+def submit_folds(
+    todo: list[TrainConfig],
+    launcher: str,
+    folder: Path,
+    *,
+    partition: str | None = None,
+    gpus_per_task: int = 1,
+    cpus_per_task: int = 8,
+    mem_gb: int = 64,
+    timeout_min: int = 720,
+    account: str | None = None,
+    extra_sbatch: dict | None = None,
+) -> list:
+    """Submit one job-array task per configuration in `todo` (each with its fold and repeat set, the split already
+    resolved as run_cv does); returns the submitit jobs. `extra_sbatch`: further #SBATCH settings, e.g.
+    {"qos": "high", "constraint": "a100"} (submitit's slurm_additional_parameters). Logs: folder/<job id>_*."""
+    if not todo:
+        return []
+    slurm: dict = {"cpus_per_task": cpus_per_task, "mem_gb": mem_gb}
+    if partition:
+        slurm["slurm_partition"] = partition
+    if account:
+        slurm["slurm_account"] = account
+    if extra_sbatch:
+        slurm["slurm_additional_parameters"] = dict(extra_sbatch)
+    executor = _executor(
+        launcher, folder, name="gliograde-fold", slurm=slurm, timeout_min=timeout_min, gpus=gpus_per_task
+    )
+    # local tasks run all at once: share the cores between them (a SLURM task has its own cpus_per_task)
+    threads = cpus_per_task if launcher == "slurm" else max(1, (os.cpu_count() or 1) // len(todo))
+    values = [cfg.to_dict() for cfg in todo]
+    jobs = executor.map_array(run_fold_task, values, [threads] * len(values))
+    from gliograde.training.cv import name
+
+    for cfg, job in zip(todo, jobs, strict=True):
+        job.gliograde_key = (cfg.repeat, cfg.fold)  # for wait_and_collect's messages, even if a task dies silently
+        log.info("%s: %s job %s (log %s)", name(job.gliograde_key), launcher, job.job_id, job.paths.stderr)
+    return jobs
+
+
+def wait_and_collect(jobs: list) -> tuple[dict[tuple[int, int], Path], dict[tuple[int, int], str]]:
+    """Wait for every job; returns (runs: (repeat, fold) -> run folder, failures: (repeat, fold) -> why, naming the
+    fold and its stderr log)."""
+    from gliograde.training.cv import name
+
+    runs, failures = {}, {}
+    for job in jobs:
+        key = getattr(job, "gliograde_key", None)
+        try:
+            repeat, fold, run_dir, auc = job.result()
+        except Exception as e:  # submitit's FailedJobError / UncompletedJobError: the task's traceback as text
+            key = key or (0, -1)
+            failures[key] = f"{name(key)} failed: {_last_line(e)} (log: {job.paths.stderr})"
+            log.error("%s", failures[key])
+            continue
+        runs[(repeat, fold)] = Path(run_dir)
+        log.info("%s finished: AUC %.4f (%s)", name((repeat, fold)), auc, run_dir)
+    return runs, failures
+
+
+def _last_line(error: BaseException) -> str:
+    """One line for a failed task: the exception line that ends the traceback in submitit's FailedJobError, or,
+    for a task that died without a result (killed, out of memory, cancelled), submitit's 'has not produced any
+    output (state: ...)'."""
+    text = str(error).strip()
+    parts = re.split(r"^-{10,}$", text, flags=re.MULTILINE)
+    if text.startswith("Job (task=") and len(parts) >= 3:  # "...with trace:", ----, traceback, ----, "check logs"
+        lines = [ln.strip() for ln in parts[1].splitlines() if ln.strip()]
+        return lines[-1] if lines else type(error).__name__
+    lines = [ln.strip() for ln in parts[0].splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+def submit_summary(
+    results_dir: Path,
+    after: list,
+    launcher: str,
+    folder: Path,
+    *,
+    allow_partial: bool = False,
+    partition: str | None = None,
+    account: str | None = None,
+    timeout_min: int = 60,
+):
+    """Submit `summarize(results_dir)` to run once every job in `after` has succeeded; returns its submitit job
+    (job.result(): the summary report). SLURM: a CPU job with --dependency=afterok:<ids> (it never starts if a fold
+    failed; run `gliograde summarize` after fixing and re-submitting that fold). Local: waits for `after` here, then
+    runs it as a local job; a failed fold raises a LauncherError naming it, as afterok would not start it."""
+    slurm: dict = {"cpus_per_task": 2, "mem_gb": 16}
+    if partition:
+        slurm["slurm_partition"] = partition
+    if account:
+        slurm["slurm_account"] = account
+    if launcher == "slurm" and after:
+        slurm["slurm_additional_parameters"] = {"dependency": "afterok:" + ":".join(str(j.job_id) for j in after)}
+    executor = _executor(launcher, folder, name="gliograde-summary", slurm=slurm, timeout_min=timeout_min, gpus=0)
+    if launcher == "local":
+        _, failures = wait_and_collect(after)
+        if failures:
+            raise LauncherError(f"{len(failures)} fold(s) failed, no summary: " + "; ".join(failures.values()))
+    from gliograde.evaluation.summary import summarize
+
+    job = executor.submit(summarize, str(results_dir), allow_partial=allow_partial)
+    log.info("summary: %s job %s (log %s)", launcher, job.job_id, job.paths.stderr)
+    return job
+
+
+# ------------------------------------------------------------------------------------------------ status
+def _fold_parents(results_dir: Path) -> dict[tuple[int, int], Path]:
+    runs = Path(results_dir) / "runs"
+    found = {}
+    for parent in runs.glob("fold_*"):
+        if parent.is_dir() and parent.name[5:].isdigit():
+            found[(0, int(parent.name[5:]))] = parent
+    for rep in runs.glob("repeat_*"):
+        if not (rep.is_dir() and rep.name[7:].isdigit()):
+            continue
+        for parent in rep.glob("fold_*"):
+            if parent.is_dir() and parent.name[5:].isdigit():
+                found[(int(rep.name[7:]), int(parent.name[5:]))] = parent
+    return found
+
+
+def cv_status(results_dir: Path, k: int | None = None, repeats: int | None = None) -> list[dict]:
+    """One row per (repeat, fold) under results_dir/runs, from its newest run folder: {"repeat", "fold", "state",
+    "run", "reason", "log"}. state: 'done' (complete), 'running' (running or interrupted: resumable when it has
+    last.pt), 'failed' (reason: why; log: the run's newest logs/*.log), or 'missing' (no run yet; only listed for
+    the folds of `k` and `repeats` when given: k folds in each of `repeats` (default 1) repeats)."""
+    from gliograde.evaluation.summary import run_order_key, run_status
+
+    rows = {}
+    for key, parent in _fold_parents(results_dir).items():
+        runs = sorted((d for d in parent.glob("run_*") if d.is_dir()), key=run_order_key)
+        if not runs:
+            continue
+        run = runs[-1]
+        status = run_status(run)
+        logs = sorted(run.glob("logs/*.log"), key=lambda p: (p.stat().st_mtime, p.name))
+        newest_log = logs[-1] if logs else None
+        if status == "complete":
+            state, reason = "done", None
+        elif status == "running or interrupted":
+            state, reason = "running", None
+        elif status == "no readable metrics/metrics.json":  # metrics.json comes at the end of the first epoch
+            state, reason = "running", "no epoch finished yet (or killed before one did)"
+        else:
+            state, reason = "failed", status.removeprefix("failed: ")
+        rows[key] = {"repeat": key[0], "fold": key[1], "state": state, "run": run, "reason": reason,
+                     "log": newest_log if state == "failed" else None}  # fmt: skip
+    if k is not None:
+        for repeat in range(repeats or 1):
+            for fold in range(k):
+                if (repeat, fold) not in rows:
+                    rows[(repeat, fold)] = {"repeat": repeat, "fold": fold, "state": "missing", "run": None,
+                                            "reason": None, "log": None}  # fmt: skip
+    return [rows[key] for key in sorted(rows)]
+
+
+def status_table(rows: list[dict]) -> str:
+    """cv_status's rows as a plain-text table, with a count of each state at the end."""
+    header = ("repeat", "fold", "state", "run", "detail")
+    lines = []
+    for r in rows:
+        detail = ""
+        if r["reason"]:
+            detail = r["reason"] + (f" (log: {r['log']})" if r["log"] else "")
+        lines.append((str(r["repeat"]), str(r["fold"]), r["state"], str(r["run"] or "-"), detail))
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    out += [fmt.format(*line).rstrip() for line in lines]
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    out.append(", ".join(f"{n} {state}" for state, n in sorted(counts.items())) if counts else "no runs found")
+    return "\n".join(out)
