@@ -14,8 +14,6 @@ the networks).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ import numpy as np
 
 from gliograde import GRADES, MODALITIES, __version__
 from gliograde.errors import GliogradeError
-from gliograde.files import write_json, write_text_atomic
+from gliograde.files import write_json
+from gliograde.inference.records import write_predictions_csv
 
 log = logging.getLogger("gliograde")
 EPS = 1e-6  # probabilities are clipped to [EPS, 1 - EPS] before a logit (gliograde.evaluation.stats.logit)
@@ -249,12 +248,7 @@ def predict_cases_onnx(cases: list, folder: str | Path, out: str | Path) -> list
         }
         records.append(record)
         log.info("%s: P(HGG) = %.4f -> %s", case.id, p, record["predicted_grade"])
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["case", "p_hgg", "predicted_grade", "true_grade", *names])
-    for r in records:
-        w.writerow([r["case"], f"{r['p_hgg']:.6f}", r["predicted_grade"], r["true_grade"] or "", *r["folds"].values()])
-    write_text_atomic(out / "predictions.csv", buf.getvalue())
+    write_predictions_csv(out, records, names)
     import onnxruntime
 
     meta = {

@@ -8,8 +8,6 @@ voxel grid and saved as NIfTI, plus a PNG of three slices through its hottest vo
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import logging
@@ -30,7 +28,8 @@ from gliograde.errors import GliogradeError
 from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.scoring import model_from_checkpoint
 from gliograde.evaluation.summary import config_differences, find_runs
-from gliograde.files import new_stamped_dir, write_json, write_text_atomic
+from gliograde.files import new_stamped_dir, write_json
+from gliograde.inference.records import write_predictions_csv
 from gliograde.inference.saliency import grad_cam, saliency_png
 from gliograde.networks import model_kind
 from gliograde.networks.resnet3d import ResNet3D
@@ -272,12 +271,7 @@ def predict_cases(
         folds = " (" + ", ".join(f"{v:.3f}" for v in per_model) + ")" if len(members) > 1 else ""
         log.info("%s: P(HGG) = %.4f -> %s%s", case.id, p, record["predicted_grade"], folds)
 
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["case", "p_hgg", "predicted_grade", "true_grade", *names])
-    for r in records:
-        w.writerow([r["case"], f"{r['p_hgg']:.6f}", r["predicted_grade"], r["true_grade"] or "", *r["folds"].values()])
-    write_text_atomic(out / "predictions.csv", buf.getvalue())
+    write_predictions_csv(out, records, names)
     meta = {
         "gliograde": __version__,
         "created": datetime.now().isoformat(timespec="seconds"),

@@ -1,0 +1,19 @@
+"""The prediction files both predictors write (PyTorch `predict` and the torch-free ONNX one): predictions.csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from gliograde.files import write_text_atomic
+
+
+def write_predictions_csv(out: Path, records: list[dict], names: list[str]) -> None:
+    """case, P(HGG), predicted grade, true grade, then each ensemble member's P(HGG)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case", "p_hgg", "predicted_grade", "true_grade", *names])
+    for r in records:
+        w.writerow([r["case"], f"{r['p_hgg']:.6f}", r["predicted_grade"], r["true_grade"] or "", *r["folds"].values()])
+    write_text_atomic(Path(out) / "predictions.csv", buf.getvalue())
