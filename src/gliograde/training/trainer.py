@@ -1,10 +1,15 @@
-"""Train one fold, top to bottom: set-up, the epoch loop (train, validate, checkpoint, stop), final evaluation.
+"""Train one fold, top to bottom: set-up, the epoch loop (train, monitor, checkpoint, stop), final evaluation.
 
-The run folder (training_journey_summary.md / resnet50_3d_training_guide.md):
+With --selection inner (the default) the model trains on the fold's fit part, is monitored on its selection part
+(early stopping, best/best_ema, the operating point), and the reported fold is scored once at the end; with outer
+(the seeds') it trains on all training patients and is monitored on the reported fold.
+
+The run folder (training_journey_summary.md / resnet50_3d_training_guide.md; repeat r > 0 under runs/repeat_r/):
 
     results/ResNet50-3D/runs/fold_{k}/run_YYYYMMDD_HHMMSS/
-        checkpoints/ best.pt last.pt [best_ema.pt]    metrics/metrics.json    plots/*.png
-        predictions/ val_probs.npy val_preds.npy val_labels.npy val_ids.json    config/config.json    logs/*.log
+        checkpoints/ best.pt last.pt [best_ema.pt]    metrics/metrics.json    plots/*.png    tensorboard/
+        predictions/ val_probs.npy (at the operating point) val_probs_raw.npy val_preds.npy val_labels.npy
+                     val_ids.json [val_slices.npy val_attention.npy: MIL]    config/config.json    logs/*.log
 """
 
 from __future__ import annotations
