@@ -16,6 +16,7 @@ from conftest import tiny
 from gliograde.data.loader import CacheDataset, make_val_loader
 from gliograde.data.source import load_data
 from gliograde.data.splits import fold_indices
+from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.evaluate import evaluate_run
 from gliograde.evaluation.scoring import model_from_checkpoint, predict
 from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
@@ -113,6 +114,7 @@ def test_gpu_evaluation_matches_cpu_scoring_of_the_same_checkpoint(tiny_cache, t
         model, loader, torch.device("cpu"), None, make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s)
     )
     np.testing.assert_array_equal(gpu_labels, cpu_labels)
+    cpu_probs = OperatingPoint.from_dict(evaluation.metrics["operating_point"]).apply(cpu_probs)  # as evaluate does
     # fp32 on both sides; cuDNN's convolution algorithms (and TF32, which the trainer's backends may enable for
     # matmuls/convolutions on the GPU) differ from the CPU's in rounding only: 2e-3 absolute on probabilities
     np.testing.assert_allclose(gpu_probs, cpu_probs, rtol=0, atol=2e-3)
