@@ -383,8 +383,13 @@ def summarize(
         labels = np.concatenate([r.labels for r in rruns])
         probs = np.concatenate([r.probs for r in rruns])
         pooled = compute_metrics(labels, probs, threshold_of(rruns))
-        low, high, used = bootstrap_auc(labels, probs, bootstrap, seed)
-        pooled.update({"auc_ci95": [low, high], "bootstrap": {"resamples": used, "seed": seed, **BOOTSTRAP}})
+        boot = honest.bootstrap_auc(labels, probs, bootstrap, seed)
+        pooled.update(
+            {
+                "auc_ci95": [boot["ci_low"], boot["ci_high"]],
+                "bootstrap": {"resamples": bootstrap, "seed": seed, **BOOTSTRAP},
+            }
+        )
         pooled.update(honest.honest_statistics(labels, probs, threshold_of(rruns)))
         per_repeat.append({"repeat": rep, "ids": ids, "labels": labels, "probs": probs, "pooled": pooled})
     first = per_repeat[0]
@@ -466,7 +471,10 @@ PROTOCOL_LABELS = {
     "outer": "selected on the reported folds (optimistic)",
     "mixed": "mixed protocols (inner and outer folds together)",
 }
-BOOTSTRAP = {"method": "percentile interval of the AUC over patient resamples (with replacement, all patients)"}
+BOOTSTRAP = {
+    "method": "percentile interval of the AUC over stratified patient resamples (HGG and LGG patients resampled "
+    "with replacement separately, so every resample keeps the grade counts)"
+}
 
 
 def threshold_of(runs: list[FoldRun]) -> np.ndarray | float:
