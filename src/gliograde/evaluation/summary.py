@@ -130,6 +130,14 @@ def run_provenance(record: dict) -> dict:
             "precision": (env.get("precision") or {}).get("name")}  # fmt: skip
 
 
+def who_holds(chosen: dict, attr: str) -> str:
+    """ "value: fold 0, fold 2; other value: fold 1" for a run attribute on which the runs differ."""
+    values = sorted({getattr(r, attr) for r in chosen.values()}, key=str)
+    return "; ".join(
+        f"{v}: {', '.join(label(key) for key, r in sorted(chosen.items()) if getattr(r, attr) == v)}" for v in values
+    )
+
+
 def config_differences(runs: list[FoldRun]) -> dict[str, dict[str, object]]:
     """The configuration keys (fold bookkeeping and runtime fields aside) on which the runs differ: key -> {run
     label: value}."""
@@ -329,19 +337,15 @@ def summarize(
         warnings.append(f"MIXED configurations ({detail})")
     protocols = sorted({r.protocol for r in chosen.values()})
     if len(protocols) > 1:
-        which = {p: [label(key) for key, r in sorted(chosen.items()) if r.protocol == p] for p in protocols}
-        detail = "; ".join(f"{p}: {', '.join(v)}" for p, v in which.items())
+        detail = who_holds(chosen, "protocol")
         if not allow_partial:
             raise SummaryError(
                 f"the runs mix selection protocols ({detail}): their numbers mean different things. Retrain with one "
                 "--selection, or pass --allow-partial for a summary labelled mixed"
             )
         warnings.append(f"MIXED protocols ({detail}): the pooled numbers combine inner- and outer-selected folds")
-    splits = sorted({r.split for r in chosen.values()}, key=str)
-    if len(splits) > 1:
-        detail = "; ".join(
-            f"{s}: {', '.join(label(key) for key, r in sorted(chosen.items()) if r.split == s)}" for s in splits
-        )
+    if len({r.split for r in chosen.values()}) > 1:
+        detail = who_holds(chosen, "split")
         if not allow_partial:
             raise SummaryError(
                 f"the runs come from different splits (K, seed, repeats, grouping, inner part: {detail}); a summary "
