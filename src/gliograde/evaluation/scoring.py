@@ -75,7 +75,7 @@ def evaluate_checkpoint(
     ema_enabled: bool,
     val_loader,
     device,
-    precision: tuple[str, bool | None],
+    precision: tuple[str, bool | None] | runtime.Precision,
     loss_fn,
     policy: str = "auto",
     *,
@@ -87,8 +87,8 @@ def evaluate_checkpoint(
 ) -> dict:
     """Load the checkpoint chosen by the policy and score the reported patients (`val_loader`) once.
 
-    `precision` is the run's (--precision, --amp) request; the decision, bf16 self-check included, is
-    `runtime.decide_precision`'s on this model and a real batch, the same as training made.
+    `precision` is the run's (--precision, --amp) request, decided here (bf16 self-check included) by
+    `runtime.decide_precision` on this model and a real batch, as training decided it; or training's decision itself.
     The operating point (prior correction, temperature, threshold) is `point`, or `fit_point(labels, raw_probs)` on
     the predictions of `select_loader` (inner selection: fitted on the selection part, never on the reported fold).
     The stored AUC of the checkpoint is re-checked on the set it was selected on (the selection part with inner,
@@ -108,7 +108,10 @@ def evaluate_checkpoint(
     model = model_from_checkpoint(ckpt, path, expected).to(device)
     batches = iter(val_loader)  # may be one-shot (the device path's generator): the first batch is put back
     first = next(batches)
-    decided = runtime.decide_precision(*precision, device, model, first[0][:2].to(device))
+    if isinstance(precision, runtime.Precision):  # decided already (the trainer, on this architecture and stack)
+        decided = precision
+    else:
+        decided = runtime.decide_precision(*precision, device, model, first[0][:2].to(device))
     dtype = decided.dtype
     recheck = None
     if select_loader is not None:

@@ -462,7 +462,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
     if not d.main:
         return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
     loss_fn.weight = None  # the final loss unweighted, as `evaluate` computes it (DRW weights are a training device)
-    return finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots, tracking)
+    return finish(cfg, cache, split, data, device, precision, loss_fn, scale, counts, history, run_dir, plots, tracking)
 
 
 def train_epoch(
@@ -578,7 +578,9 @@ def log_epoch(cfg, r: dict, m: dict, is_best: bool, ema: bool) -> None:
     )
 
 
-def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run_dir, plots, tracking) -> RunResult:
+def finish(
+    cfg, cache, split, data, device, precision, loss_fn, scale, counts, history, run_dir, plots, tracking
+) -> RunResult:
     """The reported fold scored once with the selected checkpoint at the operating point (fitted on the selection
     part with inner), its predictions, figures and metrics.json."""
     inner = cfg.selection == "inner"
@@ -593,7 +595,7 @@ def finish(cfg, cache, split, data, device, loss_fn, scale, counts, history, run
         cfg.ema_decay > 0,
         data.batches("final", shard=False),
         device,
-        (cfg.precision, cfg.amp),
+        precision,  # training's decision: the self-check is not run a second time
         loss_fn,
         logit_scale=scale,
         point=None if inner else seeds_point(counts),
