@@ -83,11 +83,17 @@ def test_a_failed_check_of_forced_bf16_is_an_error(broken_bf16_conv):
 
 def test_precision_decisions():
     cpu = torch.device("cpu")
-    model, x = _model_and_input()
     assert runtime.decide_precision("auto", None, cpu).name == "fp32"  # the CPU runs fp32 unless --amp
     assert runtime.decide_precision("auto", False, cpu).name == "fp32"
-    checked = runtime.decide_precision("auto", True, cpu, model, x)
-    assert checked.name == "bf16" and checked.check["passed"] and "self-check against fp32 passed" in checked.reason
+    code = (  # in a fresh interpreter, for the reason given in the test above
+        "import torch\nfrom gliograde import runtime\nfrom gliograde.networks.resnet3d import ResNet3D\n"
+        "torch.manual_seed(0)\nm, x = ResNet3D(10, 4, 2), torch.randn(2, 4, 24, 24, 24)\n"
+        "c = runtime.decide_precision('auto', True, torch.device('cpu'), m, x)\nprint(c.name, c.check['passed'])\n"
+        "print(c.reason)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "bf16 True" and "self-check against fp32 passed" in lines[-1]
     fp16 = runtime.decide_precision("fp16", None, cpu)
     assert fp16.needs_scaler and fp16.dtype == torch.float16
     with pytest.raises(DeviceError, match="not one of"):
