@@ -24,6 +24,20 @@ SAMPLE_HGG = [
 SAMPLE_LGG = ["Brats18_TCIA10_628_1", "Brats18_TCIA10_637_1", "Brats18_TCIA10_639_1", "Brats18_TCIA13_623_1"]
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request, monkeypatch):
+    """Only tests marked `gpu` may use CUDA: for every other test the GPUs are hidden, from this process (what
+    `torch.cuda` reports) and from the processes it starts (DDP ranks, torchrun nodes, fold subprocesses), so that a
+    bare `pytest` on a GPU machine runs the CPU tests on the CPU, with deterministic kernels."""
+    if request.node.get_closest_marker("gpu") is not None:
+        return
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
 @pytest.fixture(scope="session")
 def sample_root() -> Path:
     if not (SAMPLE / "HGG").is_dir():
@@ -71,7 +85,8 @@ def tiny_cache(synth_root, tmp_path_factory):
 
 
 def tiny(cache, tmp_path, **kw):
-    """A cpu-demo configuration shrunk to seconds: 16^3, 3 epochs, batch 4, no worker processes."""
+    """A cpu-demo configuration shrunk to seconds: 16^3, 3 epochs, batch 4, no worker processes; on the CPU even on
+    a machine with a GPU (only tests marked `gpu` use CUDA: they pass device="cuda")."""
     from gliograde.config import resolve
 
     base = {
@@ -82,6 +97,7 @@ def tiny(cache, tmp_path, **kw):
         "output_dir": str(tmp_path / "res"),
         "num_workers": 0,
         "min_epochs": 3,
+        "device": "cpu",
     }
     return resolve("cpu-demo", **{**base, **kw})
 

@@ -17,11 +17,13 @@ def test_doctor_on_a_healthy_cpu_machine_reports_and_exits_0(tmp_path, capsys):
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["versions"]["torch"] == torch.__version__ and r["gpus"] == [] and r["problems"] == []
-    assert r["bf16_check"]["passed"] and r["bf16_check"]["gradient_rel_error"] > 0  # measured, not assumed
+    d = r["precision_diagnostic"]
+    assert d["passed"] and 0 < d["worst"] < d["tolerance"] and d["input"] == [2, 4, 32, 32, 32]  # measured
+    assert r["precision"]["name"] == "fp32"
     assert r["cache"]["writable"] and r["cache"]["size_gib"] == pytest.approx(4096 / 2**30, abs=1e-3)
     assert r["cache"]["free_disk_gib"] > 0 and r["threads"] >= 1
     text = capsys.readouterr().out
-    assert "bf16 self-check" in text and "passed" in text
+    assert "vs fp32 layer by layer" in text and "passed" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without CUDA")
@@ -36,4 +38,26 @@ def test_doctor_names_an_unwritable_cache_folder(tmp_path, capsys):
 
     report = doctor.diagnose("cpu", str(tmp_path), compile_check=False)
     report["cache"]["writable"] = False
-    assert doctor.problems(report, "cpu") == [f"the cache folder {tmp_path} is not writable"]
+    assert doctor.problems(report) == [f"the cache folder {tmp_path} is not writable"]
+
+
+def test_doctor_is_seeded_so_two_runs_report_the_same_figures(tmp_path):
+    from gliograde import doctor
+
+    a = doctor.diagnose("cpu", str(tmp_path), compile_check=False)["precision_diagnostic"]
+    torch.manual_seed(123)  # whatever the process did before
+    torch.randn(10)
+    b = doctor.diagnose("cpu", str(tmp_path), compile_check=False)["precision_diagnostic"]
+    assert a["stage_errors"] == b["stage_errors"] and a["logits_error"] == b["logits_error"]
+
+
+def test_a_failed_diagnostic_on_a_gpu_is_a_problem_under_device_auto_too(tmp_path):
+    """`doctor --device auto` on a GPU whose kernels disagree must not exit 0 (the report as a GPU would give it)."""
+    from gliograde import doctor
+
+    report = doctor.diagnose("cpu", str(tmp_path), compile_check=False)
+    assert doctor.problems(report) == []  # on the CPU the diagnostic is for information
+    report["device"] = "cuda:0"
+    report["precision_diagnostic"].update(passed=False, worst=3.2, worst_layer="layer3.0.conv2")
+    (found,) = doctor.problems(report)
+    assert "bfloat16 convolutions disagree with fp32" in found and "layer3.0.conv2 off by 3.20e+00" in found

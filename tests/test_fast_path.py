@@ -53,19 +53,24 @@ def test_stream_batches_are_cache_volumes_augmented_in_draw_order(tiny_cache):
         assert torch.equal(x, apply_params(raw, draw_params(4, 2, p, g)))
 
 
-def test_ddp_with_two_gloo_processes_equals_one_process_with_the_same_global_batch(tiny_cache, tmp_path):
-    common = {"data_path": "device", "dropout": 0.0, "epochs": 2, "min_epochs": 2, "patience": 5, "batch_size": 2}
-    single = train_fold(tiny(tiny_cache, tmp_path / "one", grad_accum=2, **common))
+def test_ddp_with_two_gloo_processes_keeps_the_configured_global_batch_and_one_process_weights(tiny_cache, tmp_path):
+    """--batch-size 2 --gradient-accumulation-steps 2 is a global batch of 4 on one process and on two: under DDP each
+    rank takes one micro-batch of 2 per step (the seeds' --multi-gpu splits the batch, as DataParallel did)."""
+    common = {"data_path": "device", "dropout": 0.0, "epochs": 2, "min_epochs": 2, "patience": 5, "batch_size": 2,
+              "grad_accum": 2}  # fmt: skip
+    single = train_fold(tiny(tiny_cache, tmp_path / "one", **common))
     ddp = train_fold(tiny(tiny_cache, tmp_path / "two", multi_gpu=True, nproc=2, **common))
     assert ddp.run_dir.parent.parent.parent == tmp_path / "two" / "res"
     assert ddp.final["checkpoint"] == "best.pt" and len(ddp.history) == 2
     config = json.loads((ddp.run_dir / "config" / "config.json").read_text())
     env = config["environment"]
     assert env["processes"] == 2 and env["data_path"] == "DeviceStream"
-    # DDP doubled the batch of one optimizer step: recorded next to what was configured
-    assert config["batch"] == {"per_process": 2, "accumulation": 1, "processes": 2, "global": 4, "configured": 2}
-    a = torch.load(single.run_dir / "checkpoints" / "last.pt", weights_only=True)["model_state_dict"]
-    b = torch.load(ddp.run_dir / "checkpoints" / "last.pt", weights_only=True)["model_state_dict"]
+    assert config["batch"] == {"global": 4, "micro_batch_per_process": 2, "accumulation_per_process": 1,
+                               "processes": 2, "convention": "global", "sync_bn": False, "note": None}  # fmt: skip
+    a = torch.load(single.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(ddp.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert b["batch_plan"]["global"] == a["batch_plan"]["global"] == 4 and b["precision"]["name"] == "fp32"
+    a, b = a["model_state_dict"], b["model_state_dict"]
     params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert len(params) > 20
     for k in params:
@@ -106,9 +111,10 @@ def test_the_broadcast_affine_grid_equals_torchs():
         torch.testing.assert_close(affine_grid(theta, size), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_ddp_on_gpus_serves_host_tensors_too():
-    """NCCL alone refuses the CPU tensors of the finite-loss vote and the loss mean; the group must carry gloo."""
+def test_ddp_collectives_run_on_the_ranks_own_device():
+    """NCCL bound to the rank's GPU carries every collective (the host-side scalars too): no gloo half to resolve
+    a hostname for; gloo on the CPU."""
     from gliograde.training.distributed import backend
 
-    assert backend(cuda=True) == "cpu:gloo,cuda:nccl"
+    assert backend(cuda=True) == "nccl"
     assert backend(cuda=False) == "gloo"

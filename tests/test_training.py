@@ -217,13 +217,19 @@ def test_a_run_logs_to_mlflow_when_asked(tiny_cache, tmp_path):
     assert {"metrics", "config", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_resume_with_another_number_of_processes_is_refused(tiny_cache, tmp_path):
+def test_resume_with_another_global_batch_is_refused(tiny_cache, tmp_path):
     run = train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1)).run_dir
     last = run / "checkpoints" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["world"] == 1 and len(ckpt["rng_state"]["ranks"]) == 1  # each rank's own generators
-    torch.save({**ckpt, "world": 2}, last)
-    with pytest.raises(GliogradeError, match="trained with 2 process"):
+    assert ckpt["batch_plan"]["global"] == 4
+    # as a --batch-per-gpu run of 2 processes would have saved it: another global batch, another schedule
+    torch.save({**ckpt, "world": 2, "batch_plan": {**ckpt["batch_plan"], "global": 8, "processes": 2}}, last)
+    with pytest.raises(GliogradeError, match="trained with a global batch of 8 .2 process.es..; this would be 4 .1."):
+        train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1, resume=str(run)))
+    old = {k: v for k, v in ckpt.items() if k != "batch_plan"}  # a run saved before the plan: B x A x processes
+    torch.save({**old, "world": 2}, last)
+    with pytest.raises(GliogradeError, match="global batch of 8"):
         train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1, resume=str(run)))
 
 
@@ -423,3 +429,31 @@ def test_a_config_file_sits_between_the_preset_and_the_flags(tmp_path, capsys):
     path.write_text("lr: 5.0e-4\n")
     assert main(["train", "--preset", "cpu-demo", "--config", str(path), "--dry-run"]) == 0
     assert f"0.0005  (file {path})" in capsys.readouterr().out
+
+
+def test_mil2d_takes_depth_18_unless_a_file_or_the_command_line_gives_one(tmp_path, capsys):
+    """The 3D presets' depth (10, 50) does not leak into --model mil2d (issue 21, §1)."""
+    from gliograde.config import resolve_with_sources
+
+    for preset in ("cpu-demo", "final", "ldam-drw"):
+        for command in ("train", "cv"):
+            cfg = validate(config_from_args(build_parser().parse_args([command, "--model", "mil2d", "--preset", preset])))
+            assert (cfg.model, cfg.depth) == ("mil2d", 18), (preset, command)
+    cfg, sources = resolve_with_sources("final", model="mil2d")
+    assert (cfg.depth, sources["depth"]) == (18, "default (mil2d)")
+    cfg, sources = resolve_with_sources("final", model="mil2d", depth=34)
+    assert (cfg.depth, sources["depth"]) == (34, "command line")
+    assert resolve("cpu-demo").depth == 10 and resolve("final", model="resnet3d").depth == 50  # 3D: unchanged
+    path = tmp_path / "mil.yaml"
+    path.write_text("model: mil2d\ndepth: 34\n")
+    assert resolve("cpu-demo", path).depth == 34
+    path.write_text("model: mil2d\n")
+    assert resolve("cpu-demo", path).depth == 18
+    path.write_text("depth: 50\n")  # a depth asked for in a file is validated, not replaced
+    with pytest.raises(ConfigError, match="not a 2D ResNet depth"):
+        validate(resolve("cpu-demo", path, model="mil2d"))
+    with pytest.raises(ConfigError, match="not a 2D ResNet depth"):
+        validate(resolve("cpu-demo", model="mil2d", depth=10))
+    assert main(["train", "--model", "mil2d", "--preset", "cpu-demo", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "18  (default (mil2d))" in out

@@ -112,10 +112,13 @@ class TrainConfig:
     # execution
     gpu: bool = False  # the seeds' --gpu: the same as --device cuda
     device: str = "auto"  # auto (the GPU where CUDA works) | cuda | cpu
-    precision: str = "auto"  # auto (bf16 after a self-check on a GPU, fp32 on the CPU) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 on compute capability >= 8.0, else fp16; fp32 on the CPU) | bf16 | fp16 | fp32
     multi_gpu: bool = False
     nproc: int | None = None  # DDP processes for --multi-gpu (default: one per visible GPU)
-    sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only)
+    sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only; switched on by itself for a micro-batch of 1)
+    # DDP: batch_size x grad_accum is the global batch, split over the processes; True: batch_size per process
+    # (the global batch grows with the GPUs; the learning rate is not rescaled)
+    batch_per_gpu: bool = False
     data_path: str = "auto"  # auto (device on a GPU, loader on the CPU) | device | loader
     channels_last: bool | None = None  # channels_last_3d memory format; None = on for CUDA
     compile: bool = False  # torch.compile the model
@@ -193,11 +196,18 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
+# --model mil2d: the 3D fields whose preset (or dataclass) value, a 3D ResNet's, gives way to the 2D model's
+MIL_DEFAULTS = {"depth": 18}
+
+
 def resolve_with_sources(
     preset: str = "final", config_file: str | Path | None = None, **overrides
 ) -> tuple[TrainConfig, dict[str, str]]:
     """Defaults < preset < config file < overrides (None values in overrides mean 'not given'); also returns where
-    each value came from (default | preset NAME | file PATH | command line)."""
+    each value came from (default | preset NAME | file PATH | command line | default (mil2d)).
+
+    With model mil2d, the depth of the preset or the defaults (a 3D ResNet's: 10 or 50) becomes MIL_DEFAULTS' 18;
+    only a config file or the command line sets the depth of a mil2d model."""
     layers = [(f"preset {preset}", load_preset(preset))]
     if config_file is not None:
         layers.append((f"file {config_file}", load_config_file(config_file)))
@@ -210,6 +220,12 @@ def resolve_with_sources(
             raise ConfigError(f"unknown configuration keys {unknown}")
         values.update(layer)
         sources.update({k: source for k in layer})
+    if values.get("model") == "mil2d":
+        # the presets describe the 3D family: their depth does not carry over to the 2D model (a depth asked for in
+        # a config file or on the command line does, and is validated)
+        for key, value in MIL_DEFAULTS.items():
+            if not sources[key].startswith(("file ", "command line")):
+                values[key], sources[key] = value, "default (mil2d)"
     values["preset"], sources["preset"] = preset, "--preset" if overrides.get("preset") else "default"
     cfg = TrainConfig(**values)
     cfg.modalities = parse_modalities(cfg.modalities)

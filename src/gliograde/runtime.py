@@ -1,16 +1,18 @@
 """Where and how a model runs: the device, the precision (and its bf16 self-check), backend flags, seeding and the
 environment record. Training, `evaluate` and `predict` all ask this module, so they take the same decisions.
 
-Precision. `auto` is bf16 autocast on a GPU that supports it (fp16 with a GradScaler on one that does not) and fp32
-on the CPU. bf16 is used only after a self-check against fp32 on a real input of the run's size: the relative error
-of the pooled features and of one backward pass (the gradients of all parameters). cuDNN 9.10.2 computes large bf16
-conv3d wrongly (PyTorch issue #163539); such a stack fails the check. A failed check means fp32 and a warning that is
-recorded in the run; a failed check of an explicitly requested `--precision bf16` is an error.
+Precision, by rule: `auto` is bf16 autocast on a GPU of compute capability >= 8.0, fp16 autocast with a GradScaler
+below it, and fp32 on the CPU. A stack known to compute bf16 conv3d wrongly (torch < 2.9 with cuDNN 9.10.x, PyTorch
+issue #163539) runs fp16 under auto and refuses --precision bf16. The decision is taken once per run and reused by
+resume, `evaluate` and `predict`; `precision_diagnostic` compares bf16 with fp32 stage by stage, as a diagnostic
+(`doctor`, `pytest -m gpu`), never as a gate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -26,11 +28,6 @@ log = logging.getLogger("gliograde")
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-# bf16 keeps 8 mantissa bits. Measured on the CPU with correct kernels (ResNet-10 at 32^3, ResNet-50 at 64^3, random
-# init): pooled features within 0.5 % of fp32, parameter gradients within ~17 % (the backward pass compounds rounding
-# through every layer). A wrong kernel is off by O(1) in both.
-FEATURE_TOLERANCE = 0.05
-GRADIENT_TOLERANCE = 0.5
 
 
 class DeviceError(GliogradeError):
@@ -68,19 +65,39 @@ def seed_everything(seed: int) -> None:
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """Native bf16 on this device: compute capability >= 8.0 (Ampere and later) of the GPU in use. Not
+    `torch.cuda.is_bf16_supported()`, which counts emulation (V100, T4: slow) and looks at the current device."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return True  # CPU autocast runs bf16 (slowly where the CPU has no bf16 units)
+
+
+def known_bad_bf16_stack(torch_version: str | None = None, cudnn: int | None = None) -> str | None:
+    """Why bf16 convolutions cannot be trusted on this stack, or None. cuDNN 9.10.x computes large bf16 conv3d
+    wrongly (PyTorch issue #163539); PyTorch 2.9 and later route around it, and cuDNN 9.15 fixes it."""
+    torch_version = torch_version or torch.__version__
+    if cudnn is None:
+        cudnn = torch.backends.cudnn.version() if torch.version.cuda and torch.backends.cudnn.is_available() else None
+    if cudnn is None:
+        return None
+    major_minor = tuple(int(p) for p in torch_version.split("+")[0].split(".")[:2])
+    if 91000 <= cudnn < 91100 and major_minor < (2, 9):
+        return (
+            f"torch {torch_version} with cuDNN {cudnn // 10000}.{cudnn // 100 % 100}.{cudnn % 100} computes large "
+            "bf16 conv3d wrongly (PyTorch issue #163539); upgrade to torch >= 2.9 or cuDNN >= 9.15"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- precision
 @dataclass
 class Precision:
-    """The precision a process runs in, why, and the self-check figures behind the decision."""
+    """The precision a process runs in, and why. Decided once per run (`decide_precision`), recorded in config.json
+    and last.pt, and reused by resume, `evaluate` and `predict` (`reuse_precision`)."""
 
     name: str  # bf16 | fp16 | fp32
     reason: str
-    check: dict | None = None
+    check: dict | None = None  # kept for runs recorded before the rule: the old self-check's figures
     warning: str | None = None
     requested: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -105,102 +122,143 @@ class Precision:
             "warning": self.warning,
         }
 
-
-def _features(model, x: torch.Tensor, dtype) -> torch.Tensor:
-    with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext():
-        return model.forward_features(x).float()
-
-
-def bf16_check(model, x: torch.Tensor) -> dict:
-    """bf16 autocast against fp32 on `x` (a real input at the run's size): relative error of the pooled features, and
-    of the gradients of all parameters for one backward pass of a fixed random projection of those features.
-
-    Eval mode: no dropout, BatchNorm on its running statistics (batch statistics of a batch of 2 would divide by
-    near-zero variances in the deep layers and amplify any rounding). A fresh model's activations can then grow
-    large, so norms are taken in float64. The model is left as it was (mode, weights, buffers, gradients)."""
-    was_training = model.training
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    saved_grads = [p.grad for p in params]
-    try:
-        results = {}
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            for p in params:
-                p.grad = None
-            f = _features(model, x, dtype)
-            projection = torch.randn(f.shape, generator=torch.Generator().manual_seed(0)).to(f.device)
-            (f * projection).sum().backward()
-            grads = torch.cat([p.grad.detach().double().flatten() for p in params if p.grad is not None])
-            results[name] = (f.detach().double(), grads)
-        (f32, g32), (f16, g16) = results["fp32"], results["bf16"]
-        feature_err = float((f16 - f32).norm() / f32.norm().clamp_min(1e-12))
-        grad_err = float((g16 - g32).norm() / g32.norm().clamp_min(1e-12))
-    finally:
-        for p, g in zip(params, saved_grads, strict=True):
-            p.grad = g
-        with torch.no_grad():
-            live = dict(model.named_buffers())
-            for k, v in buffers.items():
-                live[k].copy_(v)
-        model.train(was_training)
-    ok = feature_err <= FEATURE_TOLERANCE and grad_err <= GRADIENT_TOLERANCE  # NaN fails both comparisons
-    return {
-        "passed": bool(ok),
-        "feature_rel_error": feature_err,
-        "gradient_rel_error": grad_err,
-        "feature_tolerance": FEATURE_TOLERANCE,
-        "gradient_tolerance": GRADIENT_TOLERANCE,
-        "input": list(x.shape),
-    }
+    @classmethod
+    def from_dict(cls, d: dict) -> Precision:
+        return cls(d["name"], d.get("reason", ""), d.get("check"), d.get("warning"), d.get("requested", "auto"))
 
 
-def decide_precision(
-    request: str, amp: bool | None, device: torch.device, model=None, sample: torch.Tensor | None = None
-) -> Precision:
-    """The precision of this process. request: auto | bf16 | fp16 | fp32 (--precision); amp: the seeds' --amp /
-    --no-amp (None = not given), which only matters for auto. bf16 is only granted after `bf16_check` passes on
-    `sample` (a real input; the check is skipped, and said so, when no sample is given)."""
+def decide_precision(request: str, amp: bool | None, device: torch.device) -> Precision:
+    """The precision of a run, by rule (no numerical gate: see `precision_diagnostic`). request: auto | bf16 | fp16 |
+    fp32 (--precision); amp: the seeds' --amp / --no-amp (None = not given), which only matters for auto.
+
+    auto: bf16 autocast on a GPU of compute capability >= 8.0, fp16 autocast with a GradScaler below it, fp32 on
+    the CPU (bf16 with --amp). A stack known to compute bf16 wrongly runs fp16 under auto, and refuses --precision
+    bf16. This is how nnU-Net v2 and MONAI run AMP: autocast and a GradScaler, no self-check."""
     if request not in PRECISIONS:
         raise DeviceError(f"--precision {request!r} is not one of {', '.join(PRECISIONS)}")
-    forced = request != "auto"
-    if request == "auto":
-        wanted = amp if amp is not None else device.type == "cuda"
-        if not wanted:
-            why = "--no-amp" if amp is False else "the CPU (no --amp)"
-            return Precision("fp32", f"fp32 on {why}", requested=request)
-        request = "bf16" if bf16_supported(device) else "fp16"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
     if request == "fp32":
         return Precision("fp32", "--precision fp32", requested="fp32")
     if request == "fp16":
-        return Precision(
-            "fp16",
-            "fp16 autocast with a GradScaler" + ("" if forced else " (no bf16 on this GPU)"),
-            requested="fp16" if forced else "auto",
-        )
-    if not bf16_supported(device):
-        raise DeviceError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16")
-    if model is None or sample is None:
-        return Precision(
-            "bf16", "bf16 autocast (not self-checked: no sample input)", requested="bf16" if forced else "auto"
-        )
-    check = bf16_check(model, sample)
-    figures = f"features {check['feature_rel_error']:.2e}, gradients {check['gradient_rel_error']:.2e}"
-    if check["passed"]:
-        return Precision(
-            "bf16",
-            f"bf16 autocast; self-check against fp32 passed ({figures})",
-            check,
-            requested="bf16" if forced else "auto",
-        )
-    message = (
-        f"bf16 autocast disagrees with fp32 on a {tuple(check['input'])} input (relative error {figures}; tolerances "
-        f"{FEATURE_TOLERANCE} and {GRADIENT_TOLERANCE}): this GPU stack computes bf16 convolutions wrongly"
-    )
-    if forced:
-        raise DeviceError(f"--precision bf16: {message}; use --precision fp32 or another cuDNN")
-    log.warning("%s; running in fp32", message)
-    return Precision("fp32", "fp32: the bf16 self-check failed", check, warning=message + "; ran in fp32")
+        return Precision("fp16", "--precision fp16: fp16 autocast with a GradScaler", requested="fp16")
+    bad = known_bad_bf16_stack() if device.type == "cuda" else None
+    if request == "bf16":
+        if not bf16_supported(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise DeviceError(
+                f"--precision bf16: {gpu} (compute capability {major}.{minor} < 8.0) has no native bf16; "
+                "use --precision fp16 or auto"
+            )
+        if bad:
+            raise DeviceError(f"--precision bf16: {bad}; use --precision fp16 or fp32")
+        return Precision("bf16", "--precision bf16: bf16 autocast", requested="bf16")
+    wanted = amp if amp is not None else device.type == "cuda"
+    if not wanted:
+        why = "--no-amp" if amp is False else "the CPU (no --amp)"
+        return Precision("fp32", f"fp32 on {why}")
+    if device.type == "cuda" and not bf16_supported(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return Precision("fp16", f"fp16 autocast with a GradScaler ({gpu}: compute capability {major}.{minor} < 8.0)")
+    if bad:
+        log.warning("%s; running fp16 autocast with a GradScaler instead of bf16", bad)
+        return Precision("fp16", "fp16 autocast with a GradScaler (bf16 is broken on this stack)", warning=bad)
+    where = f"{gpu}: compute capability >= 8.0" if device.type == "cuda" else "the CPU, --amp"
+    return Precision("bf16", f"bf16 autocast ({where})")
+
+
+def reuse_precision(
+    recorded: dict | None, recorded_device: str | None, device: torch.device, request: str = "auto", amp=None
+) -> Precision:
+    """The precision of a re-run (`evaluate`, `predict`) of a recorded run: an explicit --precision wins; else the
+    run's own decision where it runs on the same kind of device (recorded_device: config.json's "cuda: NAME" or
+    "cpu: ..."); else the rule for this device (a GPU run scored on the CPU runs fp32, and says so)."""
+    if request != "auto" or amp is not None:
+        return decide_precision(request, amp, device)
+    if recorded and recorded_device and recorded_device.split(":")[0] == device.type:
+        p = Precision.from_dict(recorded)
+        return dataclasses.replace(p, reason=f"the run's own precision ({p.name}: {p.reason})")
+    decided = decide_precision("auto", None, device)
+    if recorded:
+        return dataclasses.replace(decided, reason=f"{decided.reason}; the run trained in {recorded['name']} on "
+                                                     f"{recorded_device or 'another device'}")  # fmt: skip
+    return decided
+
+
+KERNELS = (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)
+
+
+@torch.no_grad()
+def precision_diagnostic(model, x: torch.Tensor, dtype=torch.bfloat16, tolerance: float = 0.05) -> dict:
+    """Autocast in `dtype` against an fp32 reference (TF32 off), layer by layer, on `x`: during one fp32 forward pass
+    every convolution and linear layer is run a second time under autocast on the same fp32 input, and the relative
+    error of its output is kept (per stage: conv1 ... layer4, fc, the worst of its layers). A wrong kernel is off by
+    O(1) at its own layer; correct bf16 kernels by about 2^-8 (the errors do not compound, as they would end to end
+    through a fresh network). The end-to-end error of the logits is reported beside it, not judged.
+
+    A diagnostic for `doctor` and `pytest -m gpu`, not a gate: run it at the training shapes (batch, 128^3,
+    channels_last, cudnn.benchmark on) so that the kernels compared are the ones training uses. Train mode (batch
+    statistics, as in training); the model is left as it was (mode, buffers, TF32 flags)."""
+    was_training = model.training
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    layers: dict[str, float] = {}
+    busy = [False]
+
+    def compare(name):
+        def hook(module, inputs, output):
+            if busy[0]:
+                return
+            busy[0] = True
+            try:
+                with torch.autocast(x.device.type, dtype=dtype):
+                    low = module(*inputs)
+            finally:
+                busy[0] = False
+            a, b = output.double(), low.double()
+            layers[name] = float((b - a).norm() / a.norm().clamp_min(1e-12))
+
+        return hook
+
+    hooks = [m.register_forward_hook(compare(n)) for n, m in model.named_modules() if isinstance(m, KERNELS)]
+    try:
+        model.train()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        reference = model(x).double()
+        for h in hooks:
+            h.remove()
+        hooks = []
+        live = dict(model.named_buffers())
+        for k, v in buffers.items():  # the end-to-end pass from the same running statistics
+            live[k].copy_(v)
+        with torch.autocast(x.device.type, dtype=dtype):
+            end_to_end = model(x).double()
+    finally:
+        for h in hooks:
+            h.remove()
+        live = dict(model.named_buffers())
+        for k, v in buffers.items():
+            live[k].copy_(v)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        model.train(was_training)
+    stages: dict[str, float] = {}
+    for name, err in layers.items():
+        stage = name.split(".")[0]
+        stages[stage] = max(stages.get(stage, 0.0), err) if err == err else math.nan  # NaN stays NaN
+    worst = max(layers.values(), key=lambda e: math.inf if e != e else e)
+    worst_layer = max(layers, key=lambda n: math.inf if layers[n] != layers[n] else layers[n])
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "input": list(x.shape),
+        "channels_last": x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "layers": len(layers),
+        "stage_errors": stages,
+        "worst": worst,
+        "worst_layer": worst_layer,
+        "logits_error": float((end_to_end - reference).norm() / reference.norm().clamp_min(1e-12)),
+        "tolerance": tolerance,
+        "passed": bool(worst <= tolerance),  # NaN fails
+    }
 
 
 def oom_message(error: BaseException, batch_size: int, grad_accum: int) -> str:

@@ -56,8 +56,12 @@ def make_delivery(
     num_workers: int | None,
     rank: int = 0,
     world: int = 1,
+    micro_batch: int | None = None,
+    per_gpu: bool = False,
 ) -> Delivery:
-    """The delivery of one fold. `scoring_rows` names the scored sets; sets with the same rows share their data."""
+    """The delivery of one fold. `scoring_rows` names the scored sets; sets with the same rows share their data.
+    Under DDP the global batch of a step is batch_size x grad_accum (x world with `per_gpu`), each rank's share in
+    micro-batches of `micro_batch` (the trainer's batch plan)."""
     if on_device:
         train = DeviceVolumes(cache, train_rows, channels, device)
         held: dict[bytes, DeviceVolumes] = {}
@@ -65,13 +69,16 @@ def make_delivery(
         size = max(4 * batch_size, 16)  # no gradients kept: larger batches
         for name, rows in scoring_rows.items():
             key = np.asarray(rows).tobytes()
-            volumes = held.setdefault(key, DeviceVolumes(cache, rows, channels, device))
+            if key not in held:  # built once: the same rows (outer selection's monitor and final) share them
+                held[key] = DeviceVolumes(cache, rows, channels, device)
+            volumes = held[key]
 
             def batches(shard: bool, volumes=volumes):
                 return volumes.batches(size, *((rank, world) if shard else (0, 1)))
 
             sets[name] = batches
-        stream = DeviceStream(train, batch_size, sampler, generator, augment, grad_accum, rank, world)
+        stream = DeviceStream(train, batch_size, sampler, generator, augment, grad_accum, rank, world, micro_batch,
+                              per_gpu)  # fmt: skip
         where = f"on {device}" if train.on_device else "in pinned host memory"
         log.info("Data path: %.2f GB of training volumes held %s, batches gathered by index", train.nbytes / 1e9, where)
         return Delivery(stream, stream.steps, sets, "DeviceStream")

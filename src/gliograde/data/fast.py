@@ -5,8 +5,8 @@ set at 128^3 is 4.8 GB), else in pinned host memory, copied a batch ahead on a s
 `DeviceStream` draws an epoch of micro-batches with the same distributions as the DataLoader path
 (inverse-frequency sampling with replacement = WeightedRandomSampler, or a permutation = RandomSampler; the last
 incomplete batch dropped), augments each batch in one grid_sample call, and under DDP hands every rank its share.
-All random numbers come from one CPU generator that every rank advances identically, so W ranks see exactly the
-micro-batches that one process with W x the gradient accumulation would see.
+All random numbers come from one CPU generator that every rank advances identically, so W ranks see together exactly
+the volumes of each optimizer step that one process with the same global batch sees.
 `LoaderStream` is the seeds' DataLoader path behind the same interface.
 """
 
@@ -81,7 +81,7 @@ class DeviceVolumes:
 
     def batches(self, size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """In order, no augmentation (validation); under DDP each rank takes every world-th volume."""
-        mine = torch.arange(rank, len(self), world, device=self.index_device)
+        mine = torch.arange(len(self), device=self.index_device)[rank::world]  # empty where rank >= len(self)
         for start in range(0, len(mine), size):
             yield self.gather(mine[start : start + size])
 
@@ -94,7 +94,12 @@ def epoch_indices(labels: torch.Tensor, n: int, sampler: str, generator: torch.G
 
 
 class DeviceStream:
-    """One epoch of this rank's augmented micro-batches: `for x, y in stream: ...` (x float32 on the device)."""
+    """One epoch of this rank's augmented micro-batches: `for x, y in stream: ...` (x float32 on the device).
+
+    One optimizer step takes `global_batch` = batch_size x grad_accum volumes (x world with `per_gpu`), drawn, with
+    their augmentation parameters, in draws of batch_size exactly as one process draws them; rank r takes the r-th
+    world-th of the step, in micro-batches of `micro_batch` (default batch_size). So W ranks see together exactly
+    the volumes, augmented exactly alike, that one process sees in the same optimizer step."""
 
     def __init__(
         self,
@@ -106,29 +111,47 @@ class DeviceStream:
         grad_accum: int = 1,
         rank: int = 0,
         world: int = 1,
+        micro_batch: int | None = None,
+        per_gpu: bool = False,
     ):
         self.volumes, self.batch_size, self.sampler, self.generator = volumes, batch_size, sampler, generator
-        self.augment, self.grad_accum, self.rank, self.world = augment, grad_accum, rank, world
-        self.steps = len(volumes) // batch_size // (grad_accum * world)  # optimizer steps per epoch
+        self.augment, self.rank, self.world = augment, rank, world
+        self.global_batch = batch_size * grad_accum * (world if per_gpu else 1)
+        self.share = self.global_batch // world  # this rank's volumes per optimizer step
+        self.micro_batch = micro_batch or min(batch_size, self.share)
+        if self.global_batch % world or self.share % self.micro_batch:
+            raise ValueError(
+                f"a global batch of {self.global_batch} does not split into {world} shares of micro-batches of "
+                f"{self.micro_batch}"
+            )
+        self.grad_accum = self.share // self.micro_batch  # this rank's micro-batches per optimizer step
+        self.steps = len(volumes) // self.global_batch  # optimizer steps per epoch
 
     def __len__(self) -> int:
         return self.steps * self.grad_accum  # this rank's micro-batches
 
+    def _step_params(self, channels: int) -> dict | None:
+        """The augmentation parameters of one optimizer step's global batch: its draws of batch_size, drawn on every
+        rank (so that the generators stay identical), concatenated."""
+        if not self.augment:
+            return None
+        draws = [draw_params(self.batch_size, channels, self.augment, self.generator)
+                 for _ in range(self.global_batch // self.batch_size)]  # fmt: skip
+        return draws[0] if len(draws) == 1 else {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        b, per_step = self.batch_size, self.grad_accum * self.world
+        b, g, m = self.batch_size, self.global_batch, self.micro_batch
         idx = epoch_indices(self.volumes.labels, len(self.volumes) // b * b, self.sampler, self.generator)
         # drawn on the CPU (the shared random stream), moved where the volumes are once per epoch, sliced there
         idx = to_device(idx, self.volumes.index_device) if self.volumes.on_device else idx
         channels = self.volumes.volumes.shape[1]
         pending = None  # one batch ahead: its copy overlaps the step on the batch before it
         for step in range(self.steps):
-            for k in range(per_step):  # rank-major: rank r takes micro-batches r*A .. r*A + A - 1 of the step
-                # every rank draws every micro-batch's parameters, so the generators stay identical
-                params = draw_params(b, channels, self.augment, self.generator) if self.augment else None
-                if k // self.grad_accum != self.rank:
-                    continue
-                m = step * per_step + k
-                started = (self.volumes.start(idx[m * b : (m + 1) * b]), params)
+            params = self._step_params(channels)
+            for j in range(self.grad_accum):
+                lo = self.rank * self.share + j * m  # within the step's global batch
+                mine = {k: v[lo : lo + m] for k, v in params.items()} if params else None
+                started = (self.volumes.start(idx[step * g + lo : step * g + lo + m]), mine)
                 if pending is not None:
                     yield self._ready(*pending)
                 pending = started

@@ -77,16 +77,29 @@ class Evaluation:
     metrics: dict
 
 
+def run_environment(run_dir: Path) -> dict:
+    """The environment a run recorded in its config.json (device, precision, ...); {} for a run without one."""
+    path = Path(run_dir) / "config" / "config.json"
+    try:
+        return json.loads(path.read_text()).get("environment") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def evaluate_run(
     run_dir: str | Path,
     policy: str = "auto",
     cache_dir: str | None = None,
     attention: bool = False,
     layer: str = "layer4",
+    device: str | None = None,
+    precision: str = "auto",
 ) -> Evaluation:
     """Re-score a run's selected checkpoint on its reported patients, at the run's operating point, into a new
     evaluation_* folder. `attention`: also measure where the model looks (Grad-CAM at `layer` against each case's
-    tumour mask: the mass inside it and the pointing game), written to attention.json and into metrics.json."""
+    tumour mask: the mass inside it and the pointing game), written to attention.json and into metrics.json.
+    `device`: auto | cuda | cpu (default: the run's own device setting). `precision`: auto = the run's own precision
+    (recorded in its config.json) where it runs on the same kind of device, else the rule for this device."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if attention and cfg.model != "resnet3d":
@@ -119,7 +132,10 @@ def evaluate_run(
         log.info("%s is not the run's selected %s: fitting its operating point on the selection part", chosen,
                  run_final.get("checkpoint"))  # fmt: skip
 
-    device = runtime.pick_device("cuda" if cfg.gpu else cfg.device)
+    device = runtime.pick_device(device or ("cuda" if cfg.gpu else cfg.device))
+    recorded = run_environment(run_dir)
+    decided = runtime.reuse_precision(recorded.get("precision"), recorded.get("device"), device, precision)
+    log.info("Precision: %s", decided.reason)
     channels = cache.channels(cfg.modalities)
     loader = make_val_loader(CacheDataset(cache, val_rows, channels), cfg.batch_size, 0, device.type == "cuda")
     train_rows = split.fit if cfg.selection == "inner" else split.train
@@ -130,7 +146,7 @@ def evaluate_run(
         cfg.ema_decay > 0,
         loader,
         device,
-        (cfg.precision, cfg.amp),
+        decided,
         loss_fn,
         policy,
         logit_scale=float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0,

@@ -22,12 +22,14 @@ log = logging.getLogger("gliograde")
 
 @torch.no_grad()
 def predict(
-    model, loader, device, dtype, loss_fn, logit_scale: float = 1.0, collect: list | None = None
+    model, loader, device, dtype, loss_fn, logit_scale: float = 1.0, collect: list | None = None,
+    allow_empty: bool = False,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean loss, P(HGG), labels) over a loader, in eval mode and without gradients. The loss and the predictions
     are accumulated on the device and read once at the end. P(HGG) is softmax(logit_scale x logits): LDAM's
     probabilities come from the scaled logits its loss used (s), cross-entropy's from the logits (1).
-    `collect`: a list that receives each batch's (slice indices, attention weights) of a MIL model."""
+    `collect`: a list that receives each batch's (slice indices, attention weights) of a MIL model.
+    `allow_empty`: a DDP rank whose share of a small set is empty returns (nan, [], []) instead of an error."""
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     n, probs, labels = 0, [], []
@@ -42,6 +44,8 @@ def predict(
         if collect is not None and getattr(model, "last_attention", None) is not None:
             collect.append((model.last_slices.cpu().numpy(), model.last_attention.float().cpu().numpy()))
     if not probs:
+        if allow_empty:
+            return math.nan, np.empty(0, np.float32), np.empty(0, np.int64)
         raise ValueError("predict: the loader yielded no batches")
     return float(total) / max(n, 1), torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
@@ -87,8 +91,8 @@ def evaluate_checkpoint(
 ) -> dict:
     """Load the checkpoint chosen by the policy and score the reported patients (`val_loader`) once.
 
-    `precision` is the run's (--precision, --amp) request, decided here (bf16 self-check included) by
-    `runtime.decide_precision` on this model and a real batch, as training decided it; or training's decision itself.
+    `precision` is a decided `runtime.Precision` (training's, or the run's own reused by `evaluate`), or a
+    (--precision, --amp) request decided here by `runtime.decide_precision`.
     The operating point (prior correction, temperature, threshold) is `point`, or `fit_point(labels, raw_probs)` on
     the predictions of `select_loader` (inner selection: fitted on the selection part, never on the reported fold).
     The stored AUC of the checkpoint is re-checked on the set it was selected on (the selection part with inner,
@@ -108,10 +112,8 @@ def evaluate_checkpoint(
     model = model_from_checkpoint(ckpt, path, expected).to(device)
     batches = iter(val_loader)  # may be one-shot (the device path's generator): the first batch is put back
     first = next(batches)
-    if isinstance(precision, runtime.Precision):  # decided already (the trainer, on this architecture and stack)
-        decided = precision
-    else:
-        decided = runtime.decide_precision(*precision, device, model, first[0][:2].to(device))
+    # decided already (training's decision, or the run's own reused by `evaluate`), or by the rule for this device
+    decided = precision if isinstance(precision, runtime.Precision) else runtime.decide_precision(*precision, device)
     dtype = decided.dtype
     recheck = None
     if select_loader is not None:

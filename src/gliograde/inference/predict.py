@@ -206,8 +206,12 @@ def predict_cases(
     if repeated:
         raise PredictError(f"case id(s) {repeated} given twice; their outputs would overwrite each other")
     device = device or runtime.pick_device("auto")
-    precision = None  # decided on the first case (a real input), as training and `evaluate` decide it
     ref = members[0]
+    from gliograde.evaluation.evaluate import run_environment
+
+    recorded = run_environment(ref.checkpoint.parent.parent)  # the run's own decision, where the device kind matches
+    precision = runtime.reuse_precision(recorded.get("precision"), recorded.get("device"), device)
+    log.info("Precision: %s", precision.reason)
     # each member's P(HGG) at its own operating point (fitted on its fold's selection part), averaged; the decision
     # threshold is the mean of the members' thresholds
     threshold = float(np.mean([m.point.threshold for m in members]))
@@ -226,9 +230,6 @@ def predict_cases(
             failed[case.id] = str(e)
             continue
         x = torch.from_numpy(volume[channels].astype(np.float32))[None].to(device)
-        if precision is None:
-            precision = runtime.decide_precision("auto", None, device, ref.model, x)
-            log.info("Precision: %s", precision.reason)
         dtype = precision.dtype
         both = [_probability(m, x, tta, dtype) for m in members]
         per_model = [b[1] for b in both]

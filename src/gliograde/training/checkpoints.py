@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -96,39 +96,65 @@ def cpu_copy(obj):
 
 
 class CheckpointWriter:
-    """Writes checkpoints (atomically, fsynced: `save_checkpoint`) on one background thread, in order, from host
-    copies taken on the caller's thread, so that the training loop never waits on the disk. `flush` waits for
-    every pending write and raises the first failure."""
+    """Writes checkpoints (atomically, fsynced: `save_checkpoint`) on one background thread, from host copies taken
+    on the caller's thread, so that the training loop never waits on the disk. Pending writes are kept by path: a
+    newer payload for a path not yet written (last.pt of the next epoch, on a filesystem slower than an epoch)
+    replaces the older one, so host memory holds at most one pending copy per file (best.pt, best_ema.pt, last.pt)
+    plus the one being written, however far the disk lags. `flush` waits for every pending write and raises the
+    first failure."""
 
     def __init__(self):
-        self._queue: queue.Queue = queue.Queue()
+        self._pending: OrderedDict[Path, dict] = OrderedDict()
+        self._cond = threading.Condition()
+        self._writing = False
+        self._closing = False
         self._error: BaseException | None = None
+        self.replaced = 0  # payloads superseded before they were written (the disk lagged behind)
         self._thread = threading.Thread(target=self._run, name="checkpoints", daemon=True)
         self._thread.start()
 
     def _run(self):
         while True:
-            item = self._queue.get()
-            try:
-                if item is None:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
                     return
+                path, payload = self._pending.popitem(last=False)
+                self._writing = True
+            try:
                 if self._error is None:
-                    save_checkpoint(*item)
+                    save_checkpoint(payload, path)
             except BaseException as e:  # kept for flush(): never lost, never raised on the wrong thread
                 self._error = e
             finally:
-                self._queue.task_done()
+                del payload
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
 
     def submit(self, payload: dict, path: str | Path) -> None:
         self.check()
-        self._queue.put((cpu_copy(payload), Path(path)))
+        copy, path = cpu_copy(payload), Path(path)
+        with self._cond:
+            if path in self._pending:
+                del self._pending[path]  # superseded: the newer state goes to the end, after what came before it
+                self.replaced += 1
+            self._pending[path] = copy
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending) + int(self._writing)
 
     def check(self) -> None:
         if self._error is not None:
             raise CheckpointError(f"writing a checkpoint failed: {type(self._error).__name__}: {self._error}")
 
     def flush(self) -> None:
-        self._queue.join()
+        with self._cond:
+            while self._pending or self._writing:
+                self._cond.wait()
         self.check()
 
     def close(self) -> None:
@@ -136,7 +162,9 @@ class CheckpointWriter:
         try:
             self.flush()
         finally:
-            self._queue.put(None)
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
             self._thread.join(timeout=60)
             if self._thread.is_alive():
                 logging.getLogger("gliograde").warning("the checkpoint writer did not finish within 60 s")

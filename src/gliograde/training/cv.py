@@ -176,9 +176,8 @@ def run_cv(
             log.info("===== %s of %s =====", name(key), folds)
             try:
                 runs[key] = train_fold(fcfg).run_dir
-            except GliogradeError as e:
-                log.error("%s failed: %s", name(key), e)
-                failures[key] = str(e)
+            except Exception as e:  # as under --parallel-folds: the fold is named, the others go on
+                failures[key] = fold_failure(key, e)
     else:
         gpus = physical_gpus(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         workers = min(parallel, len(todo), len(gpus)) if gpus else min(parallel, len(todo))
@@ -196,6 +195,18 @@ def run_cv(
     if subset:
         log.warning("--only %s is a subset of the %d folds: the summary is labelled partial", folds, cfg.folds)
     return summarize(cfg.output_dir, runs=[runs[k] for k in sorted(runs)], allow_partial=allow_partial or subset)
+
+
+def fold_failure(key: tuple[int, int], error: Exception) -> str:
+    """One line for a failed fold; a failure that is not one of ours (a CUDA, cuDNN or NCCL RuntimeError, a bug)
+    is logged with its traceback first, since its message alone may not say where it came from."""
+    if isinstance(error, GliogradeError):
+        why = str(error)
+    else:
+        log.exception("%s failed", name(key))
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    log.error("%s failed: %s", name(key), why)
+    return why
 
 
 def name(key: tuple[int, int]) -> str:

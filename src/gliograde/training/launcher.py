@@ -9,9 +9,9 @@ Each task runs `run_fold_task`, which re-checks `fold_plan` when it *starts*, no
 re-queued by SLURM (pre-emption, or a timeout: submitit signals it and re-submits it, see `run_fold_task.checkpoint`)
 or submitted again resumes its fold's interrupted run from last.pt, and skips a fold that is already complete.
 
-"local" runs the very same code path with `submitit.LocalExecutor`: every task at once, in a subprocess of its own
-(sharing the CPU cores, and GPUs 0..gpus_per_task-1 where there are GPUs; for several GPUs on one machine
-`gliograde cv --parallel N` pins one GPU per fold). submitit is an optional dependency: `pip install gliograde[slurm]`.
+"local" runs the very same code path with `submitit.LocalExecutor`: every task in a subprocess of its own, sharing
+the CPU cores; where there are GPUs, each task gets --gpus-per-task GPUs of its own (round robin), and tasks given
+the same GPUs take turns (`gpu_slot`), so that five folds on two GPUs never run three at once on one. submitit is an optional dependency: `pip install gliograde[slurm]`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from gliograde.config import TrainConfig
@@ -41,10 +42,43 @@ class LauncherError(GliogradeError):
 
 
 # ------------------------------------------------------------------------------------------------ the task
-def run_fold_task(values: dict, threads: int | None = None) -> tuple[int, int, str, float]:
+def local_gpu_groups(n_tasks: int, gpus: list[str], per_task: int) -> list[str | None]:
+    """The GPUs (a CUDA_VISIBLE_DEVICES value) of each local task: the machine's GPUs in groups of per_task, taken
+    round robin; None for every task where there are no GPUs (or fewer than one group)."""
+    per_task = max(1, per_task)
+    groups = [",".join(gpus[i : i + per_task]) for i in range(0, len(gpus) - per_task + 1, per_task)]
+    return [groups[i % len(groups)] if groups else None for i in range(n_tasks)]
+
+
+@contextmanager
+def gpu_slot(gpus: str | None, lock_dir: str | None):
+    """Hold the local task's GPUs alone: tasks given the same GPUs (more folds than GPU groups) take turns on an
+    exclusive file lock instead of running at once on one GPU. Nothing to hold without GPUs."""
+    if gpus is None or lock_dir is None:
+        yield
+        return
+    import fcntl
+
+    Path(lock_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(lock_dir) / f"gpu_{gpus.replace(',', '_')}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the task dies
+        yield
+
+
+def run_fold_task(
+    values: dict, threads: int | None = None, gpus: str | None = None, lock_dir: str | None = None
+) -> tuple[int, int, str, float]:
     """One array task: TrainConfig(**values)'s fold, planned now (done: skipped, interrupted: resumed, else new) and
     trained. Returns (repeat, fold, run_dir, final AUC). A failure raises (submitit records it, with its traceback,
-    in the task's stderr log); a CUDA out-of-memory error is turned into the usual one-line advice."""
+    in the task's stderr log); a CUDA out-of-memory error is turned into the usual one-line advice.
+    `gpus` (local tasks): this task's physical GPUs, set before CUDA starts, held alone (`gpu_slot`)."""
+    if gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    with gpu_slot(gpus, lock_dir):
+        return _run_fold_task(values, threads)
+
+
+def _run_fold_task(values: dict, threads: int | None) -> tuple[int, int, str, float]:
     import torch
 
     from gliograde import runtime
@@ -72,13 +106,13 @@ def run_fold_task(values: dict, threads: int | None = None) -> tuple[int, int, s
     return cfg.repeat, cfg.fold, str(result.run_dir), float(result.final["auc"])
 
 
-def _requeue(values: dict, threads: int | None = None):
+def _requeue(values: dict, threads: int | None = None, gpus: str | None = None, lock_dir: str | None = None):
     """submitit calls this (any callable with a `checkpoint` attribute is checkpointable) when SLURM signals a
     timeout or a pre-emption: the task is re-queued with the same arguments, and `run_fold_task` then resumes the
     fold from its last.pt (at most the epoch in progress is lost)."""
     from submitit.helpers import DelayedSubmission
 
-    return DelayedSubmission(run_fold_task, values, threads)
+    return DelayedSubmission(run_fold_task, values, threads, gpus, lock_dir)
 
 
 run_fold_task.checkpoint = _requeue  # type: ignore[attr-defined]
@@ -143,10 +177,22 @@ def submit_folds(
     executor = _executor(
         launcher, folder, name="gliograde-fold", slurm=slurm, timeout_min=timeout_min, gpus=gpus_per_task
     )
-    # local tasks run all at once: share the cores between them (a SLURM task has its own cpus_per_task)
-    threads = cpus_per_task if launcher == "slurm" else max(1, (os.cpu_count() or 1) // len(todo))
     values = [cfg.to_dict() for cfg in todo]
-    jobs = executor.map_array(run_fold_task, values, [threads] * len(values))
+    if launcher == "slurm":  # SLURM gives each task its own GPUs and cores
+        jobs = executor.map_array(run_fold_task, values, [cpus_per_task] * len(values))
+    else:  # local tasks start at once: each gets GPUs of its own, taking turns where folds outnumber GPU groups
+        import torch
+
+        from gliograde.training.cv import physical_gpus
+
+        gpus = physical_gpus(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        assigned = local_gpu_groups(len(values), gpus, gpus_per_task)
+        at_once = len(set(assigned)) if gpus else len(values)
+        threads = max(1, (os.cpu_count() or 1) // at_once)  # share the cores between the tasks running at once
+        locks = str(Path(folder) / "gpu_locks")
+        jobs = executor.map_array(run_fold_task, values, [threads] * len(values), assigned, [locks] * len(values))
+        if gpus:
+            log.info("local tasks on GPUs %s, one fold at a time per GPU group", sorted(set(assigned)))
     from gliograde.training.cv import name
 
     for cfg, job in zip(todo, jobs, strict=True):
@@ -238,13 +284,49 @@ def _fold_parents(results_dir: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
+def recorded_split(results_dir: Path) -> tuple[int | None, int | None]:
+    """(K, repeats) of the CV under results_dir: from the configuration its runs recorded (config/config.json),
+    else from the saved folds.json of their cache; None for what no run and no folds.json tells. Runs of
+    different splits: the largest K and number of repeats (with a warning), so that no fold goes unlisted."""
+    from gliograde.data.splits import FOLDS_FILE, load_folds
+
+    ks, reps, caches = set(), set(), set()
+    for parent in _fold_parents(results_dir).values():
+        for run in parent.glob("run_*"):
+            try:
+                config = json.loads((run / "config" / "config.json").read_text())["config"]
+                ks.update([int(config["folds"])] if config.get("folds") else [])
+                reps.update([int(config["repeats"])] if config.get("repeats") else [])
+                caches.update([str(config["cache_dir"])] if config.get("cache_dir") else [])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # not (yet) a readable run configuration
+    for cache in sorted(caches):
+        if ks and reps:
+            break
+        try:
+            folds = load_folds(Path(cache) / FOLDS_FILE)
+        except GliogradeError:
+            continue  # the cache moved or was removed
+        ks = ks or {int(folds["k"])}
+        reps = reps or {int(folds.get("repeats", 1))}
+    if len(ks) > 1 or len(reps) > 1:
+        log.warning("the runs under %s come from different splits (K %s, repeats %s): folds listed up to the largest",
+                    results_dir, sorted(ks), sorted(reps))  # fmt: skip
+    return (max(ks) if ks else None), (max(reps) if reps else (1 if ks else None))
+
+
 def cv_status(results_dir: Path, k: int | None = None, repeats: int | None = None) -> list[dict]:
     """One row per (repeat, fold) under results_dir/runs, from its newest run folder: {"repeat", "fold", "state",
     "run", "reason", "log"}. state: 'done' (complete), 'running' (running or interrupted: resumable when it has
-    last.pt), 'failed' (reason: why; log: the run's newest logs/*.log), or 'missing' (no run yet; only listed for
-    the folds of `k` and `repeats` when given: k folds in each of `repeats` (default 1) repeats)."""
+    last.pt), 'failed' (reason: why; log: the run's newest logs/*.log), or 'missing' (no run yet), for every fold of
+    every repeat: k folds in each of `repeats` repeats, both taken from the runs' recorded split (`recorded_split`)
+    when not given."""
     from gliograde.evaluation.summary import run_order_key, run_status
 
+    if k is None or repeats is None:
+        found_k, found_repeats = recorded_split(results_dir)
+        k = found_k if k is None else k
+        repeats = found_repeats if repeats is None else repeats
     rows = {}
     for key, parent in _fold_parents(results_dir).items():
         runs = sorted((d for d in parent.glob("run_*") if d.is_dir()), key=run_order_key)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -141,19 +140,6 @@ def check_finite(d: Dist, bad_step: int, epoch: int, run_dir: Path) -> None:
         )
 
 
-def batch_record(cfg: TrainConfig, world: int) -> dict:
-    """The batch one optimizer step sees: per process x accumulation x processes. DDP multiplies it by the number of
-    processes (the learning rate is not rescaled), so a run records both and says when they differ."""
-    configured = cfg.batch_size * cfg.grad_accum
-    return {
-        "per_process": cfg.batch_size,
-        "accumulation": cfg.grad_accum,
-        "processes": world,
-        "global": configured * world,
-        "configured": configured,
-    }
-
-
 def rng_state(generator: torch.Generator, d: Dist, device: torch.device) -> dict:
     """The generators to resume with: the shared sampling/augmentation generator, and each rank's own global
     generators (dropout draws differ per rank). A collective under DDP: every rank calls it."""
@@ -191,12 +177,13 @@ def train_fold(cfg: TrainConfig, on_epoch_end=None, run_dir: Path | None = None)
     """Train one fold. With --multi-gpu (and no torchrun around it) the fold goes to `distributed.launch`, which
     runs this function once per GPU (or per --nproc gloo process); `run_dir` is then the folder it made."""
     validate(cfg, log)
+    request = "cuda" if cfg.gpu else cfg.device
     if cfg.multi_gpu and "WORLD_SIZE" not in os.environ:
-        nproc = cfg.nproc or torch.cuda.device_count()
+        nproc = distributed.processes(cfg.nproc, request)
         if nproc >= 2:
             return _launch(cfg, nproc)
-        log.warning("--multi-gpu: %d GPU(s) visible, training on one device", torch.cuda.device_count())
-    d = distributed.setup()
+        log.warning("--multi-gpu: 1 process (%d GPU(s) visible), training on one device", torch.cuda.device_count())
+    d = distributed.setup(request)
     try:
         return _fold(cfg, d, on_epoch_end, run_dir)
     finally:
@@ -218,11 +205,11 @@ def _launch(cfg: TrainConfig, nproc: int) -> RunResult:
 
 
 def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunResult:
-    if d.active and not d.main:
-        dist.barrier()  # rank 0 prepares the cache and folds first; the others then only read them
+    if not d.main:
+        distributed.barrier(d)  # rank 0 prepares the cache and folds first; the others then only read them
     cache, folds = load_data(cfg)
-    if d.active and d.main:
-        dist.barrier()
+    if d.main:
+        distributed.barrier(d)
     cfg = with_split(cfg, folds)  # the persisted split is the truth: K, seeds, repeats, grouping, inner part
     split = fold_split(cache, folds, cfg.fold, cfg.repeat)
     channels = cache.channels(cfg.modalities)
@@ -232,14 +219,10 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
     if cfg.resume:
         run_dir = Path(cfg.resume)
         resume = load_checkpoint(run_dir / "checkpoints" / LAST)
-        if resume.get("world", 1) != d.world:
-            raise TrainingError(
-                f"--resume {run_dir}: the run was trained with {resume.get('world', 1)} process(es), this is "
-                f"{d.world}; the global batch and the learning-rate schedule would change. Resume with the same "
-                "number of processes (--multi-gpu --nproc N, or torchrun --nproc-per-node N)"
-            )
-        if resume["config_identity"] != json.loads(json.dumps(cfg.identity())):
-            diff = sorted(k for k, v in cfg.identity().items() if resume["config_identity"].get(k) != v)
+        defaults = TrainConfig().identity()  # a key the run did not record yet had its default then
+        recorded = {**defaults, **resume["config_identity"]}
+        diff = sorted(k for k, v in json.loads(json.dumps(cfg.identity())).items() if recorded.get(k) != v)
+        if diff:
             raise TrainingError(f"--resume {run_dir}: the run was made with another configuration (differs in {diff})")
     elif run_dir is None and d.main:
         run_dir = new_run_dir(cfg.output_dir, cfg.fold, cfg.repeat)
@@ -296,7 +279,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
     train_rows = split.fit if inner else split.train  # inner: the selection part is never trained on
     monitor_rows = split.select if inner else split.val
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
-    check_batch(cfg, d.world, len(train_rows))
+    plan = batch_plan(cfg, d, device, len(train_rows), resume)
     if cfg.model == "mil2d":
         try:
             check_bag_sizes(cache, np.concatenate([split.train, split.val]), channels, cfg.mil_k, log)
@@ -322,6 +305,8 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
         num_workers=cfg.num_workers,
         rank=d.rank,
         world=d.world,
+        micro_batch=plan.micro_batch,
+        per_gpu=plan.per_gpu,
     )
     log.info(
         "Fold %d%s: training on %d cases (%d LGG, %d HGG); %s on %d %s cases; %d reported cases scored once at the "
@@ -338,21 +323,21 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
         ",".join(cfg.modalities),
         data.steps_per_epoch,
         device,
-        f" x {d.world} processes (DDP)" if d.active else "",
-    )
+        f" x {d.world} processes (DDP: global batch {plan.global_batch}, {plan.accumulation} micro-batch(es) of "
+        f"{plan.micro_batch} per process per step)" if d.active else "",
+    )  # fmt: skip
+    if plan.note:
+        log.warning("DDP: %s", plan.note)
 
     model = build_for(cfg, len(channels), None if resume else cfg.pretrained_path, log).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    if d.active and cfg.sync_bn and device.type == "cuda":
+    if d.active and plan.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: a stream of its own per rank, not a replay of the init
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    # the same decision (and bf16 self-check, on a real input of this run's size) as `evaluate` and `predict` make
-    sample = next(iter(data.batches("monitor", shard=False)))[0][:2].to(device)  # the loader yields host batches
-    precision = runtime.decide_precision(cfg.precision, cfg.amp, device, model, sample)
+    precision = run_precision(cfg, d, device, resume)  # decided once (rank 0), or the resumed run's own
     dtype = precision.dtype
-    del sample
     log.info("Precision: %s", precision.reason)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, data.steps_per_epoch)
@@ -366,7 +351,8 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
         model.load_state_dict(resume["model_state_dict"])
         optimizer.load_state_dict(resume["optimizer_state_dict"])
         scheduler.load_state_dict(resume["scheduler_state_dict"])
-        scaler.load_state_dict(resume["scaler_state_dict"])
+        if precision.needs_scaler and resume.get("scaler_state_dict"):  # a GradScaler of an fp16 run, not a fresh one
+            scaler.load_state_dict(resume["scaler_state_dict"])
         if ema is not None:
             ema.load_state_dict(resume["ema_state_dict"])
         history, tracker, start = resume["history"], Tracker.from_checkpoint(resume, cfg.min_delta), resume["epoch"] + 1
@@ -374,11 +360,14 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
         if note:
             log.warning("--resume: %s", note)
         log.info("Resuming %s after epoch %d", run_dir, resume["epoch"])
+        before = (resume.get("precision") or {}).get("name")
+        if d.main and before is not None and before != precision.name:  # config.json says when it changed
+            record_precision_change(run_dir, resume["epoch"], before, precision)
         if tracker.should_stop(resume["epoch"], cfg.min_epochs, cfg.patience):  # it had stopped; only finish
             log.info("The run had stopped early at epoch %d; scoring it", resume["epoch"])
             start = cfg.epochs + 1
     elif d.main:
-        write_run_config(run_dir, cfg, cache, device, precision, d.world, data.path, split, folds_doc)
+        write_run_config(run_dir, cfg, cache, device, precision, plan, data.path, split, folds_doc)
     net = model
     if d.active:  # gradients all-reduced across the ranks; the checkpoints hold `model`, never the wrapper
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -389,7 +378,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
 
     def monitored(m) -> tuple[float, np.ndarray, np.ndarray]:
         """Loss, P(HGG) and labels of the monitored set (each rank scores its share; all get all)."""
-        loss, probs, labels = predict(m, data.batches("monitor"), device, dtype, loss_fn, scale)
+        loss, probs, labels = predict(m, data.batches("monitor"), device, dtype, loss_fn, scale, allow_empty=d.active)
         return distributed.gather_predictions(d, loss, probs, labels)
 
     try:
@@ -402,7 +391,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
                 log.info("DRW activated at epoch %d: class weights %s", epoch, loss_fn.weight.tolist())
             train_loss, throughput = train_epoch(
                 cfg, d, net, model, ema, data.stream, optimizer, scheduler, scaler, loss_fn, dtype, channels_last,
-                device, epoch, run_dir,
+                device, epoch, run_dir, plan.accumulation,
             )  # fmt: skip
             t_val = time.perf_counter()
             distributed.sync_buffers(d, model)  # score (and save) rank 0's BatchNorm statistics on every rank
@@ -431,6 +420,8 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
                     **tracker.state(),
                     "rng_state": rng,
                     "world": d.world,
+                    "batch_plan": plan.to_dict(),
+                    "precision": precision.to_dict(),  # reused by --resume, whatever the stack decides then
                 }
                 save_epoch(writer, run_dir / "checkpoints", cfg, arch, epoch, model, ema, (m, em), (is_best, ema_best),
                            resume_state)  # fmt: skip
@@ -466,9 +457,11 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
 
 
 def train_epoch(
-    cfg, d, net, model, ema, stream, optimizer, scheduler, scaler, loss_fn, dtype, channels_last, device, epoch, run_dir
+    cfg, d, net, model, ema, stream, optimizer, scheduler, scaler, loss_fn, dtype, channels_last, device, epoch,
+    run_dir, accumulation: int,
 ) -> tuple[float, dict]:
     """One epoch of optimizer steps; returns the mean training loss and the epoch's throughput figures.
+    `accumulation`: this process's micro-batches per optimizer step (the batch plan's; DDP averages over ranks).
 
     The loss is summed on the device and read every CHECK_EVERY micro-batches and at the end: no host
     synchronisation per micro-batch. bad_step holds the first micro-batch whose loss was not finite (0: none)."""
@@ -489,12 +482,12 @@ def train_epoch(
         i += 1
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        step_ends = (i + 1) % cfg.grad_accum == 0
+        step_ends = (i + 1) % accumulation == 0
         with net.no_sync() if d.active and not step_ends else nullcontext():  # all-reduce once per step
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                 logits = net(x)
             loss = loss_fn(logits, y)
-            scaler.scale(loss / cfg.grad_accum).backward()
+            scaler.scale(loss / accumulation).backward()
         value = loss.detach()
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(value), i + 1, bad_step)
         total += value.double() * len(y)
@@ -678,34 +671,97 @@ def logit_scale(cfg) -> float:
     return float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0
 
 
-def check_batch(cfg, world: int, n_train: int) -> None:
-    if n_train < cfg.batch_size * cfg.grad_accum * world:
+def batch_plan(cfg, d: Dist, device: torch.device, n_train: int, resume: dict | None) -> distributed.BatchPlan:
+    """The batch plan of this run (`distributed.plan_batch`): the configured global batch split over the ranks, or
+    --batch-per-gpu. Refused in one line where it cannot be held: a share W does not divide, more volumes per step than
+    training cases, or a resume whose global batch would differ (the schedule and the sampled stream would)."""
+    if cfg.sync_bn and d.active and device.type != "cuda":
+        log.warning("--sync-bn: SyncBatchNorm needs GPUs; ignored on the CPU")
+    try:
+        plan = distributed.plan_batch(
+            cfg.batch_size, cfg.grad_accum, d.world, per_gpu=cfg.batch_per_gpu,
+            sync_bn=cfg.sync_bn and device.type == "cuda", cuda=device.type == "cuda",
+            batchnorm_per_volume=cfg.model == "resnet3d",
+        )  # fmt: skip
+    except distributed.DistributedError as e:
+        raise TrainingError(f"fold {cfg.fold}: {e}") from None
+    if n_train < plan.global_batch:
         raise TrainingError(
-            f"--batch-size {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es) exceeds the "
-            f"{n_train} training cases of fold {cfg.fold}"
+            f"fold {cfg.fold}: a global batch of {plan.global_batch} (--batch-size {cfg.batch_size} x accumulation "
+            f"{cfg.grad_accum}{f' x {d.world} processes' if plan.per_gpu else ''}) exceeds the {n_train} training cases"
         )
-    batch = batch_record(cfg, world)
-    if batch["global"] != batch["configured"]:
+    if resume is not None:
+        before = (resume.get("batch_plan") or {}).get("global")
+        if before is None:  # a run saved before the plan: B x A x its number of processes
+            before = cfg.batch_size * cfg.grad_accum * resume.get("world", 1)
+        if before != plan.global_batch:
+            raise TrainingError(
+                f"--resume: the run trained with a global batch of {before} ({resume.get('world', 1)} process(es)); "
+                f"this would be {plan.global_batch} ({d.world}): the learning-rate schedule and the sampled stream "
+                "would change. Resume with the same global batch"
+            )
+    if plan.per_gpu and d.active:
         log.warning(
-            "DDP: the effective batch is %d (%d per process x %d accumulation x %d processes), not the configured %d; "
-            "the learning rate is not rescaled",
-            batch["global"],
-            cfg.batch_size,
-            cfg.grad_accum,
-            world,
-            batch["configured"],
+            "--batch-per-gpu: the global batch is %d (%d x %d accumulation x %d processes); the learning rate is not "
+            "rescaled (the linear scaling rule of Goyal et al. 2017 would use --lr x %d)",
+            plan.global_batch, cfg.batch_size, cfg.grad_accum, d.world, d.world,
+        )  # fmt: skip
+    return plan
+
+
+def run_precision(cfg, d: Dist, device: torch.device, resume: dict | None) -> runtime.Precision:
+    """The run's precision, decided once on rank 0 and broadcast (so that the ranks never disagree, and a refusal
+    stops every rank, not only rank 0). A resumed run keeps the precision recorded in its last.pt; an explicit other
+    --precision is honoured (with a fresh GradScaler) and said."""
+    outcome = None
+    if d.main:
+        try:
+            outcome = {"precision": _precision_of(cfg, device, resume).to_dict()}
+        except runtime.DeviceError as e:
+            outcome = {"error": str(e)}
+    outcome = distributed.broadcast(d, outcome)
+    if "error" in outcome:
+        raise runtime.DeviceError(outcome["error"])
+    return runtime.Precision.from_dict(outcome["precision"])
+
+
+def _precision_of(cfg, device, resume) -> runtime.Precision:
+    stored = (resume or {}).get("precision")
+    if stored is None:
+        return runtime.decide_precision(cfg.precision, cfg.amp, device)
+    kept = runtime.Precision.from_dict(stored)
+    if (cfg.precision == "auto" and cfg.amp is None) or cfg.precision == kept.name:
+        return dataclasses.replace(kept, reason=f"{kept.reason} (the run's own, kept on resume)")
+    asked = runtime.decide_precision(cfg.precision, cfg.amp, device)
+    if asked.name != kept.name:
+        log.warning(
+            "--resume: the run trained in %s until epoch %d; it goes on in %s as asked%s",
+            kept.name, resume["epoch"], asked.name, " (with a fresh GradScaler)" if asked.needs_scaler else "",
+        )  # fmt: skip
+        asked = dataclasses.replace(
+            asked, reason=f"{asked.reason}; resumed after epoch {resume['epoch']} (trained in {kept.name} until then)"
         )
+    return asked
 
 
-def write_run_config(run_dir, cfg, cache, device, precision, world, data_path, split, folds) -> None:
+def record_precision_change(run_dir: Path, epoch: int, before: str, precision: runtime.Precision) -> None:
+    path = run_dir / "config" / "config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        change = {"after_epoch": epoch, "from": before, "to": precision.name, "reason": precision.reason}
+        config.setdefault("precision_changes", []).append(change)
+        write_json(path, config)
+
+
+def write_run_config(run_dir, cfg, cache, device, precision, plan, data_path, split, folds) -> None:
     write_json(
         run_dir / "config" / "config.json",
         {
             # the cache by absolute path, so that `evaluate` finds it from any working directory
             "config": {**cfg.to_dict(), "cache_dir": str(cache.path.resolve())},
-            "environment": {**runtime.environment(device, precision), "processes": world, "data_path": data_path},
+            "environment": {**runtime.environment(device, precision), "processes": plan.world, "data_path": data_path},
             "seed": cfg.seed,
-            "batch": batch_record(cfg, world),
+            "batch": plan.to_dict(),
             "provenance": provenance(cfg.pretrained_path, cache.path, folds),
             "split": {key: [cache.ids[r] for r in getattr(split, key)] for key in ("fit", "select", "val")},
             "run_dir": str(run_dir),
