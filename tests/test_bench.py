@@ -35,7 +35,8 @@ def test_bench_trainer_times_the_real_train_fold_and_projects_the_cv(tmp_path, c
     out = tmp_path / "trainer.json"
     rc = main(
         ["bench", "--trainer", "--device", "cpu", "--depth", "10", "--size", "16", "--batch-size", "4", "--cases",
-         "24", "--epochs", "2", "--channels", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+         "24", "--epochs", "2", "--min-steps", "1", "--channels", "2", "--workdir", str(tmp_path / "w"), "--json",
+         str(out)]
     )  # fmt: skip
     assert rc == 0
     r = json.loads(out.read_text())
@@ -44,6 +45,7 @@ def test_bench_trainer_times_the_real_train_fold_and_projects_the_cv(tmp_path, c
     history = json.loads((run / "metrics" / "metrics.json").read_text())["history"]
     assert r["train_volumes_per_s"] == pytest.approx(history[1]["train_volumes_per_s"])
     assert 0 <= r["data_wait_fraction"] <= 1 and r["peak_gpu_memory_gib"] is None and r["mfu"] is None
+    assert r["activation_peak_gib"] is None and r["config"]["epochs"] == 2 and r["steady_optimizer_steps"] == 3
     assert r["precision"]["name"] == "fp32" and r["config"]["channels"] == 2
     expected = 5 * 50 * (228 / r["train_volumes_per_s"] + 57 * r["val_s_per_case"])
     assert r["projected_cv_s"] == pytest.approx(expected)

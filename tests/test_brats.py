@@ -45,6 +45,14 @@ def test_site_parsing():
     assert site_of("BraTS20_Training_001") == "unknown"
 
 
+def test_a_raw_tcga_barcode_names_its_tissue_source_site():
+    # TCGA barcodes: TCGA-<tissue source site>-<participant>; the TSS code is the site (GDC's code tables)
+    assert site_of("TCGA-DU-7294") == "TCGA-DU"
+    assert site_of("TCGA-02-0006") == "TCGA-02"
+    assert site_of("tcga-hw-7486") == "TCGA-HW"
+    assert site_of("TCGA_DU_7294") == "unknown" and site_of("patient_007") == "unknown"  # not a barcode
+
+
 def _mapping_rows(sample_root):
     with (sample_root / "name_mapping_brats2019.csv").open(newline="") as f:
         return {r["BraTS_2018_subject_ID"]: r for r in csv.DictReader(f)}
@@ -139,3 +147,23 @@ def test_duplicate_case_id_is_an_error(sample_root, tmp_path):
     shutil.copytree(tmp_path / "HGG" / "Brats18_2013_3_1", tmp_path / "LGG" / "Brats18_2013_3_1")
     with pytest.raises(DataError, match="Brats18_2013_3_1 found twice"):
         discover_cases(tmp_path)
+
+
+def test_the_2020_mapping_falls_back_on_the_tcga_barcode(tmp_path):
+    from gliograde.data.brats import _read_mapping
+
+    path = tmp_path / "name_mapping.csv"
+    rows = [
+        ["Grade", "BraTS_2017_subject_ID", "BraTS_2018_subject_ID", "TCGA_TCIA_subject_ID", "BraTS_2019_subject_ID",
+         "BraTS_2020_subject_ID"],
+        ["HGG", "NA", "NA", "TCGA-DU-7294", "NA", "BraTS20_Training_001"],  # new in 2020, TCGA case
+        ["LGG", "NA", "Brats18_2013_0_1", "NA", "BraTS19_2013_0_1", "BraTS20_Training_002"],
+        ["HGG", "NA", "NA", "NA", "NA", "BraTS20_Training_003"],  # no id says where it was scanned
+    ]  # fmt: skip
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert _read_mapping(path) == {
+        "BraTS20_Training_001": ("HGG", "TCGA-DU"),
+        "BraTS20_Training_002": ("LGG", "2013"),
+        "BraTS20_Training_003": ("HGG", "unknown"),
+    }

@@ -64,3 +64,36 @@ def test_ldam_probabilities_come_from_the_scaled_logits():
     z = x.flatten().numpy()
     np.testing.assert_allclose(plain, stats.sigmoid(z), rtol=1e-5)
     np.testing.assert_allclose(scaled, stats.sigmoid(30 * z), rtol=1e-5)
+
+
+def test_the_operating_point_never_changes_the_ranking():
+    """The former arithmetic clipped P(HGG) to [1e-6, 1 - 1e-6] before the logit: the five values beyond the clip
+    tied, and the AUC fell from 0.6875 to 0.53125 on this input. The float64 logit, shifted and scaled unclipped,
+    keeps them apart."""
+    from scipy.special import expit, logit
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    raw = np.array([0.9, 5e-7, 2e-7, 1 - 1e-8, 1e-8, 0.5, 1e-7, 1 - 1e-7])
+    clipped = expit(logit(np.clip(raw, 1e-6, 1 - 1e-6)) + logit(0.75))  # what apply() did before
+    assert roc_auc_score(y, raw) == 0.6875 and roc_auc_score(y, clipped) == 0.53125
+    for point in (OperatingPoint(0.75, 0.5), OperatingPoint(0.75, 0.5, temperature=0.5), OperatingPoint(0.2, 0.5, 3.0)):
+        calibrated = point.apply(raw)
+        assert roc_auc_score(y, calibrated) == roc_auc_score(y, raw) == 0.6875
+        assert (np.argsort(calibrated, kind="stable") == np.argsort(raw, kind="stable")).all()
+    assert OperatingPoint(0.75, 0.5).apply([0.0, 1.0]).tolist() == [0.0, 1.0]  # the ends stay the ends
+
+
+def test_a_separable_selection_part_keeps_temperature_one_and_says_why(caplog):
+    y = np.array([0] * 6 + [1] * 14)
+    raw = np.r_[np.linspace(0.05, 0.4, 6), np.linspace(0.6, 0.97, 14)]  # every HGG above every LGG
+    assert stats.fit_temperature(y, raw) == pytest.approx(0.05, rel=0.01)  # the fit runs to its bound
+    with caplog.at_level("WARNING", logger="gliograde"):
+        point = fit_operating_point(y, raw, [30, 70], "weighted", temperature=True)
+    assert point.temperature == 1.0 and point.temperature_rule.startswith("1 (fallback: the selection part is sep")
+    assert "Temperature scaling skipped" in caplog.text
+    assert point.to_dict()["temperature_rule"] == point.temperature_rule  # recorded in the operating point
+    assert OperatingPoint.from_dict(point.to_dict()) == point
+    overlapping = np.r_[raw[:5], 0.7, raw[6:]]  # one LGG among the HGG: a finite temperature exists
+    fitted = fit_operating_point(y, overlapping, [30, 70], "weighted", temperature=True)
+    assert fitted.temperature_rule.startswith("fitted") and 0.05 < fitted.temperature < 20

@@ -175,6 +175,7 @@ def test_two_repeats_give_the_corrected_resampled_ttest(tmp_path):
     assert pr["repeats"] == [0, 1] and len(pr["per_repeat"]) == 2 and len(pr["per_fold"]) == 2 * K
     t = pr["corrected_ttest"]
     assert t["J"] == 2 * K and t["df"] == 2 * K - 1 and (t["n_test"], t["n_train"]) == (20, 40)
+    assert t["n_train_source"].startswith("outer training size")  # these fake runs record no n_fit
     diffs = []
     for rep in range(2):
         fm = fold_map(rep)
@@ -185,6 +186,29 @@ def test_two_repeats_give_the_corrected_resampled_ttest(tmp_path):
     assert t["p_value"] == pytest.approx(stats.corrected_resampled_ttest(diffs, 40, 20)["p_value"])
     assert t["mean"] < 0 and t["p_value"] < 0.01
     assert "corrected resampled t-test over 6" in (tmp_path / "out" / "compare.md").read_text()
+
+
+def test_the_corrected_ttest_uses_the_patients_the_networks_were_fitted_on(tmp_path):
+    """Nadeau & Bengio's n_train is the training set of the models compared: with inner selection the networks fit
+    on final.selection.n_fit patients (32 of the 40 outer-training ones here, inner_fraction 0.2), not on 40."""
+    a, b = fake_cv(tmp_path / "a", STRONG, repeats=2), fake_cv(tmp_path / "b", NOISE, repeats=2)
+    for side in (a, b):
+        for path in side.glob("runs/**/metrics/metrics.json"):
+            m = json.loads(path.read_text())
+            m["final"]["selection"] = {"protocol": "inner", "n_fit": 32, "n_select": 8, "n_reported": 20}
+            path.write_text(json.dumps(m))
+    t = compare([a, b], out=tmp_path / "out", n_boot=50)["pairs"][0]["corrected_ttest"]
+    assert (t["n_train"], t["n_test"]) == (32, 20) and t["n_train_source"].startswith("n_fit")
+    diffs = []
+    for rep in range(2):
+        fm = fold_map(rep)
+        diffs += [roc_auc_score(LABELS[fm == f], NOISE[fm == f]) - roc_auc_score(LABELS[fm == f], STRONG[fm == f])
+                  for f in range(K)]  # fmt: skip
+    # t = mean / sqrt(var (1/J + n_test/n_train)) with n_test/n_train = 20/32, not 20/40
+    d = np.asarray(diffs)
+    expected = d.mean() / np.sqrt(d.var(ddof=1) * (1 / 6 + 20 / 32))
+    assert t["t"] == pytest.approx(expected)
+    assert t["t"] != pytest.approx(stats.corrected_resampled_ttest(d, 40, 20)["t"])  # the outer size would differ
 
 
 def test_old_runs_note_what_is_missing_and_outer_selection_warns(tmp_path):

@@ -421,3 +421,59 @@ def test_cv_through_the_local_launcher_and_its_status(cv_run, tmp_path, capsys, 
     assert main(["cv", *args, "--launcher", "slurm"]) == 2
     err = capsys.readouterr().err.strip()
     assert "sbatch is not on PATH" in err and "\n" not in err
+
+
+def test_cv_dry_run_reads_the_saved_split_as_the_real_run_does(tmp_path, capsys):
+    """A cache whose folds.json has 4 folds x 2 repeats: the dry run says so (issue 21, §1), reading only."""
+    from gliograde.data.splits import make_folds
+
+    cache = tmp_path / "cache-s32"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    ids = [f"Brats18_TCIA0{i % 3}_{i:03d}_1" for i in range(24)]
+    folds = make_folds(ids, [i % 2 for i in range(24)], 4, 42, repeats=2)
+    (cache / "folds.json").write_text(json.dumps(folds))
+    before = sorted(p.name for p in cache.iterdir())
+    common = ["cv", "--preset", "cpu-demo", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "res")]
+    assert main([*common, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would train folds [0, 1, 2, 3] of K = 4 x 2 repeat(s)" in out and str(cache / "folds.json") in out
+    assert sorted(p.name for p in cache.iterdir()) == before and not (tmp_path / "res").exists()
+    assert main([*common, "--only", "2-3", "--dry-run"]) == 0
+    assert "would train folds [2, 3] of K = 4" in capsys.readouterr().out
+    assert main([*common, "--only", "4", "--dry-run"]) == 2  # fold 4 is outside a saved 4-fold split
+    assert "outside 0..3" in capsys.readouterr().err
+    assert main([*common, "--folds", "5", "--dry-run"]) == 2  # asking for another K is refused, as in the real run
+    assert "holds a split with k=4, but k=5 was asked for" in capsys.readouterr().err
+    assert main(["cv", "--preset", "cpu-demo", "--cache-dir", str(tmp_path / "none"), "--dry-run"]) == 0
+    assert "would train folds [0, 1, 2, 3, 4] of K = 5 x 1 repeat(s) of a new split" in capsys.readouterr().out
+
+
+def test_cv_status_lists_a_missing_fold_from_the_recorded_split(tmp_path, capsys):
+    """K (and the repeats) come from the runs' recorded configuration, else the folds.json of their cache: a fold
+    whose run folder is gone is listed as missing (issue 21, §1)."""
+    import shutil
+
+    from gliograde.data.splits import make_folds
+    from gliograde.training.launcher import cv_status
+
+    results = tmp_path / "res"
+    folds = fake_cv(results, k=4)
+    shutil.rmtree(folds[2][0])  # fold 2's run removed: its fold_2/ folder is left empty
+    shutil.rmtree(results / "runs" / "fold_3")  # fold 3's folder removed altogether
+    assert main(["cv", "--status", str(results)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    states = {int(line.split()[1]): line.split()[2] for line in table[2:-1]}
+    assert states == {0: "done", 1: "done", 2: "missing", 3: "missing"}
+    assert table[-1] == "2 done, 2 missing"
+
+    # runs that record no repeats (or no K): the saved folds.json of their cache tells, for each repeat
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ids = [f"Brats18_TCIA0{i % 3}_{i:03d}_1" for i in range(24)]
+    (cache / "folds.json").write_text(json.dumps(make_folds(ids, [i % 2 for i in range(24)], 4, 42, repeats=2)))
+    for run in (results / "runs").glob("fold_*/run_*"):
+        (run / "config" / "config.json").write_text(json.dumps({"config": {"cache_dir": str(cache)}}))
+    rows = {(r["repeat"], r["fold"]): r["state"] for r in cv_status(results)}
+    assert rows == {(0, 0): "done", (0, 1): "done", **{(0, f): "missing" for f in (2, 3)},
+                    **{(1, f): "missing" for f in range(4)}}  # fmt: skip

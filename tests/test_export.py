@@ -191,3 +191,43 @@ def test_export_and_predict_onnx_from_the_command_line(cv_run, synth_root, tmp_p
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("case,p_hgg,predicted_grade") and rows[1].startswith(case.id)
     assert main(["export", cfg.output_dir, "--out", str(models)]) == 2  # a non-empty --out is refused
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """The modules a `python -X importtime` run imported (its stderr lines 'import time: self | cumulative | name')."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def test_the_predict_onnx_command_imports_neither_torch_nor_the_training_code(cv_run, onnx_dir, synth_root, tmp_path):
+    """`gliograde predict --onnx` itself (a subprocess under -X importtime), then again where torch cannot be
+    imported at all (a deployment without torch): the same predictions (issue 21, §1)."""
+    out, _ = onnx_dir
+    case = discover_cases(synth_root).cases[0].paths["flair"].parent
+    args = ["predict", "--onnx", str(out), "--case", str(case)]
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "gliograde.cli", *args, "--out", str(tmp_path / "a")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = _imported(proc.stderr)
+    assert "gliograde.inference.onnx_predict" in imported and "onnxruntime" in imported  # the parse works
+    banned = sorted(
+        m for m in imported
+        if m.split(".")[0] == "torch" or m.startswith(("gliograde.training", "gliograde.networks"))
+        or m in ("gliograde.inference.predict", "gliograde.evaluation.scoring", "monai")
+    )  # fmt: skip
+    assert banned == []
+    no_torch = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+        "from gliograde.cli import main\n"
+        f"sys.exit(main({[*args, '--out', str(tmp_path / 'b')]!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", no_torch], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = ((tmp_path / d / "predictions.csv").read_text() for d in ("a", "b"))
+    assert a == b and a.splitlines()[1].startswith(discover_cases(synth_root).cases[0].id)

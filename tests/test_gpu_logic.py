@@ -205,7 +205,8 @@ def test_the_checkpoint_writer_keeps_one_pending_copy_per_file_when_the_disk_lag
         assert writer.pending() <= 3  # the one being written, one last.pt, one best.pt: not 30 epochs of copies
     gate.set()
     writer.close()
-    assert written[0] == ("last.pt", 1) and written[-1] == ("last.pt", 30) and len(written) <= 4
+    # the first last.pt the thread took (epoch 1, or 2 if it had not woken yet), then only the newest of each file
+    assert written[0][0] == "last.pt" and written[-1] == ("last.pt", 30) and len(written) <= 4
     assert writer.replaced >= 26
     assert int(torch.load(tmp_path / "last.pt", weights_only=True)["epoch"]) == 30
     assert int(torch.load(tmp_path / "best.pt", weights_only=True)["epoch"]) == 30
@@ -258,3 +259,32 @@ def test_a_cuda_error_in_one_fold_of_a_sequential_cv_names_it_and_the_others_go_
     assert "fold 1: RuntimeError: CUDA error: an illegal memory access" in str(e.value)
     done = [p.name for p in (tmp_path / "res" / "runs").iterdir()]
     assert sorted(done) == ["fold_0", "fold_2"]  # the folds after the failed one were trained
+
+
+# ------------------------------------------------------------------------------------------- make gpu-check
+def test_gpu_check_without_cuda_is_one_line_and_exit_1(capsys):
+    from gliograde.gpucheck import main
+
+    assert main(["--json", "unused.json"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpu-check: CUDA is not available here") and "\n" not in err
+
+
+def test_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
+    """The steps that need no CUDA, on the CPU, as a subprocess of their own (DDP gloo processes, a SIGKILLed and
+    resumed fold, evaluate and predict on both sides): the script works before the first GPU is lent."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu-check.json"
+    cmd = [sys.executable, "-m", "gliograde.gpucheck", "--device", "cpu", "--workdir", str(tmp_path / "w"), "--json",
+           str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = json.loads(out.read_text())
+    steps = {s["step"]: s for s in r["steps"]}
+    assert proc.returncode == 0 and r["passed"], [(s["step"], s["detail"], s.get("output_tail")) for s in r["steps"]]
+    assert steps["pytest-gpu"]["status"] == steps["bench"]["status"] == "skipped"
+    assert steps["ddp-fold"]["figures"]["processes"] == 2 and steps["ddp-fold"]["figures"]["batch"]["global"] == 4
+    assert steps["resume"]["figures"]["epochs"] == [1, 2, 3, 4]
+    assert steps["evaluate"]["figures"]["fp32_max_abs_difference"] == 0.0
+    assert steps["doctor"]["figures"]["diagnostic"]["passed"]

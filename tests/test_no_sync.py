@@ -93,7 +93,8 @@ def test_device_stream_yields_exactly_the_old_batches(tiny_cache, sampler, augme
     rows = np.arange(len(tiny_cache.ids))
     volumes = DeviceVolumes(tiny_cache, rows, [3, 0, 2], torch.device("cpu"))
     g = torch.Generator().manual_seed(11)
-    stream = DeviceStream(volumes, 2, sampler, g, augment, grad_accum=grad_accum, rank=rank, world=world)
+    # --batch-per-gpu is the old convention (each rank a batch of its own); the default splits the global batch
+    stream = DeviceStream(volumes, 2, sampler, g, augment, grad_accum=grad_accum, rank=rank, world=world, per_gpu=True)
     got = list(stream)
     want, g_ref = reference_stream(volumes, 2, sampler, 11, augment, grad_accum, rank, world)
     assert len(got) == len(want) == len(stream) > 0

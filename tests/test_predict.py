@@ -53,10 +53,35 @@ def test_the_ensemble_prepares_cases_as_the_cache_and_averages_the_folds(cv_run,
         assert record["true_grade"] == case.grade
     header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0]
     assert header == "case,p_hgg,predicted_grade,true_grade,fold_0,fold_1,fold_2"
+    meta = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert f"threshold = {meta['threshold']:.4f}" in meta["operating_point_explained"]
+    assert all(r["decision_rule"] == "HGG when p_hgg >= threshold, else LGG" for r in meta["predictions"])
     with pytest.raises(PredictError, match="already holds files"):
         output_dir(tmp_path / "out")
     with pytest.raises(PredictError, match="twice"):
         predict_cases([cases[0], cases[0]], ensemble, output_dir(tmp_path / "again"))
+
+
+def test_every_decision_is_printed_with_its_threshold():
+    from types import SimpleNamespace
+
+    from gliograde.inference.predict import decision_text, operating_point_text
+
+    record = {
+        "case": "P7",
+        "p_hgg": 0.832,
+        "threshold": 0.8512,
+        "predicted_grade": "LGG",
+        "folds": {"a": 0.8, "b": 0.9},
+    }
+    assert decision_text(record) == "P7: P(HGG) = 0.8320 < threshold 0.8512 -> LGG (folds 0.800, 0.900)"
+    hgg = {**record, "p_hgg": 0.86, "predicted_grade": "HGG", "folds": {"a": 0.86}}
+    assert decision_text(hgg) == "P7: P(HGG) = 0.8600 >= threshold 0.8512 -> HGG"
+    members = [
+        SimpleNamespace(point=OperatingPoint(0.74, 0.5, threshold=t, threshold_rule="youden")) for t in (0.8, 0.9)
+    ]
+    text = operating_point_text(members, 0.85)
+    assert "threshold = 0.8500" in text and "not 0.5" in text and "youden" in text and "50/50 prior" in text
 
 
 def test_saliency_lies_on_the_case_grid_and_survives_another_orientation(ensemble, synth_root, tmp_path):

@@ -228,3 +228,72 @@ def test_prepare_refuses_to_overwrite_a_foreign_folder(sample_root, tmp_path):
     with pytest.raises(DataError, match="not a gliograde cache"):
         prepare_cache(root, out, size=16, workers=1, progress=False)
     assert (out / "notes.txt").read_text() == "precious"
+
+
+# ------------------------------------------------------------------------------------ resizing without torch
+def _torch_resize(x: np.ndarray, size: int) -> np.ndarray:
+    """The resize preprocess_case used before it left torch: F.interpolate, area down, trilinear up."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    if t.shape[-1] == size:
+        return t.numpy()
+    mode = "area" if t.shape[-1] > size else "trilinear"
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(t[None], size=(size,) * 3, mode=mode, **kwargs)[0].numpy()
+
+
+def _torch_preprocess(case, size: int) -> np.ndarray:
+    """preprocess_case as it was written with torch (resize and z-score), the reference for the numpy one."""
+    import torch
+
+    from gliograde.data.preprocess import load_case
+
+    stack, _ = load_case(case)
+    nz = np.nonzero(np.any(stack != 0, axis=0))
+    lo = [max(int(a.min()) - 4, 0) for a in nz]
+    hi = [min(int(a.max()) + 5, n) for a, n in zip(nz, stack.shape[1:], strict=True)]
+    extent = [h - lo_ for lo_, h in zip(lo, hi, strict=True)]
+    cube, pad = max(extent), [(max(extent) - e) // 2 for e in extent]
+    x = np.zeros((4, cube, cube, cube), np.float32)
+    x[:, pad[0] : pad[0] + extent[0], pad[1] : pad[1] + extent[1], pad[2] : pad[2] + extent[2]] = stack[
+        :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]
+    ]
+    resized = torch.from_numpy(_torch_resize(x, size))
+    mask = torch.from_numpy(_torch_resize((x != 0).any(0, keepdims=True).astype(np.float32), size))[0] > 0.5
+    out = torch.zeros_like(resized)
+    for c in range(4):
+        voxels = resized[c][mask].double()
+        out[c][mask] = ((voxels - voxels.mean()) / float(voxels.std())).float()
+    return out.numpy().astype(np.float16)
+
+
+@pytest.mark.parametrize("shape", [(170, 128), (163, 128), (37, 16), (129, 128), (5, 3), (16, 37), (32, 64), (3, 5)])
+def test_resize_cube_reproduces_torch_interpolate(shape):
+    """numpy area (shrinking) and trilinear (growing, align_corners=False) against F.interpolate, and the mask."""
+    from gliograde.data.preprocess import resize_cube, resize_mask
+
+    n, size = shape
+    rng = np.random.default_rng(n * 1000 + size)
+    x = rng.random((2, n, n, n), dtype=np.float32) * 2000
+    x[x < 800] = 0
+    got, want = resize_cube(x, size), _torch_resize(x, size)
+    assert got.shape == (2, size, size, size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * 2000)  # bit-identical on x86-64 with FMA
+    mask = (x != 0).any(0)
+    assert np.array_equal(resize_mask(mask, size), _torch_resize(mask[None].astype(np.float32), size)[0] > 0.5)
+
+
+@pytest.mark.parametrize(("index", "size"), [(0, 128), (6, 128), (3, 32)])
+def test_preprocessing_without_torch_matches_the_torch_one_on_real_cases(sample_root, index, size):
+    """A real case (index 6: Brats18_TCIA10_637_1, rescaled to the int16 maximum) through the numpy preprocessing and
+    through the torch one it replaces: the same brain mask, and the same float16 volume within one float16 step."""
+    case = discover_cases(sample_root).cases[index]
+    got, _ = preprocess_case(case, size=size)
+    want = _torch_preprocess(case, size)
+    assert got.shape == want.shape == (4, size, size, size) and got.dtype == np.float16
+    assert np.array_equal(got != 0, want != 0)
+    a, b = got.astype(np.float32), want.astype(np.float32)
+    np.testing.assert_allclose(a, b, rtol=2**-10, atol=2**-14)
+    assert np.count_nonzero(a != b) <= 1e-5 * a.size  # 0 here: bit-identical

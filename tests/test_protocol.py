@@ -48,19 +48,21 @@ def test_permuted_grades_give_no_skill_under_the_default_protocol(tmp_path):
     report = small_cv(root, tmp_path)
     assert report["protocol"] == "inner" and "inner selection" in report["protocol_label"]
     pooled = report["pooled"]
-    assert covers(pooled["auc_delong"], 0.5), pooled["auc_delong"]  # no skill claimed where there is none
-    assert covers(report["site_baseline"]["pooled"]["auc_delong"], 0.5)  # nor by the sites (they are uninformative)
+    assert covers(pooled["auc_ci"], 0.5), pooled["auc_ci"]  # no skill claimed where there is none (reported CI)
+    assert covers(pooled["auc_delong"], 0.5), pooled["auc_delong"]  # nor by DeLong's
+    assert covers(report["site_baseline"]["pooled"]["auc_ci"], 0.5)  # nor by the sites (they are uninformative)
+    assert all(covers({"ci_low": r["auc_ci95"][0], "ci_high": r["auc_ci95"][1]}, 0.5) for r in report["folds"])
     md = (tmp_path / "results" / "summary.md").read_text()
-    assert "Site-only baseline" in md and "DeLong" in md and "inner selection" in md
+    assert "Site-only baseline" in md and "Newcombe" in md and "inner selection" in md
 
 
 def test_a_site_shortcut_scores_high_with_shared_sites_and_chance_with_grouped_ones(site_root, tmp_path):
     naive = small_cv(site_root, tmp_path / "naive")
     base = naive["site_baseline"]["pooled"]
     assert base["auc"] >= 0.95  # the site alone predicts the grade
-    assert naive["pooled"]["auc_delong"]["ci_low"] > 0.5  # the network learnt the scanner imprints
+    assert naive["pooled"]["auc_ci"]["ci_low"] > 0.5  # the network learnt the scanner imprints
     grouped = small_cv(site_root, tmp_path / "grouped", group_by="site")
-    assert covers(grouped["pooled"]["auc_delong"], 0.5), grouped["pooled"]["auc_delong"]
+    assert covers(grouped["pooled"]["auc_ci"], 0.5), grouped["pooled"]["auc_ci"]
     assert grouped["site_baseline"]["pooled"]["auc"] <= 0.6  # unseen sites: the baseline knows nothing
     folds = json.loads((tmp_path / "grouped" / "cache" / "folds.json").read_text())
     assert folds["group_by"] == "site"

@@ -230,7 +230,10 @@ def test_threshold_at_specificity_achieves_target(target):
 def test_logit_sigmoid_roundtrip():
     p = np.array([1e-3, 0.2, 0.5, 0.9])
     assert st.sigmoid(st.logit(p)) == pytest.approx(p)
-    assert np.isfinite(st.logit([0.0, 1.0])).all()
+    assert st.logit([0.0, 1.0]).tolist() == [-np.inf, np.inf]  # no clipping: the ends stay the ends
+    assert np.isfinite(st.logit([0.0, 1.0], eps=1e-6)).all()  # clipping on request only
+    tiny = np.array([1e-9, 1e-8, 1e-7, 1 - 1e-7, 1 - 1e-8])  # tied by the former clip at 1e-6
+    assert np.all(np.diff(st.logit(tiny)) > 0) and np.all(np.diff(st.logit_adjust(tiny, 0.8)) > 0)
 
 
 def test_logit_adjust():

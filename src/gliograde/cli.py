@@ -1,4 +1,7 @@
-"""`gliograde <command>`: the one entry point. Each command is a small function over the library."""
+"""`gliograde <command>`: the one entry point. Each command is a small function over the library.
+
+Each command imports what it needs when it runs, never at the top of this module: `gliograde predict --onnx`
+must not import torch, the networks or the training code (tests/test_export.py runs it under -X importtime)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import time
 from pathlib import Path
 
 from gliograde import __version__
-from gliograde.data.brats import resolve_data_root
 from gliograde.errors import GliogradeError
 
 log = logging.getLogger("gliograde")
@@ -131,6 +133,7 @@ def prepare_and_split(data_root, out, size, workers, skip_incomplete, spec=None)
 
 
 def cmd_prepare(args) -> None:
+    from gliograde.data.brats import resolve_data_root
     from gliograde.data.splits import SplitSpec
 
     spec = SplitSpec(*(getattr(args, k, None) for k in SPLIT_FIELDS))
@@ -265,6 +268,9 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--multi-gpu", "--multi_gpu", dest="multi_gpu", action="store_const", const=True, help="DDP over all GPUs")
     flag("--nproc", type=int, help="DDP processes for --multi-gpu (default: one per GPU; gloo on a CPU machine)")
     flag("--sync-bn", "--sync_bn", dest="sync_bn", action="store_const", const=True, help="SyncBatchNorm under DDP")
+    flag("--batch-per-gpu", "--batch_per_gpu", dest="batch_per_gpu", action="store_const", const=True,
+         help="DDP: --batch-size per process (global batch x processes; lr not rescaled). Default: the global batch "
+         "--batch-size x --gradient-accumulation-steps is split over the processes")  # fmt: skip
     flag(
         "--data-path",
         "--data_path",
@@ -336,10 +342,11 @@ def cmd_train(args) -> None:
         print("where each value comes from:")
         print_sources(cfg, sources)
         what = f"resume {cfg.resume}" if cfg.resume else f"a new run in {cfg.output_dir}/runs/fold_{cfg.fold}/"
+        mil = f"2D MIL ResNet{cfg.depth} ({cfg.mil_k} slices, {cfg.mil_pooling} pooling)"
+        model = mil if cfg.model == "mil2d" else f"ResNet{cfg.depth}-3D {cfg.layout}"
         print(
             f"would train fold {cfg.fold} of {cfg.folds or 'K (the saved split)'} ({cfg.preset} preset, selection "
-            f"{cfg.selection}): ResNet{cfg.depth}-3D "
-            f"{cfg.layout}, {len(cfg.modalities)} channel(s) {','.join(cfg.modalities)}, {cfg.loss} loss, "
+            f"{cfg.selection}): {model}, {len(cfg.modalities)} channel(s) {','.join(cfg.modalities)}, {cfg.loss} loss, "
             f"{cfg.sampler} sampler, {cfg.epochs} epochs, batch {cfg.batch_size} x {cfg.grad_accum}; {what}"
         )
         return
@@ -394,9 +401,6 @@ def print_summary(report: dict) -> None:
 
 
 def cmd_cv(args) -> None:
-    from gliograde.config import parse_fold_list
-    from gliograde.training.cv import run_cv
-
     if args.status:
         from gliograde.training.launcher import cv_status, status_table
 
@@ -404,17 +408,41 @@ def cmd_cv(args) -> None:
         return
     cfg, sources = config_from_args(args, with_sources=True)
     if args.dry_run:
-        print_sources(cfg, sources)
-        k = cfg.folds or 5
-        folds = parse_fold_list(args.fold_list, k)
-        print(
-            f"would train folds {folds} of {cfg.folds or 'the saved split (else 5)'} x {cfg.repeats or 'saved'} "
-            f"repeat(s) ({cfg.preset} preset, selection {cfg.selection}) into {cfg.output_dir}, then summarize"
-        )
-        return
+        return dry_run_cv(cfg, sources, args.fold_list)
     if args.launcher:
         return launch_cv(cfg, args)
+    from gliograde.training.cv import run_cv
+
     print_summary(run_cv(cfg, args.fold_list, args.parallel_folds, args.allow_partial))
+
+
+def dry_run_cv(cfg, sources: dict, fold_list: str | None) -> None:
+    """What `cv` would train: K and the repeats from the saved folds.json of the cache, as the real run takes them
+    (read only: no cache is prepared and no split is made); the defaults where there is no saved split yet."""
+    import dataclasses
+
+    from gliograde.config import parse_fold_list, validate, with_split
+    from gliograde.data.source import saved_split
+    from gliograde.data.splits import DEFAULTS
+
+    validate(cfg, log)
+    saved = saved_split(cfg)
+    if saved is not None:
+        path, split = saved
+        cfg = with_split(dataclasses.replace(cfg, fold=0, repeat=0), split)
+        k, repeats, where = cfg.folds, cfg.repeats, f"the saved split {path}"
+    else:
+        k, repeats = cfg.folds or DEFAULTS["k"], cfg.repeats or DEFAULTS["repeats"]
+        where = "a new split (no folds.json yet; made when the cache is)"
+    print_sources(cfg, sources)
+    if saved is None and cfg.leave_site_out and cfg.folds is None:  # K = the number of sites, known once made
+        folds, k = fold_list or "all", "the number of sites"
+    else:
+        folds = parse_fold_list(fold_list, k)
+    print(
+        f"would train folds {folds} of K = {k} x {repeats} repeat(s) of {where} ({cfg.preset} preset, selection "
+        f"{cfg.selection}) into {cfg.output_dir}, then summarize"
+    )
 
 
 def launch_cv(cfg, args) -> None:
@@ -468,6 +496,10 @@ def add_evaluate_flags(p: argparse.ArgumentParser) -> None:
         help="auto = best_ema.pt if present, else best.pt (last.pt is never evaluated)",
     )
     p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, help="the cache, if it moved")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
+                   help="where to score (default: the run's own setting)")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: the run's own precision on the same kind of device, else this device's rule")
     p.add_argument(
         "--attention",
         action="store_true",
@@ -485,7 +517,8 @@ def add_evaluate_flags(p: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args) -> None:
     from gliograde.evaluation.evaluate import evaluate_run
 
-    evaluate_run(args.run, args.checkpoint, args.cache_dir, args.attention, args.saliency_layer)
+    evaluate_run(args.run, args.checkpoint, args.cache_dir, args.attention, args.saliency_layer, args.device,
+                 args.precision)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ summarize
@@ -557,25 +590,32 @@ def _add_predict(sub):
     p.add_argument(
         "--allow-mixed", action="store_true", help="ensemble folds trained with different configurations anyway"
     )
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where to run the ensemble (precision: the runs' own on the same kind of device)")
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args) -> None:
     from gliograde.data.brats import cases_to_predict, read_case_folder
-    from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
 
     cases = [read_case_folder(c) for c in args.case] if args.case else cases_to_predict(args.data_root)
-    if args.onnx:
+    if args.onnx:  # onnxruntime, numpy and nibabel only: neither torch nor the networks nor the training code
+        from gliograde.files import new_stamped_dir
         from gliograde.inference.onnx_predict import predict_cases_onnx
 
-        out = output_dir(args.out)
-        predict_cases_onnx(cases, args.onnx, out)
+        out = Path(args.out) if args.out else new_stamped_dir("predictions", "predict")
+        predict_cases_onnx(cases, args.onnx, out)  # refuses an --out that already holds files
         log.info("predictions (ONNX Runtime, %s): %s (and .json)", args.onnx, out / "predictions.csv")
         return
+    from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
+
     members = load_ensemble(args.runs, args.checkpoint, args.allow_mixed)
     log.info("ensemble of %d checkpoint(s); %d case(s) to predict", len(members), len(cases))
     out = output_dir(args.out)
-    predict_cases(cases, members, out, args.tta, args.saliency, saliency_layer=args.saliency_layer)
+    from gliograde.runtime import pick_device
+
+    predict_cases(cases, members, out, args.tta, args.saliency, device=pick_device(args.device),
+                  saliency_layer=args.saliency_layer)  # fmt: skip
     log.info("predictions: %s (and .json)", out / "predictions.csv")
     if args.saliency:
         log.info("saliency maps: %s", out / "saliency")
@@ -625,6 +665,8 @@ def _add_bench(sub):
     )
     p.add_argument("--epochs", type=int, default=None, help="--trainer: epochs (default 3; the first is warm-up)")
     p.add_argument("--no-mil", dest="mil", action="store_false", help="--trainer: skip the 2D MIL model's figures")
+    p.add_argument("--min-steps", type=int, default=20,
+                   help="--trainer: steady-state optimizer steps at least (epochs are added until reached)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -652,6 +694,7 @@ def cmd_bench(args) -> None:
             workdir=Path(args.workdir) if args.workdir else None,
             log=log.info,
             mil=args.mil,
+            min_steps=args.min_steps,
         )
         print(trainer_table(report))
         if args.json:
@@ -683,7 +726,7 @@ def cmd_bench(args) -> None:
 
 # --------------------------------------------------------------------------------------------- doctor
 def _add_doctor(sub):
-    p = sub.add_parser("doctor", help="versions, GPUs, the bf16 self-check, torch.compile, cache folder and disk")
+    p = sub.add_parser("doctor", help="versions, GPUs, precision and its kernels vs fp32, torch.compile, cache, disk")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="the device you will train on")
     p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default="cache", help="the cache folder to check")
     p.add_argument("--json", default=None, help="write the report here as JSON")
@@ -715,7 +758,7 @@ def cmd_demo(args) -> None:
     from gliograde.config import resolve
     from gliograde.data.brats import discover_cases
     from gliograde.data.synthetic import synthesize
-    from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
+    from gliograde.inference.predict import decision_text, load_ensemble, output_dir, predict_cases
     from gliograde.training.cv import run_cv
 
     out = Path(args.out)
@@ -738,7 +781,7 @@ def cmd_demo(args) -> None:
     records = predict_cases(discover_cases(new).cases, members, pred_dir, tta=True, saliency=True)
     print_summary(report)
     for r in records:
-        print(f"New case {r['case']} (true {r['true_grade']}): P(HGG) = {r['p_hgg']:.3f} -> {r['predicted_grade']}")
+        print(f"New case (true {r['true_grade']}) {decision_text(r)}")
     log.info("demo finished in %.1f s", time.perf_counter() - start)
     log.info("Outputs:")
     log.info("  synthetic BraTS folder : %s", data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from pathlib import Path
 
@@ -16,8 +17,22 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp.replace(path)
 
 
+def json_safe(obj):
+    """obj with every non-finite float (an undefined metric: NaN, an infinite loss) as None, so that the JSON is
+    strict (null), as every JSON reader expects; numpy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str | Path, obj, indent: int = 2) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=True))
+    write_text_atomic(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False))
 
 
 def new_stamped_dir(parent: str | Path, prefix: str) -> Path:

@@ -38,12 +38,20 @@ def resolve_data_root(value: str | None) -> Path:
     return path
 
 
+UNKNOWN_SITE = "unknown"  # no site in the id: a missing value, never one site of its own
+
+
 def site_of(case_id: str) -> str:
-    """The acquisition site encoded in a BraTS id: Brats18_2013_3_1 -> '2013', Brats18_TCIA01_425_1 -> 'TCIA01'."""
+    """The acquisition site encoded in a case id: Brats18_2013_3_1 -> '2013', Brats18_TCIA01_425_1 -> 'TCIA01', and
+    a raw TCGA barcode names its tissue source site in its second field: TCGA-DU-7294 -> 'TCGA-DU'. Anything else
+    (BraTS20_Training_001, an id of your own) is UNKNOWN_SITE: not known, not one site."""
     parts = case_id.split("_")
     if len(parts) >= 3 and parts[0].lower().startswith("brats") and parts[1] != "Training":
         return parts[1]
-    return "unknown"
+    m = re.match(r"TCGA-([A-Z0-9]{2})-[A-Z0-9]{4}", case_id, re.IGNORECASE)
+    if m:
+        return f"TCGA-{m.group(1).upper()}"
+    return UNKNOWN_SITE
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,8 @@ def _read_case(folder: Path, grade: str, site: str = "") -> tuple[Case | None, l
 
 
 def _read_mapping(path: Path) -> dict[str, tuple[str, str]]:
-    """name_mapping.csv -> {BraTS20 id: (grade, site)}. The site comes from the 2019/2018 id of the same row."""
+    """name_mapping.csv -> {BraTS20 id: (grade, site)}. The site comes from the 2019/2018 id of the same row, else
+    from its TCGA barcode (TCGA_TCIA_subject_ID), else it is unknown."""
     try:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
@@ -137,12 +146,15 @@ def _read_mapping(path: Path) -> dict[str, tuple[str, str]]:
         grade = (row.get("Grade") or "").strip()
         if not case_id or case_id == "NA":
             continue
-        site = "unknown"
+        site = UNKNOWN_SITE
         for col in sorted(id_columns, reverse=True):
             other = (row.get(col) or "").strip()
-            if other and other != "NA" and site_of(other) != "unknown":
+            if other and other != "NA" and site_of(other) != UNKNOWN_SITE:
                 site = site_of(other)
                 break
+        tcga = (row.get("TCGA_TCIA_subject_ID") or "").strip()  # the TCGA barcode, where the row has one
+        if site == UNKNOWN_SITE and tcga and site_of(tcga) != UNKNOWN_SITE:
+            site = site_of(tcga)
         mapping[case_id] = (grade, site)
     return mapping
 

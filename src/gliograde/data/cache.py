@@ -151,9 +151,6 @@ class PrepareResult:
 def _work(args) -> tuple[int, dict]:
     """Worker: preprocess case i and write it into slot i of the memory-mapped array."""
     index, case, size, margin, volumes_path = args
-    import torch
-
-    torch.set_num_threads(1)  # one process per core; intra-op threads would only oversubscribe
     volume, geometry = preprocess_case(case, size, margin)
     out = np.load(volumes_path, mmap_mode="r+")
     out[index] = volume

@@ -9,7 +9,7 @@ from pathlib import Path
 from gliograde.config import TrainConfig, split_spec
 from gliograde.data.brats import resolve_data_root
 from gliograde.data.cache import VolumeCache, default_cache_path, open_cache, prepare_cache
-from gliograde.data.splits import folds_for_cache
+from gliograde.data.splits import FOLDS_FILE, check_asked, folds_for_cache, load_folds
 from gliograde.errors import GliogradeError
 
 log = logging.getLogger("gliograde")
@@ -27,3 +27,24 @@ def load_data(cfg: TrainConfig) -> tuple[VolumeCache, dict]:
     if cache.size != cfg.size:
         raise GliogradeError(f"cache {cache.path} holds {cache.size}^3 volumes, but --size is {cfg.size}")
     return cache, folds_for_cache(cache, split_spec(cfg))
+
+
+def saved_split(cfg: TrainConfig) -> tuple[Path, dict] | None:
+    """The folds.json that `load_data` would use, where it is already on disk: (its path, the folds), checked
+    against the split settings cfg asks for; None where there is none yet (`load_data` would make it). Reads
+    only: nothing is prepared, made or upgraded (for --dry-run)."""
+    direct = Path(cfg.cache_dir)
+    if (direct / "manifest.json").is_file():
+        cache_path = direct
+    else:
+        try:
+            root = resolve_data_root(cfg.data_root)
+        except GliogradeError:
+            return None
+        cache_path = default_cache_path(root, cfg.size, cfg.cache_dir)
+    path = cache_path / FOLDS_FILE
+    if not path.is_file():
+        return None
+    folds = load_folds(path)
+    check_asked(folds, split_spec(cfg), path)
+    return path, folds

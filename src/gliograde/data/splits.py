@@ -502,7 +502,19 @@ def folds_for_cache(
             f"{path} does not match the cache's cases (in folds only: {extra[:5]}, in cache only: {absent[:5]}); "
             "remove it to make new folds"
         )
-    held = _held(folds)
+    check_asked(folds, spec, path)
+    if folds.get("version") is None:
+        fraction = spec.inner_fraction if spec.inner_fraction is not None else DEFAULTS["inner_fraction"]
+        folds = _upgrade_v1(folds, cache, fraction)
+        write_json(path, folds, indent=1)
+        log.info("upgraded %s to version %d: folds kept as repeat 0, inner selection split added", path, VERSION)
+    return folds
+
+
+def check_asked(folds: dict, spec: SplitSpec, path: str | Path) -> None:
+    """A DataError when a setting explicitly asked for in `spec` differs from the saved split `folds` (of `path`)."""
+    path = Path(path)
+    held, asked = _held(folds), spec.asked()
     if asked.get("leave_site_out") and "group_by" not in asked:
         asked["group_by"] = "site"
     differ = [key for key, value in asked.items() if key in held and not _same(held[key], value)]
@@ -514,12 +526,6 @@ def folds_for_cache(
             f"leave {'it' if len(differ) == 1 else 'them'} out to use the saved split, or remove {path.name} to "
             "make a new one (runs on the old split would no longer be comparable with new ones)"
         )
-    if folds.get("version") is None:
-        fraction = spec.inner_fraction if spec.inner_fraction is not None else DEFAULTS["inner_fraction"]
-        folds = _upgrade_v1(folds, cache, fraction)
-        write_json(path, folds, indent=1)
-        log.info("upgraded %s to version %d: folds kept as repeat 0, inner selection split added", path, VERSION)
-    return folds
 
 
 def load_folds(path: str | Path) -> dict:

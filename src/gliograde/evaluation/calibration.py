@@ -7,18 +7,24 @@ a balanced population". Logit adjustment maps it back to the training prior pi: 
 logit 1/2 (Menon et al., ICLR 2021). With plain shuffling the sampled prior is the training prior: no change. The
 AUC is unchanged (a monotone map); probabilities, Brier score, ECE and the 0.5 point are not.
 
+Temperature (optional). Fitted by NLL on the selection part; where that part is separable (every HGG above every
+LGG) the maximum-likelihood T is 0, so T = 1 is kept instead, with a warning and the reason in `temperature_rule`.
+
 Threshold. Youden's J (sensitivity + specificity - 1, maximal) on the selection part by default, or the lowest
 threshold reaching a required specificity there (`--threshold-at-specificity`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from gliograde.evaluation import stats
+
+log = logging.getLogger("gliograde")
 
 
 @dataclass
@@ -29,11 +35,18 @@ class OperatingPoint:
     threshold: float = 0.5
     threshold_rule: str = "0.5"  # youden | specificity>=S | 0.5
     fitted_on: str = "none"  # select (n=..) | none
+    temperature_rule: str = "none"  # not fitted | fitted (...) | 1 (fallback: why)
 
     def apply(self, probs) -> np.ndarray:
-        """Raw softmax P(HGG) -> corrected, calibrated P(HGG)."""
-        p = stats.logit_adjust(np.asarray(probs, dtype=np.float64), self.train_prior, self.sampled_prior)
-        return stats.apply_temperature(p, self.temperature) if self.temperature != 1.0 else p
+        """Raw softmax P(HGG) -> corrected, calibrated P(HGG): one shift and one scale of the float64 logit, no
+        clipping, so distinct probabilities stay distinct and in order (the AUC is the raw probabilities')."""
+        p = stats._prob_array(np.asarray(probs, dtype=np.float64))
+        for name in ("train_prior", "sampled_prior"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie strictly in (0, 1), got {getattr(self, name)}")
+        shift = float(stats.logit(self.train_prior) - stats.logit(self.sampled_prior))
+        z = stats.logit(p) + shift
+        return stats.sigmoid(z / self.temperature if self.temperature != 1.0 else z)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +86,10 @@ def fit_operating_point(
         op.threshold_rule = "0.5 (the selection part holds one grade)"
         return op
     if temperature:
-        op.temperature = float(stats.fit_temperature(labels, probs))
+        fit = stats.temperature_fit(labels, probs)
+        op.temperature, op.temperature_rule = float(fit["temperature"]), fit["rule"]
+        if fit["rule"].startswith("1 (fallback"):
+            log.warning("Temperature scaling skipped: T = %s", fit["rule"])
         probs = op.apply(raw_probs)
     if specificity is not None:
         op.threshold = float(stats.threshold_at_specificity(labels, probs, specificity))

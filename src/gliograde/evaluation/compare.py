@@ -15,7 +15,10 @@ the noise in an AUC is which patients were drawn, and that noise is shared by A 
   ``c`` = A wrong and B right; the binomial test on the discordant pairs.
 - **Corrected resampled t-test** (Nadeau & Bengio 2003) over the per-(repeat, fold) AUC differences, when both
   folders hold two or more repeats of the CV: the folds' training sets overlap, so the naive t-test's variance is
-  too small; the correction inflates it by ``n_test / n_train``. df = J - 1 for J (repeat, fold) pairs.
+  too small; the correction inflates it by ``n_test / n_train``. df = J - 1 for J (repeat, fold) pairs. n_train is
+  the number of patients the networks were fitted on, ``final.selection.n_fit`` of the runs (with inner selection
+  the fit part, ~182 of 228 outer-training patients in BraTS 2018), not the outer training size; runs that record
+  no n_fit fall back to the outer training size, said so in ``n_train_source``.
 
 Before any test, the pairing is checked, not assumed: both folders must hold the same patients in each compared
 repeat, each patient in the same fold on both sides, with the same label, and the recorded split settings (K, split
@@ -39,7 +42,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.plots import save_figure
-from gliograde.evaluation.summary import FoldRun, SummaryError, find_runs
+from gliograde.evaluation.summary import FoldRun, SummaryError, _json_safe, find_runs
 from gliograde.files import new_stamped_dir, write_json, write_text_atomic
 
 SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
@@ -236,6 +239,16 @@ def _guard(fn, *args, **kwargs) -> dict:
         return {"error": str(e)}
 
 
+def _auc_record(y, p) -> dict:
+    """One side's AUC with the interval the reports print (Newcombe's score interval, which does not collapse at
+    AUC 1 with few patients) and DeLong's standard error, which the paired test is built on."""
+    out = _guard(stats.auc_interval, y, p)
+    d = _guard(stats.delong_auc, y, p)
+    if "error" not in out and "error" not in d:
+        out.update({"se_delong": d["se"], "delong_ci": None if d["degenerate"] else [d["ci_low"], d["ci_high"]]})
+    return out
+
+
 def repeat_stats(m: dict, n_boot: int, seed: int) -> dict:
     y, pa, pb = m["labels"], m["probs_a"], m["probs_b"]
     correct_a = (pa >= m["thr_a"]).astype(np.int64) == y
@@ -260,20 +273,29 @@ def repeat_stats(m: dict, n_boot: int, seed: int) -> dict:
         "n": int(y.size),
         "n_hgg": int(y.sum()),
         "n_lgg": int(y.size - y.sum()),
-        "auc_a": _guard(stats.delong_auc, y, pa),
-        "auc_b": _guard(stats.delong_auc, y, pb),
+        "auc_a": _auc_record(y, pa),
+        "auc_b": _auc_record(y, pb),
         "delong": paired,
         "bootstrap": boot,
         "mcnemar": mc,
     }
 
 
-def per_fold(m: dict, repeat: int) -> list[dict]:
+def _n_fit(run: FoldRun | None) -> int | None:
+    """The patients the run's network was fitted on (metrics.json final.selection.n_fit), if recorded."""
+    final = getattr(run, "final", None)
+    value = ((final or {}).get("selection") or {}).get("n_fit") if isinstance(final, dict) else None
+    return int(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def per_fold(m: dict, repeat: int, sides: tuple[Side, ...] = ()) -> list[dict]:
     rows = []
     for fold in np.unique(m["folds"]):
         sel = m["folds"] == fold
         y = m["labels"][sel]
         row = {"repeat": repeat, "fold": int(fold), "n_test": int(sel.sum())}
+        fits = [_n_fit(side.runs.get(repeat, {}).get(int(fold))) for side in sides]
+        row["n_fit"] = float(np.mean(fits)) if fits and all(f is not None for f in fits) else None
         if len(np.unique(y)) == 2:
             row["auc_a"] = float(roc_auc_score(y, m["probs_a"][sel]))
             row["auc_b"] = float(roc_auc_score(y, m["probs_b"][sel]))
@@ -295,7 +317,12 @@ def corrected_ttest(rows: list[dict], n_total: int, n_repeats: int) -> tuple[dic
     if len(ok) < 2:
         return None, "corrected resampled t-test not run: fewer than two folds with both grades"
     n_test = round(float(np.mean([r["n_test"] for r in ok])))
-    n_train = n_total - n_test
+    if all(r.get("n_fit") is not None for r in ok):
+        n_train = round(float(np.mean([r["n_fit"] for r in ok])))
+        source = "n_fit: the patients the networks were fitted on (metrics.json final.selection.n_fit, mean)"
+    else:
+        n_train = n_total - n_test
+        source = "outer training size (n - n_test): the runs record no n_fit"
     if n_train <= 0:
         return None, "corrected resampled t-test not run: no training patients left"
     t = stats.corrected_resampled_ttest([r["diff"] for r in ok], n_train, n_test)
@@ -303,6 +330,7 @@ def corrected_ttest(rows: list[dict], n_total: int, n_repeats: int) -> tuple[dic
         {
             "J": len(ok),
             "n_train": n_train,
+            "n_train_source": source,
             "n_test": n_test,
             "difference": "AUC(B) - AUC(A) per (repeat, fold)",
             "skipped_single_grade_folds": skipped,
@@ -350,7 +378,7 @@ def compare_pair(a: Side, b: Side, n_boot: int, seed: int) -> tuple[dict, list[d
     per_repeat, rows = [], []
     for rep, m in zip(common, matched, strict=True):
         per_repeat.append({"repeat": rep, **repeat_stats(m, n_boot, seed)})
-        rows += per_fold(m, rep)
+        rows += per_fold(m, rep, (a, b))
     ttest, ttest_note = corrected_ttest(rows, int(matched[0]["labels"].size), len(common))
     warnings = list(notes)
     if a.protocol != b.protocol:
@@ -453,8 +481,8 @@ def markdown(report: dict) -> str:
             f"| patients{extra} | {pr['n']} ({pr['n_hgg']} HGG, {pr['n_lgg']} LGG), K = {pr['k']}, fold sizes "
             f"{pr['fold_sizes']} |",
             f"| protocol A / B | {pr['protocol_a']} / {pr['protocol_b']} |",
-            f"| AUC A (95 % CI, DeLong) | {_auc_cell(pr['auc_a'])} |",
-            f"| AUC B (95 % CI, DeLong) | {_auc_cell(pr['auc_b'])} |",
+            f"| AUC A (95 % CI, Newcombe) | {_auc_cell(pr['auc_a'])} |",
+            f"| AUC B (95 % CI, Newcombe) | {_auc_cell(pr['auc_b'])} |",
         ]
         if "error" in d:
             md.append(f"| paired DeLong | {d['error']} |")
@@ -504,6 +532,7 @@ def markdown(report: dict) -> str:
     md += [
         "## Tests",
         "",
+        f"- Each side's AUC interval: {stats.AUC_CI_METHOD}.",
         "- Paired DeLong: AUC difference with the covariance of the two AUCs over the same patients.",
         "- Paired stratified bootstrap: the same resampled patients score A and B (percentile interval).",
         "- Exact McNemar: binomial test on the patients exactly one side classifies correctly.",
@@ -566,6 +595,6 @@ def compare(results: list[str | Path], out: str | Path | None = None, n_boot: in
     roc = out / "compare_roc.png"
     roc_figure(sides, roc)
     report["figures"] = [str(roc)]
-    write_json(out / "compare.json", report)
+    write_json(out / "compare.json", _json_safe(report))
     write_text_atomic(out / "compare.md", markdown(report))
     return report

@@ -201,6 +201,11 @@ def _table(
     return "".join(out)
 
 
+def _ci_name(record) -> str:
+    method = str(record.get("method", "")) if isinstance(record, dict) else ""
+    return "Newcombe" if method.startswith("Newcombe") else "DeLong" if method or record else "n/a"
+
+
 def _ci_cell(text: str) -> str:
     return f'<span class="ci">{text}</span>'
 
@@ -271,33 +276,69 @@ def _folds(report: dict) -> str:
     if not rows:
         return "<section><h2>Per fold</h2><p class='note'>No fold results in this summary.</p></section>"
     many = len({r.get("repeat", 0) for r in rows}) > 1
-    head = ["Repeat"] * many + ["Fold", "Patients", "Best epoch", "Checkpoint", "Threshold", "AUC", "AUC 95 % CI"]
-    head += ["Sensitivity", "Specificity", "Bal. accuracy", "F1", "Brier", "ECE"]
+    head = ["Repeat"] * many + ["Fold", "Patients", "HGG/LGG", "Best epoch", "Checkpoint", "Threshold", "AUC"]
+    head += ["AUC 95 % CI", "Sensitivity", "Specificity", "Bal. accuracy", "F1", "Brier", "ECE"]
     body = []
     for r in rows:
-        cells = [fmt(r.get("repeat", 0))] * many + [fmt(r.get("fold")), fmt(r.get("n")), fmt(r.get("best_epoch"))]
+        cells = [fmt(r.get("repeat", 0))] * many + [fmt(r.get("fold")), fmt(r.get("n"))]
+        cells += [f"{fmt(r.get('n_hgg'))}/{fmt(r.get('n_lgg'))}", fmt(r.get("best_epoch"))]
         cells += [fmt(r.get("checkpoint")), fmt(r.get("threshold")), fmt(r.get("auc"))]
-        cells += [_ci_cell(_ci_of(r.get("auc_ci95_delong")))]
+        cells += [_ci_cell(_ci_of(r.get("auc_ci95", r.get("auc_ci95_delong"))))]
         cells += [fmt(r.get(m)) for m in ("sensitivity", "specificity", "balanced_accuracy", "f1", "brier", "ece")]
         body.append(cells)
     mean, std = report.get("mean") or {}, report.get("std") or {}
+    counts = report.get("n_folds") or {}
 
     def ms(m):
         if m not in mean:
             return ""
-        return f"{fmt(mean.get(m))} ± {fmt(std.get(m))}"
+        n = counts.get(m)
+        of = f" (n = {n} of {len(rows)})" if isinstance(n, int) and n < len(rows) else ""
+        return f"{fmt(mean.get(m))} ± {fmt(std.get(m))}{of}"
 
-    summary = ["Mean ± SD" + (" (partial)" if report.get("partial") else "")] + [""] * (many + 4)
+    summary = ["Mean ± SD" + (" (partial)" if report.get("partial") else "")] + [""] * (many + 5)
     summary += [ms("auc"), ""] + [ms(m) for m in ("sensitivity", "specificity", "balanced_accuracy", "f1")]
     summary += ["", ""]
     std_def = report.get("std_definition") or "standard deviation over folds"
+    mean_def = report.get("mean_definition")
+    ci_name = "Newcombe score" if any("auc_ci95" in r for r in rows) else "DeLong"
     return (
         "<section><h2>Per fold</h2>"
-        "<p>Each fold's model scored the patients it held out. AUC with its 95 % DeLong confidence interval; "
-        "sensitivity and specificity at the fold's decision threshold (HGG is the positive class).</p>"
+        f"<p>Each fold's model scored the patients it held out. AUC with its 95 % confidence interval ({ci_name}); "
+        "sensitivity and specificity at the fold's decision threshold (HGG is the positive class). A rate a fold "
+        "cannot have (specificity without LGG patients) reads n/a and stays out of the mean.</p>"
         + _table(head, body, [summary], table_cls="compact")
-        + f'<p class="note">SD: {esc(std_def)}.</p></section>'
+        + f'<p class="note">SD: {esc(std_def)}.'
+        + (f" Mean: {esc(mean_def)}." if mean_def else "")
+        + "</p></section>"
     )
+
+
+def _headline(report: dict) -> str:
+    h = report.get("headline")
+    if not isinstance(h, dict):
+        return ""
+    n = h.get("auc_folds")
+    facts = [
+        _fact("AUC, mean of the folds", f"{fmt(h.get('auc_mean_of_folds'))} ± {fmt(h.get('auc_std_of_folds'))}",
+              f"mean ± SD over {fmt(n)} per-fold AUCs: the headline"),
+        _fact("AUC, pooled out-of-fold", fmt(h.get("auc_pooled")),
+              f"95 % CI {_ci_of(h.get('auc_pooled_ci95'))} (Newcombe): secondary"),
+    ]  # fmt: skip
+    return (
+        "<section><h2>Headline</h2>"
+        + '<div class="facts">'
+        + "".join(facts)
+        + "</div>"
+        + f"<p>{esc(h.get('explanation', ''))}</p></section>"
+    )
+
+
+def _methods(report: dict) -> str:
+    methods = report.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        return ""
+    return "<details><summary>Statistical methods</summary>" + _dl(methods) + "</details>"
 
 
 def _repeats(report: dict) -> str:
@@ -306,12 +347,13 @@ def _repeats(report: dict) -> str:
     if (rep.get("n_repeats") or len(repeats)) <= 1:
         return ""
     body = [
-        [fmt(r.get("repeat")), fmt(_get(r, "pooled", "auc")), _ci_cell(_ci_of(_get(r, "pooled", "auc_delong")))]
+        [fmt(r.get("repeat")), fmt(_get(r, "pooled", "auc")),
+         _ci_cell(_ci_of(_get(r, "pooled", "auc_ci") or _get(r, "pooled", "auc_delong")))]
         for r in repeats
-    ]
+    ]  # fmt: skip
     return (
         "<section><h2>Repeated cross-validation</h2>"
-        + _table(["Repeat", "Pooled AUC", "95 % CI (DeLong)"], body)
+        + _table(["Repeat", "Pooled AUC", "95 % CI"], body)
         + f"<p>Pooled AUC over {fmt(rep.get('n_repeats'))} repeats: mean {fmt(rep.get('mean'))} ± "
         f"{fmt(rep.get('std'))} (sample SD), range {fmt(rep.get('min'))}–{fmt(rep.get('max'))}. The sections below "
         "are repeat 0's.</p></section>"
@@ -322,14 +364,14 @@ def _pooled(report: dict) -> str:
     p = report.get("pooled")
     if not p:
         return "<section><h2>Pooled out-of-fold results</h2><p class='note'>Not in this summary (n/a).</p></section>"
-    delong = p.get("auc_delong") or {}
+    score = p.get("auc_ci") or p.get("auc_delong") or {}  # an older summary: its DeLong record
     boot = p.get("bootstrap") or {}
     boot_sub = f"bootstrap {_ci_of(p.get('auc_ci95'))}"
     if boot.get("resamples") is not None:
         boot_sub += f" ({fmt(boot.get('resamples'))} resamples, seed {fmt(boot.get('seed'))})"
     cal = p.get("calibration") or {}
     facts = [
-        _fact("AUC", fmt(p.get("auc")), f"95 % CI DeLong {_ci_of(delong)}<br>{boot_sub}"),
+        _fact("Pooled AUC", fmt(p.get("auc")), f"95 % CI {_ci_of(score)} ({_ci_name(score)})<br>{boot_sub}"),
         _fact("Sensitivity", fmt(p.get("sensitivity")), "HGG correctly called"),
         _fact("Specificity", fmt(p.get("specificity")), "LGG correctly called"),
         _fact("Brier score", fmt(cal.get("brier", p.get("brier"))), "0 is perfect; lower is better"),
@@ -338,11 +380,11 @@ def _pooled(report: dict) -> str:
     out = [
         "<section><h2>Pooled out-of-fold results</h2>",
         f"<p>Each of the {fmt(p.get('n'))} patients was predicted once, by the fold that held it out; the metrics "
-        "below are over these concatenated predictions.</p>",
+        "below are over these concatenated predictions, which come from different models (see the headline).</p>",
         '<div class="facts">' + "".join(facts) + "</div>",
     ]
-    if "error" in delong:
-        out.append(f'<p class="note">DeLong interval not computed: {esc(delong["error"])}.</p>')
+    if "error" in score:
+        out.append(f'<p class="note">AUC interval not computed: {esc(score["error"])}.</p>')
     rates = p.get("rates") or p.get("rates_at_0_5")
     if isinstance(rates, dict) and rates:
         body = []
@@ -428,8 +470,9 @@ def _sites(report: dict) -> str:
         for site, e in table.items():
             e = e if isinstance(e, dict) else {}
             single = e.get("single_grade")
+            name = esc(site) if site != "unknown" else "unknown (ids naming no site; not one site)"
             body.append(
-                [esc(site), fmt(e.get("cases")), fmt(e.get("HGG")), fmt(e.get("LGG")), fmt(single),
+                [name, fmt(e.get("cases")), fmt(e.get("HGG")), fmt(e.get("LGG")), fmt(single),
                  fmt(e.get("accuracy"))]
             )  # fmt: skip
             cls.append("flag" if single and site != "unknown" else "")
@@ -438,7 +481,13 @@ def _sites(report: dict) -> str:
         out.append(
             f'<p class="note">{fmt(audit.get("patients_in_single_grade_sites"))} of '
             f"{fmt(audit.get('patients_with_known_site'))} patients with a known site come from a single-grade site "
-            "(highlighted).</p>"
+            "(highlighted)"
+            + (
+                f"; {fmt(audit.get('patients_with_unknown_site'))} more have ids that name no site, counted apart"
+                if audit.get("patients_with_unknown_site")
+                else ""
+            )
+            + ". Model accuracy at each patient's own fold's threshold.</p>"
         )
     else:
         out.append('<p class="note">Site table: n/a.</p>')
@@ -449,14 +498,14 @@ def _sites(report: dict) -> str:
     if isinstance(base.get("pooled"), dict):
         b = base["pooled"]
         body = [
-            ["Model (images)", fmt(p.get("auc")), _ci_cell(_ci_of(p.get("auc_delong"))), fmt(p.get("sensitivity")),
-             fmt(p.get("specificity"))],
-            ["Site alone", fmt(b.get("auc")), _ci_cell(_ci_of(b.get("auc_delong"))), fmt(b.get("sensitivity")),
-             fmt(b.get("specificity"))],
+            ["Model (images)", fmt(p.get("auc")), _ci_cell(_ci_of(p.get("auc_ci") or p.get("auc_delong"))),
+             fmt(p.get("sensitivity")), fmt(p.get("specificity"))],
+            ["Site alone", fmt(b.get("auc")), _ci_cell(_ci_of(b.get("auc_ci") or b.get("auc_delong"))),
+             fmt(b.get("sensitivity")), fmt(b.get("specificity"))],
         ]  # fmt: skip
         out += [
             '<div class="narrow">'
-            + _table(["Predictor", "Pooled AUC", "95 % CI (DeLong)", "Sensitivity", "Specificity"], body)
+            + _table(["Predictor", "Pooled AUC", "95 % CI (Newcombe)", "Sensitivity", "Specificity"], body)
             + "</div>",
             "<p>The baseline is a logistic regression on the site read from the case id, trained on the same folds "
             f"with protocol {esc(base.get('protocol', NA))}. What the site alone predicts is not evidence that the "
@@ -470,13 +519,14 @@ def _sites(report: dict) -> str:
     c = audit.get("mixed_cohort")
     if isinstance(c, dict):
         site = c.get("site", "2013")
-        d = c.get("auc_delong") or {}
+        d = c.get("auc_ci") or c.get("auc_delong") or {}
         out += [
             f"<h3>The mixed-grade {esc(site)} cohort alone</h3>",
-            "<p>The one site holding both grades: here the site cannot predict the grade.</p>",
+            "<p>The one site holding both grades: here the site cannot predict the grade. Decisions at each patient's "
+            "own fold's threshold, as in the site table.</p>",
             '<div class="narrow">'
             + _table(
-                ["Patients", "HGG", "LGG", "AUC", "95 % CI (DeLong)", "Accuracy", "Sensitivity", "Specificity"],
+                ["Patients", "HGG", "LGG", "AUC", "95 % CI (Newcombe)", "Accuracy", "Sensitivity", "Specificity"],
                 [
                     [
                         fmt(c.get("n")),
@@ -493,7 +543,7 @@ def _sites(report: dict) -> str:
             + "</div>",
         ]
         if "error" in d:
-            out.append(f'<p class="note">DeLong interval not computed: {esc(d["error"])}.</p>')
+            out.append(f'<p class="note">AUC interval not computed: {esc(d["error"])}.</p>')
     out.append("</section>")
     return "".join(out)
 
@@ -601,6 +651,7 @@ def render_report(report: dict, out_dir: Path, provenance: dict | None = None, c
         _header(report),
         _warnings(report),
         _data(report),
+        _headline(report),
         _folds(report),
         _repeats(report),
         _pooled(report),
@@ -608,6 +659,7 @@ def render_report(report: dict, out_dir: Path, provenance: dict | None = None, c
         _sites(report),
         _attention(report),
         _provenance(provenance, config),
+        _methods(report),
         _runs(report),
         f"<footer>Generated {esc(stamp)} by gliograde {esc(__version__)}. Research software: not a medical device; "
         "not for clinical decisions.</footer>",

@@ -2,8 +2,9 @@
 same patient-level folds as the networks.
 
 For each outer fold a logistic regression on one-hot site indicators is fitted on the fold's training patients and
-predicts P(HGG) of its validation patients. A site unseen in training gets the intercept only (the training prior),
-so with site-grouped folds the baseline cannot do better than chance; with folds that share sites, a high baseline
+predicts P(HGG) of its validation patients. A site unseen in training gets the intercept only, so with site-grouped
+folds the baseline cannot do better than chance; a patient whose id names no site is neither fitted nor told apart:
+it gets the training prior (the ids that name no site are not one site); with folds that share sites, a high baseline
 AUC says how much of a network's AUC the site alone could explain.
 
 Protocols:
@@ -23,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.preprocessing import OneHotEncoder
 
-from gliograde.data.brats import site_of
+from gliograde.data.brats import UNKNOWN_SITE, site_of
 from gliograde.errors import DataError
 
 PROTOCOLS = ("inner", "outer")
@@ -69,16 +70,29 @@ def _fold_entries(folds: dict, repeat: int) -> list[dict]:
 
 
 def _site_model(sites: list[str], labels: np.ndarray):
-    """A predict(sites) -> P(HGG) function fitted on (sites, labels); constant prior when one grade is absent."""
+    """A predict(sites) -> P(HGG) function fitted on (sites, labels); constant prior when one grade is absent.
+    Patients whose id names no site (UNKNOWN_SITE) carry no site information: they are left out of the fit (were
+    they kept, as a category or as all-zero rows, the model would learn "no site" as one site) and are predicted
+    the training prior, P(HGG) over all the training patients."""
     if len(labels) == 0:
         raise DataError("a fold has no training patients for the site baseline")
-    if labels.min() == labels.max():
-        prior = float(labels.mean())
+    prior = float(labels.mean())
+    known = np.array([s != UNKNOWN_SITE for s in sites], dtype=bool)
+    if not known.any() or labels[known].min() == labels[known].max():
         return lambda new: np.full(len(new), prior)
-    encoder = OneHotEncoder(handle_unknown="ignore")
-    x = encoder.fit_transform(np.array(sites, dtype=object).reshape(-1, 1))
-    model = LogisticRegression(C=1.0).fit(x, labels)
-    return lambda new: model.predict_proba(encoder.transform(np.array(new, dtype=object).reshape(-1, 1)))[:, 1]
+    encoder = OneHotEncoder(handle_unknown="ignore")  # a site unseen in training: all zeros, the intercept
+    x = encoder.fit_transform(np.array(sites, dtype=object)[known].reshape(-1, 1))
+    model = LogisticRegression(C=1.0).fit(x, labels[known])
+
+    def predict(new):
+        new = np.array(new, dtype=object)
+        out = np.full(len(new), prior)
+        has = new != UNKNOWN_SITE
+        if has.any():
+            out[has] = model.predict_proba(encoder.transform(new[has].reshape(-1, 1)))[:, 1]
+        return out
+
+    return predict
 
 
 def site_baseline(ids, labels, folds: dict, repeat: int = 0, protocol: str = "inner") -> dict:

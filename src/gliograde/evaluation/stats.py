@@ -17,7 +17,9 @@ from sklearn.metrics import roc_curve
 Z95 = 1.959963984540054
 
 __all__ = [
+    "AUC_CI_METHOD",
     "apply_temperature",
+    "auc_interval",
     "bootstrap_auc",
     "brier",
     "corrected_resampled_ttest",
@@ -28,12 +30,15 @@ __all__ = [
     "logit",
     "logit_adjust",
     "mcnemar_exact",
+    "newcombe_auc_ci",
     "paired_bootstrap_delta_auc",
     "rates_with_ci",
     "reliability",
     "reliability_figure",
     "sensitivity_at_specificity",
+    "separated",
     "sigmoid",
+    "temperature_fit",
     "threshold_at_specificity",
     "wilson",
     "youden_threshold",
@@ -116,8 +121,9 @@ def delong_auc(labels, scores, z: float = Z95) -> dict:
     """ROC AUC with its DeLong standard error (fast midrank algorithm of Sun & Xu 2014) and a 95% CI.
 
     The CI is built on the logit scale, ``expit(logit(auc) ± z·se/(auc(1-auc)))``, so it stays inside (0, 1);
-    when AUC is exactly 0 or 1 (or se is 0) it falls back to the normal interval clipped to [0, 1], which is then
-    degenerate. Needs at least 2 cases of each class (the DeLong variance uses sample variances per class).
+    when AUC is exactly 0 or 1 (or se is 0) it falls back to the normal interval clipped to [0, 1], which then has
+    zero width: ``degenerate`` is True and the interval must not be reported (use :func:`auc_interval`, whose
+    Newcombe interval does not collapse). Needs at least 2 cases of each class (sample variances per class).
     """
     y = _labels(labels)
     s = _vector(scores, "scores", y.size)
@@ -129,7 +135,66 @@ def delong_auc(labels, scores, z: float = Z95) -> dict:
         lo, hi = float(special.expit(centre - half)), float(special.expit(centre + half))
     else:
         lo, hi = max(0.0, auc - z * se), min(1.0, auc + z * se)
-    return {"auc": auc, "se": se, "ci_low": lo, "ci_high": hi, "n": int(y.size), "n_pos": n_pos, "n_neg": n_neg}
+    return {"auc": auc, "se": se, "ci_low": lo, "ci_high": hi, "n": int(y.size), "n_pos": n_pos, "n_neg": n_neg,
+            "degenerate": not (1e-12 < auc < 1.0 - 1e-12 and se > 1e-12), "method": DELONG_METHOD}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- Newcombe
+AUC_CI_METHOD = (
+    "Newcombe (2006) score interval for the Mann-Whitney AUC, method 5 (Stat Med 25:559-573): the roots of "
+    "(AUC_hat - theta)^2 = z^2 V(theta), V the Hanley-McNeil variance with both group sizes replaced by (m + n)/2"
+)
+DELONG_METHOD = "DeLong (fast midrank algorithm, Sun & Xu 2014), interval on the logit scale"
+
+
+def _newcombe_variance(theta: float, m: int, n: int) -> float:
+    """Newcombe's (2006) method-4 variance: Hanley-McNeil's with m* = n* = (m + n)/2 - 1 in place of n - 1, m - 1."""
+    star = (m + n) / 2.0 - 1.0
+    return theta * (1.0 - theta) * (1.0 + star * (1.0 - theta) / (2.0 - theta) + star * theta / (1.0 + theta)) / (m * n)
+
+
+def _newcombe_lower(auc: float, m: int, n: int, z: float) -> float:
+    """The lower root of (auc - theta)^2 = z^2 V(theta) in [0, auc]: where (auc - theta)/sqrt(V(theta)) falls to z.
+    V vanishes only at 0 and 1, so the ratio runs from +inf (theta -> 0) to 0 at theta = auc: one crossing."""
+    if auc <= 0.0:
+        return 0.0
+    hi = min(auc, 1.0 - 1e-13)  # at auc = 1 the ratio tends to 0 as theta -> 1; stop just short of the 0/0
+
+    def excess(theta: float) -> float:
+        return (auc - theta) / math.sqrt(_newcombe_variance(theta, m, n)) - z
+
+    lo = min(1e-300, hi / 2)
+    if excess(hi) >= 0.0:  # only when auc sits within rounding of 1 and z is tiny
+        return float(hi)
+    return float(optimize.brentq(excess, lo, hi, xtol=1e-14, rtol=1e-14, maxiter=500))
+
+
+def newcombe_auc_ci(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's (2006, method 5) score-type 95 % interval for an AUC from n_pos positives and n_neg negatives.
+
+    Like Wilson's interval for a proportion it inverts the test rather than adding ±z·se, so it keeps a width at
+    AUC = 0 or 1 and with three patients in a group (9 HGG vs 3 LGG perfectly separated: 0.621-1). The variance is
+    symmetric, V(theta) = V(1 - theta), so the upper limit is 1 - the lower limit of 1 - AUC.
+    """
+    auc, m, n = float(auc), int(n_pos), int(n_neg)
+    if m < 1 or n < 1:
+        raise ValueError(f"need at least one positive and one negative, got n_pos={m}, n_neg={n}")
+    if not (0.0 <= auc <= 1.0):
+        raise ValueError(f"auc must lie in [0, 1], got {auc}")
+    return _newcombe_lower(auc, m, n, z), 1.0 - _newcombe_lower(1.0 - auc, m, n, z)
+
+
+def auc_interval(labels, scores, z: float = Z95) -> dict:
+    """The AUC (Mann-Whitney, ties 1/2) with the interval every table reports: Newcombe's score interval
+    (:func:`newcombe_auc_ci`), which stays honest at AUC = 0 or 1, with all scores tied, and with few patients of a
+    grade. Needs one patient of each grade."""
+    y = _labels(labels)
+    s = _vector(scores, "scores", y.size)
+    n_pos, n_neg = _both_classes(y)
+    auc = _auc_fast(s[y == 1], s[y == 0])
+    lo, hi = newcombe_auc_ci(auc, n_pos, n_neg, z)
+    return {"auc": auc, "ci_low": lo, "ci_high": hi, "n": int(y.size), "n_pos": n_pos, "n_neg": n_neg,
+            "method": AUC_CI_METHOD}  # fmt: skip
 
 
 def delong_paired(labels, scores_a, scores_b, z: float = Z95) -> dict:
@@ -406,10 +471,15 @@ def sensitivity_at_specificity(labels, probs, specificity: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- recalibration
-def logit(p, eps: float = 1e-6) -> np.ndarray:
-    """log(p/(1-p)) with p clipped to [eps, 1-eps]."""
-    q = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
-    return np.log(q) - np.log1p(-q)
+def logit(p, eps: float | None = None) -> np.ndarray:
+    """log(p/(1-p)) in float64: -inf at 0 and +inf at 1, so that shifting and scaling it keeps every distinct
+    probability distinct (clipping at eps would tie the values beyond it and change the AUC). ``eps``: clip to
+    [eps, 1-eps] first, for a caller that needs finite values."""
+    q = np.asarray(p, dtype=np.float64)
+    if eps is not None:
+        q = np.clip(q, eps, 1.0 - eps)
+    with np.errstate(divide="ignore"):
+        return np.log(q) - np.log1p(-q)
 
 
 def sigmoid(x) -> np.ndarray:
@@ -425,19 +495,56 @@ def logit_adjust(probs, train_prior: float, sampled_prior: float = 0.5) -> np.nd
     return sigmoid(logit(p) + shift)
 
 
+T_BOUNDS = (0.05, 20.0)
+
+
+def _temperature_nll(y: np.ndarray, z: np.ndarray, t: float) -> float:
+    """Mean NLL of sigmoid(z / t): log(1 + e^-s) for HGG, log(1 + e^s) for LGG (finite at z = ±inf where right)."""
+    s = z / t
+    return float(np.mean(np.where(y == 1, np.logaddexp(0.0, -s), np.logaddexp(0.0, s))))
+
+
 def fit_temperature(labels, logits_or_probs, from_probs: bool = True) -> float:
     """Temperature T minimising the mean NLL of ``sigmoid(logit / T)``; bounded scalar search on log T in
-    [log 0.05, log 20]. Inputs are probabilities (converted with :func:`logit`) unless ``from_probs=False``."""
+    [log 0.05, log 20]. Inputs are probabilities (converted with :func:`logit`) unless ``from_probs=False``.
+    On separable data the minimum lies at T -> 0 and the search stops at the bound: see :func:`temperature_fit`."""
     y = _labels(labels)
     x = _probs(logits_or_probs, y.size, "probs") if from_probs else _vector(logits_or_probs, "logits", y.size)
     z = logit(x) if from_probs else x
-
-    def nll(log_t: float) -> float:
-        s = z / math.exp(log_t)
-        return float(np.mean(np.logaddexp(0.0, s) - y * s))
-
-    res = optimize.minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    lo, hi = (math.log(b) for b in T_BOUNDS)
+    res = optimize.minimize_scalar(lambda lt: _temperature_nll(y, z, math.exp(lt)), bounds=(lo, hi), method="bounded")
     return float(math.exp(res.x))
+
+
+def separated(labels, scores) -> bool:
+    """True when a threshold puts every HGG above every LGG (min HGG score > max LGG score): the maximum-likelihood
+    temperature is then 0 and any fitted T is just the search bound."""
+    y = _labels(labels)
+    s = np.asarray(scores, dtype=np.float64)  # logits may be ±inf
+    if s.shape != y.shape or np.isnan(s).any():
+        raise ValueError(f"scores: {s.shape} values (nan-free) needed for {y.size} labels")
+    if y.min() == y.max():
+        return False
+    return bool(np.min(s[y == 1]) > np.max(s[y == 0]))
+
+
+def temperature_fit(labels, probs) -> dict:
+    """:func:`fit_temperature` with its failure modes named: {"temperature", "rule"}. A separable set (every HGG
+    above every LGG), a fit that ends on a bound of [0.05, 20] or an NLL that is infinite whatever T (a grade
+    scored 0 or 1 with certainty, wrongly) give T = 1 (no scaling) and a rule saying why."""
+    y = _labels(labels)
+    p = _probs(probs, y.size)
+    z = logit(p)
+    if separated(y, z):
+        return {"temperature": 1.0, "rule": "1 (fallback: the selection part is separable, every HGG scored above "
+                "every LGG, so the fitted temperature would run to its bound and push P(HGG) to 0/1)"}  # fmt: skip
+    if not math.isfinite(_temperature_nll(y, z, 1.0)):
+        return {"temperature": 1.0, "rule": "1 (fallback: a patient is scored 0 or 1 against its grade; the NLL is "
+                "infinite at every temperature)"}  # fmt: skip
+    t = fit_temperature(y, p)
+    if not (T_BOUNDS[0] * 1.001 < t < T_BOUNDS[1] / 1.001):
+        return {"temperature": 1.0, "rule": f"1 (fallback: the fit ended on its bound, T = {t:.3g})"}
+    return {"temperature": t, "rule": "fitted (NLL on the selection part)"}
 
 
 def apply_temperature(probs, T: float) -> np.ndarray:
@@ -492,20 +599,27 @@ def corrected_resampled_ttest(diffs, n_train: int, n_test: int) -> dict:
 
 
 def honest_statistics(labels, probs, threshold=0.5) -> dict:
-    """What a reviewer asks of pooled out-of-fold predictions beyond the point metrics: the DeLong interval of the
-    AUC, Wilson intervals of the rates at the decision threshold (one, or each case's own fold's), calibration
-    (Brier, 10-bin ECE, reliability curve) and the sensitivity at 90 / 95 % specificity (a threshold read off these
-    same predictions: optimistic, and said so)."""
+    """What a reviewer asks of pooled out-of-fold predictions beyond the point metrics: the AUC's Newcombe interval
+    (``auc_ci``, the one reported) and its DeLong record (reference; ``degenerate`` where it collapses), Wilson
+    intervals of the rates at the decision threshold (one, or each case's own fold's), calibration (Brier, 10-bin
+    ECE, reliability curve) and the sensitivity at 90 / 95 % specificity (a threshold read off these same
+    predictions: optimistic, and said so)."""
     out: dict = {}
+    try:
+        out["auc_ci"] = auc_interval(labels, probs)
+    except ValueError as e:  # a grade absent
+        out["auc_ci"] = {"error": str(e), "method": AUC_CI_METHOD}
     try:
         out["auc_delong"] = delong_auc(labels, probs)
     except ValueError as e:  # fewer than two patients of a grade
         out["auc_delong"] = {"error": str(e)}
     out["rates"] = rates_with_ci(labels, probs, threshold)
+    out["rates"]["method"] = "Wilson score interval; balanced accuracy: Wilson on its effective n"
     out["calibration"] = {
         "brier": brier(labels, probs),
         "ece": ece(labels, probs, 10),
         "n_bins": 10,
+        "binning": "10 equal-width bins of [0, 1], weighted by their counts",
         "reliability": {k: np.asarray(v).tolist() for k, v in reliability(labels, probs, 10).items()},
     }
     if len(np.unique(labels)) == 2:

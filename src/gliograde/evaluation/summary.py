@@ -28,7 +28,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from gliograde import GRADES
 from gliograde.config import RUNTIME_FIELDS
-from gliograde.data.brats import site_of
+from gliograde.data.brats import UNKNOWN_SITE, site_of
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats as honest
 from gliograde.evaluation.metrics import compute_metrics
@@ -191,9 +191,19 @@ def label(key: tuple[int, int]) -> str:
 
 # -------------------------------------------------------------------------------------------------- statistics
 def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1) of the fold values; std is NaN for a single fold."""
+    """Mean and sample standard deviation (ddof = 1) over the folds where the value is defined (NaN ones, e.g. the
+    specificity of a fold without LGG, are left out, never counted as 0; :func:`defined` counts the rest); the mean
+    is NaN with no defined value, the std with fewer than two."""
     v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return math.nan, math.nan
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def defined(values) -> int:
+    """How many fold values a mean stands on (the non-NaN ones)."""
+    return int(np.sum(~np.isnan(np.asarray(values, dtype=np.float64))))
 
 
 def bootstrap_auc(labels, probs, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, int]:
@@ -221,20 +231,23 @@ def site_audit(ids: list[str], labels, preds=None) -> dict:
     labels = np.asarray(labels, dtype=np.int64)
     sites = [site_of(i) for i in ids]
     table = {}
-    for site in sorted(set(sites)):
+    for site in sorted(set(sites), key=lambda s: (s == UNKNOWN_SITE, s)):  # the ids without a site last
         rows = [k for k, s in enumerate(sites) if s == site]
         counts = Counter(int(labels[k]) for k in rows)
         entry = {"cases": len(rows), "HGG": counts.get(1, 0), "LGG": counts.get(0, 0)}
-        entry["single_grade"] = entry["HGG"] == 0 or entry["LGG"] == 0
+        # ids that name no site are not one site: whether "they" hold one grade says nothing
+        entry["single_grade"] = None if site == UNKNOWN_SITE else entry["HGG"] == 0 or entry["LGG"] == 0
         if preds is not None:
             entry["accuracy"] = float(np.mean(np.asarray(preds)[rows] == labels[rows]))
         table[site] = entry
-    confounded = sum(e["cases"] for s, e in table.items() if e["single_grade"] and s != "unknown")
-    known = sum(e["cases"] for s, e in table.items() if s != "unknown")
+    confounded = sum(e["cases"] for s, e in table.items() if e["single_grade"] and s != UNKNOWN_SITE)
+    known = sum(e["cases"] for s, e in table.items() if s != UNKNOWN_SITE)
     return {
         "sites": table,
+        "known_sites": sum(s != UNKNOWN_SITE for s in table),
         "patients_in_single_grade_sites": confounded,
         "patients_with_known_site": known,
+        "patients_with_unknown_site": len(ids) - known,
         "patients": len(ids),
     }
 
@@ -243,10 +256,12 @@ def site_warning(audit: dict) -> str | None:
     n, known = audit["patients_in_single_grade_sites"], audit["patients_with_known_site"]
     if known == 0 or n == 0:
         return None
+    unknown = audit.get("patients_with_unknown_site", audit.get("patients", known) - known)
+    apart = f" ({unknown} more patients have ids that name no site: counted apart, not as a site)" if unknown else ""
     return (
-        f"{n} of {known} patients come from a site that holds a single grade: for them the acquisition site alone "
-        "predicts the grade, so a high AUC may partly measure the scanner or institution rather than the tumour. "
-        f"See the site table, and the mixed-grade {MIXED_COHORT} cohort on its own."
+        f"{n} of {known} patients with a known site come from a site that holds a single grade{apart}: for them the "
+        "acquisition site alone predicts the grade, so a high AUC may partly measure the scanner or institution "
+        f"rather than the tumour. See the site table, and the mixed-grade {MIXED_COHORT} cohort on its own."
     )
 
 
@@ -408,14 +423,19 @@ def summarize(
         "max": float(np.max(repeat_aucs)),
     }
 
-    preds = (probs >= threshold_of([r for r in ordered if r.repeat == repeats[0]])).astype(np.int64)
+    # one operating point everywhere: each patient at its own fold's threshold, in the site table and the cohort
+    thresholds = np.broadcast_to(threshold_of([r for r in ordered if r.repeat == repeats[0]]), probs.shape)
+    preds = (probs >= thresholds).astype(np.int64)
     audit = site_audit(all_ids, labels, preds)
     cohort = [k_ for k_, i in enumerate(all_ids) if site_of(i) == MIXED_COHORT]
     if cohort:
         audit["mixed_cohort"] = {
             "site": MIXED_COHORT,
-            **compute_metrics(labels[cohort], probs[cohort]),
+            **compute_metrics(labels[cohort], probs[cohort], thresholds[cohort]),
+            "threshold": "each patient's own fold's threshold (as in the site table)",
+            "auc_ci": auc_ci_or_reason(labels[cohort], probs[cohort]),
             "auc_delong": delong_or_reason(labels[cohort], probs[cohort]),
+            "rates": honest.rates_with_ci(labels[cohort], probs[cohort], thresholds[cohort]),
         }
     site_warn = site_warning(audit)
     if site_warn:
@@ -431,6 +451,7 @@ def summarize(
                 "signature of shortcut learning (scanner or site); compare the site-only baseline"
             )
 
+    n_folds = {m: defined([row[m] for row in rows]) for m in METRICS}
     report = {
         "results_dir": str(results_dir),
         "k": k,
@@ -439,10 +460,14 @@ def summarize(
         "partial": partial,
         "missing_folds": [f for rep, f in missing if rep == repeats[0]],
         "missing": [list(m) for m in missing],
+        "headline": headline(stats, n_folds, len(rows), pooled),
         "folds": rows,
         "mean": {m: s[0] for m, s in stats.items()},
         "std": {m: s[1] for m, s in stats.items()},
+        "n_folds": n_folds,
         "std_definition": "sample standard deviation over folds (ddof = 1)",
+        "mean_definition": MEAN_DEFINITION,
+        "methods": METHODS,
         "pooled": pooled,
         "repeats": [{"repeat": r["repeat"], "pooled": r["pooled"]} for r in per_repeat],
         "over_repeats": over_repeats,
@@ -479,6 +504,45 @@ BOOTSTRAP = {
     "method": "percentile interval of the AUC over stratified patient resamples (HGG and LGG patients resampled "
     "with replacement separately, so every resample keeps the grade counts)"
 }
+MEAN_DEFINITION = (
+    "mean over the folds where the metric is defined (a fold without LGG has no specificity, balanced accuracy or "
+    "AUC: left out, not counted as 0); n_folds gives how many folds each mean stands on"
+)
+METHODS = {
+    "auc_ci": honest.AUC_CI_METHOD + "; per fold, pooled, per cohort and for the site baseline",
+    "auc_bootstrap": BOOTSTRAP["method"] + " (pooled AUC only)",
+    "auc_delong": honest.DELONG_METHOD + "; kept in the JSON for reference, flagged degenerate (zero width) at AUC 0 "
+    "or 1 and never printed",
+    "rates_ci": "Wilson score interval (Wilson 1927) for sensitivity, specificity, accuracy, PPV and NPV; balanced "
+    "accuracy: a Wilson interval on the effective n with its variance",
+    "ece": "expected calibration error over 10 equal-width bins of [0, 1], each |mean P(HGG) - fraction HGG| "
+    "weighted by its share of the patients",
+    "brier": "mean squared difference between P(HGG) and the 0/1 grade",
+    "operating_point": "each patient is called HGG when P(HGG) >= its own fold's threshold (fitted on that fold's "
+    "selection part, or 0.5 for runs that recorded none), in every table",
+    "std": "sample standard deviation over folds (ddof = 1)",
+}
+POOLED_VS_FOLDS = (
+    "The headline is the mean of the per-fold AUCs: each fold's model ranks the patients it held out, which is what "
+    "cross-validation estimates. The pooled AUC ranks all patients together although their scores come from K "
+    "different models, whose scales and thresholds differ, so it mixes model-to-model calibration into the ranking "
+    "and can sit far from the per-fold figures (often below them); it is shown as a secondary check."
+)
+
+
+def headline(stats: dict, n_folds: dict, n_runs: int, pooled: dict) -> dict:
+    """The figure the protocol supports (the mean of the per-fold AUCs with its spread) beside the pooled AUC."""
+    ci = pooled.get("auc_ci") or {}
+    return {
+        "auc_mean_of_folds": stats["auc"][0],
+        "auc_std_of_folds": stats["auc"][1],
+        "auc_folds": n_folds["auc"],
+        "fold_runs": n_runs,
+        "auc_pooled": pooled.get("auc"),
+        "auc_pooled_ci95": [ci["ci_low"], ci["ci_high"]] if "ci_low" in ci else None,
+        "auc_pooled_ci_method": ci.get("method"),
+        "explanation": POOLED_VS_FOLDS,
+    }
 
 
 def threshold_of(runs: list[FoldRun]) -> np.ndarray | float:
@@ -495,8 +559,20 @@ def delong_or_reason(labels, probs) -> dict:
         return {"error": str(e), "n": len(labels)}
 
 
+def auc_ci_or_reason(labels, probs) -> dict:
+    """The reported AUC interval (Newcombe), or why there is none (a grade absent)."""
+    try:
+        return honest.auc_interval(labels, probs)
+    except ValueError as e:
+        return {"error": str(e), "n": len(labels)}
+
+
 def fold_row(r: FoldRun) -> dict:
+    """One fold's row, its metrics recomputed from its saved predictions at its own threshold (so that a grade the
+    fold lacks reads NaN in runs written before that rule too)."""
     f = r.final
+    threshold = f.get("threshold", 0.5)
+    m = compute_metrics(r.labels, r.probs, threshold)
     row = {
         "repeat": r.repeat,
         "fold": r.fold,
@@ -504,11 +580,17 @@ def fold_row(r: FoldRun) -> dict:
         "checkpoint": f.get("checkpoint"),
         "best_epoch": f.get("best_epoch"),
         "n": len(r.ids),
-        "threshold": f.get("threshold", 0.5),
-        **{m: float(f[m]) for m in METRICS},
+        "n_hgg": int(np.sum(r.labels == 1)),
+        "n_lgg": int(np.sum(r.labels == 0)),
+        "threshold": threshold,
+        **{k: float(m[k]) for k in METRICS},
     }
+    c = auc_ci_or_reason(r.labels, r.probs)
+    row["auc_ci95"] = [c["ci_low"], c["ci_high"]] if "ci_low" in c else None
+    row["auc_ci_method"] = "Newcombe (2006) score, method 5" if "ci_low" in c else c.get("error")
     d = delong_or_reason(r.labels, r.probs)
-    row["auc_ci95_delong"] = [d["ci_low"], d["ci_high"]] if "ci_low" in d else None
+    ok = "ci_low" in d and not d.get("degenerate")
+    row["auc_ci95_delong"] = [d["ci_low"], d["ci_high"]] if ok else None  # reference only; null where it collapses
     row["brier"] = honest.brier(r.labels, r.probs)
     row["ece"] = honest.ece(r.labels, r.probs)
     return row
@@ -565,6 +647,7 @@ def site_baseline_for(runs: list[FoldRun], ids, labels, repeat: int, protocol: s
     except GliogradeError as e:
         return {"error": str(e)}
     out = {key: result[key] for key in ("protocol", "per_fold", "pooled")}
+    out["pooled"]["auc_ci"] = auc_ci_or_reason(result["labels"], result["probs"])
     try:
         out["pooled"]["auc_delong"] = honest.delong_auc(result["labels"], result["probs"])
     except ValueError as e:
@@ -577,21 +660,29 @@ def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
+def _mean_cell(report: dict, m: str) -> str:
+    """ "mean ± std", with "(n = j of K)" where the metric is undefined in some folds."""
+    cell = f"{_fmt(report['mean'][m])} ± {_fmt(report['std'][m])}"
+    n, total = (report.get("n_folds") or {}).get(m), len(report["folds"])
+    return cell + (f" (n = {n} of {total})" if n is not None and n < total else "")
+
+
 def table_lines(report: dict) -> list[str]:
     """The per-fold markdown table with its mean ± std row (printed by the CLI too)."""
     many = len({r.get("repeat", 0) for r in report["folds"]}) > 1
-    head = ["Repeat"] * many + ["Fold", "Best epoch", "Checkpoint", "Threshold", "AUC", "AUC 95 % CI (DeLong)"]
-    head += ["F1", "Accuracy", "Sensitivity", "Specificity", "Bal. acc."]
+    head = ["Repeat"] * many + ["Fold", "Best epoch", "Checkpoint", "HGG/LGG", "Threshold", "AUC"]
+    head += ["AUC 95 % CI (Newcombe)", "F1", "Accuracy", "Sensitivity", "Specificity", "Bal. acc."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["folds"]:
-        ci = r.get("auc_ci95_delong")
+        ci = r.get("auc_ci95")
         cells = [str(r.get("repeat", 0))] * many + [str(r["fold"]), str(r["best_epoch"]), str(r["checkpoint"])]
-        cells += [_fmt(r.get("threshold", 0.5)), _fmt(r["auc"]), f"{_fmt(ci[0])}-{_fmt(ci[1])}" if ci else "n/a"]
+        cells += [f"{r.get('n_hgg', '?')}/{r.get('n_lgg', '?')}", _fmt(r.get("threshold", 0.5)), _fmt(r["auc"])]
+        cells += [f"{_fmt(ci[0])}-{_fmt(ci[1])}" if ci else "n/a"]
         cells += [_fmt(r[m]) for m in METRICS if m != "auc"]
         lines.append("| " + " | ".join(cells) + " |")
-    ms = {m: f"{_fmt(report['mean'][m])} ± {_fmt(report['std'][m])}" for m in METRICS}
+    ms = {m: _mean_cell(report, m) for m in METRICS}
     name = "**Mean ± std**" + (" (PARTIAL)" if report["partial"] else "")
-    cells = [name] + [""] * (many + 3) + [ms["auc"], ""] + [ms[m] for m in METRICS if m != "auc"]
+    cells = [name] + [""] * (many + 4) + [ms["auc"], ""] + [ms[m] for m in METRICS if m != "auc"]
     lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -599,8 +690,9 @@ def table_lines(report: dict) -> list[str]:
 def honest_lines(p: dict) -> list[str]:
     lines = []
     d = p.get("auc_delong", {})
-    if "ci_low" in d:
-        lines.append(f"- AUC 95 % DeLong CI {_fmt(d['ci_low'])}-{_fmt(d['ci_high'])} (logit scale, SE {_fmt(d['se'])})")
+    if "ci_low" in d and not d.get("degenerate"):
+        lines.append(f"- DeLong SE of the AUC {_fmt(d['se'])} (its logit-scale 95 % CI "
+                     f"{_fmt(d['ci_low'])}-{_fmt(d['ci_high'])}, for reference)")  # fmt: skip
     r = p["rates"]
     cells = [
         f"{name} {_fmt(r[key]['value'])} ({_fmt(r[key]['ci_low'])}-{_fmt(r[key]['ci_high'])})"
@@ -619,8 +711,46 @@ def honest_lines(p: dict) -> list[str]:
 
 
 def _ci(d: dict, lead: str, tail: str = "") -> str:
-    """ "lead LOW-HIGH tail" of a DeLong record, or nothing where it could not be computed."""
+    """ "lead LOW-HIGH tail" of an interval record, or nothing where it could not be computed."""
     return f"{lead}{_fmt(d['ci_low'])}-{_fmt(d['ci_high'])}{tail}" if "ci_low" in d else ""
+
+
+def headline_lines(report: dict) -> list[str]:
+    """The headline (mean of per-fold AUCs ± SD) beside the pooled AUC, with the sentence that tells them apart."""
+    h = report.get("headline")
+    if not h:
+        return []
+    n, runs = h["auc_folds"], h.get("fold_runs", h["auc_folds"])
+    of = f"{n} of {runs} folds; the others lack a grade" if n < runs else f"{n} fold{'s' * (n != 1)}"
+    ci = h.get("auc_pooled_ci95")
+    pooled_ci = f" (95 % CI {_fmt(ci[0])}-{_fmt(ci[1])}, Newcombe)" if ci else ""
+    return [
+        "## Headline",
+        "",
+        "| | AUC |",
+        "|---|---|",
+        f"| **Mean of the per-fold AUCs** ± SD ({of}) | **{_fmt(h['auc_mean_of_folds'])} ± "
+        f"{_fmt(h['auc_std_of_folds'])}** |",
+        f"| Pooled out-of-fold AUC (all patients ranked together) | {_fmt(h['auc_pooled'])}{pooled_ci} |",
+        "",
+        h["explanation"],
+        "",
+    ]
+
+
+def _json_safe(obj):
+    """NaN and ±inf as null, numpy scalars as Python numbers: summary.json holds no NaN tokens (not JSON)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _write(out: Path, report: dict) -> None:
@@ -630,17 +760,19 @@ def _write(out: Path, report: dict) -> None:
     md = [title, ""]
     md += [f"> **Warning.** {w}" for w in report["warnings"]] + ([""] if report["warnings"] else [])
     md += [f"**Protocol.** {report.get('protocol_label', 'not recorded')}.", ""]
-    md += ["## Per fold", "", *table_lines(report), "", f"Std: {report['std_definition']}.", ""]
+    md += headline_lines(report)
+    md += ["## Per fold", "", *table_lines(report), "", f"Std: {report['std_definition']}."]
+    md += [f"Mean: {report.get('mean_definition', 'mean over folds')}.", ""]
     rep = report.get("over_repeats")
     if rep and rep["n_repeats"] > 1:
         md += [
             "## Repeats",
             "",
-            "| Repeat | Pooled AUC | 95 % CI (DeLong) |",
+            "| Repeat | Pooled AUC | 95 % CI (Newcombe) |",
             "|---|---|---|",
             *(
                 f"| {r['repeat']} | {_fmt(r['pooled']['auc'])} | "
-                f"{_fmt(r['pooled']['auc_delong'].get('ci_low'))}-{_fmt(r['pooled']['auc_delong'].get('ci_high'))} |"
+                f"{_fmt(r['pooled']['auc_ci'].get('ci_low'))}-{_fmt(r['pooled']['auc_ci'].get('ci_high'))} |"
                 for r in report["repeats"]
             ),
             "",
@@ -651,10 +783,12 @@ def _write(out: Path, report: dict) -> None:
     md += [
         "## Pooled out-of-fold",
         "",
-        f"Each of the {p['n']} patients predicted once, by the fold that held it out.",
+        f"Each of the {p['n']} patients predicted once, by the fold that held it out. Secondary to the headline: "
+        "these scores come from different models.",
         "",
-        f"- AUC {_fmt(p['auc'])} (95 % bootstrap CI {_fmt(lo)}-{_fmt(hi)}, {p['bootstrap']['resamples']} patient "
-        f"resamples, seed {p['bootstrap']['seed']})",
+        f"- AUC {_fmt(p['auc'])}{_ci(p.get('auc_ci', {}), ' (95 % CI ', ', Newcombe score method 5;')} "
+        f"95 % bootstrap CI {_fmt(lo)}-{_fmt(hi)}, {p['bootstrap']['resamples']} stratified patient resamples, seed "
+        f"{p['bootstrap']['seed']})",
         f"- F1 {_fmt(p['f1'])}, accuracy {_fmt(p['accuracy'])}, balanced accuracy {_fmt(p['balanced_accuracy'])}",
         f"- sensitivity (HGG) {_fmt(p['sensitivity'])}, specificity (LGG) {_fmt(p['specificity'])}",
         f"- confusion matrix (rows true {GRADES[0]}/{GRADES[1]}, columns predicted): {p['confusion_matrix']}",
@@ -667,14 +801,14 @@ def _write(out: Path, report: dict) -> None:
     ]
     audit = report["sites"]
     for site, e in audit["sites"].items():
-        md.append(
-            f"| {site} | {e['cases']} | {e['HGG']} | {e['LGG']} | {'yes' if e['single_grade'] else 'no'} | "
-            f"{_fmt(e.get('accuracy'))} |"
-        )
+        single = "n/a" if e["single_grade"] is None else "yes" if e["single_grade"] else "no"
+        name = f"{site} (ids naming no site; not one site)" if site == UNKNOWN_SITE else site
+        md.append(f"| {name} | {e['cases']} | {e['HGG']} | {e['LGG']} | {single} | {_fmt(e.get('accuracy'))} |")
+    md += ["", "Accuracy at each patient's own fold's threshold."]
     base = report.get("site_baseline") or {}
     if "pooled" in base:
         b = base["pooled"]
-        ci = _ci(b.get("auc_delong", {}), " (95 % CI ", ")")
+        ci = _ci(b.get("auc_ci", {}), " (95 % CI ", ", Newcombe)")
         md += [
             "",
             f"**Site-only baseline** (logistic regression on the site read from the case id, same folds, protocol "
@@ -695,19 +829,19 @@ def _write(out: Path, report: dict) -> None:
         ]
     if "mixed_cohort" in audit:
         c = audit["mixed_cohort"]
-        ci = _ci(c.get("auc_delong", {}), ", 95 % DeLong CI ")
+        ci = _ci(c.get("auc_ci", {}), ", 95 % CI ", " (Newcombe)")
         md += [
             "",
             f"Mixed-grade {c['site']} cohort alone (n = {c['n']}: {c['per_class']['HGG']['support']} HGG, "
             f"{c['per_class']['LGG']['support']} LGG): AUC {_fmt(c['auc'])}{ci}, "
             f"accuracy {_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, "
-            f"specificity {_fmt(c['specificity'])}.",
+            f"specificity {_fmt(c['specificity'])}, at each patient's own fold's threshold (as in the site table).",
         ]
     md += ["", "## Figures", "", *(f"- {Path(f).name}" for f in report["figures"]), ""]
     md += ["## Runs", "", *(f"- fold {r['fold']}: {r['run']}" for r in report["folds"]), ""]
 
     write_text_atomic(out / "summary.md", "\n".join(md))
-    write_json(out / "summary.json", report)
+    write_json(out / "summary.json", _json_safe(report))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["fold", "best_epoch", "checkpoint", *METRICS, "run", "repeat", "threshold"])

@@ -7,9 +7,8 @@ logit(sampled_prior), then / temperature in logit space); the ensemble's P(HGG) 
 threshold the mean of their thresholds (as `gliograde predict`).
 
 `predict_exported` takes volumes already preprocessed as the training cache was. `predict_cases_onnx` prepares
-NIfTI cases itself with `gliograde.data.preprocess.preprocess_case`, which is part of the data layer and imports
-torch for its resampling: that import happens only when `predict_cases_onnx` is called (never the training code or
-the networks).
+NIfTI cases itself with `gliograde.data.preprocess.preprocess_case` (nibabel and numpy: the same volumes as the
+training cache holds, without torch), so `gliograde predict --onnx` runs where torch is not installed.
 """
 
 from __future__ import annotations
@@ -205,7 +204,7 @@ def _output_dir(out: str | Path) -> Path:
 def predict_cases_onnx(cases: list, folder: str | Path, out: str | Path) -> list[dict]:
     """Preprocess NIfTI cases as the training cache was (the sidecars' parameters), predict them with the exported
     ensemble of `folder`, write predictions.csv/.json into the new or empty `out`, return the records.
-    The preprocessing is the data layer's (`gliograde.data.preprocess`, which imports torch)."""
+    The preprocessing is the data layer's (`gliograde.data.preprocess`: nibabel and numpy, no torch)."""
     from gliograde.data.brats import UNKNOWN_GRADE
     from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case
 

@@ -180,6 +180,36 @@ def attention_strip(volume: np.ndarray, mil: dict, path: Path, title: str, n: in
     save_figure(fig, path)
 
 
+def decision_text(record: dict) -> str:
+    """One case's decision as a person reads it, the threshold beside it: "case: P(HGG) = 0.8320 < threshold 0.8512
+    -> LGG". The threshold is the ensemble's (the mean of the folds' fitted thresholds), rarely 0.5."""
+    p, t = float(record["p_hgg"]), float(record["threshold"])
+    folds = record.get("folds") or {}
+    each = " (folds " + ", ".join(f"{v:.3f}" for v in folds.values()) + ")" if len(folds) > 1 else ""
+    side = ">=" if p >= t else "<"
+    return f"{record['case']}: P(HGG) = {p:.4f} {side} threshold {t:.4f} -> {record['predicted_grade']}{each}"
+
+
+def operating_point_text(members: list[Member], threshold: float) -> str:
+    """What P(HGG) and the threshold in predictions.json mean, in words."""
+    points = [m.point for m in members]
+    rules = sorted({p.threshold_rule for p in points})
+    corrected = any(p.sampled_prior != p.train_prior for p in points)
+    scaled = any(p.temperature != 1.0 for p in points)
+    steps = ["each fold's softmax P(HGG)"]
+    if corrected:
+        steps.append("corrected from the class-balanced sampler's 50/50 prior back to its training patients' prior")
+    if scaled:
+        steps.append("temperature-scaled")
+    return (
+        f"p_hgg is {', '.join(steps)}, averaged over the {len(members)} model(s) (p_hgg_raw: the mean without these "
+        f"corrections). A case is called HGG when p_hgg >= threshold = {threshold:.4f}, the mean of the folds' "
+        f"thresholds, each chosen on its fold's selection part ({'; '.join(rules)}), never on the reported patients. "
+        "The threshold is not 0.5: a P(HGG) of 0.8 below it is called LGG. P(HGG) is a score calibrated on the "
+        "training cohort, not a clinical probability."
+    )
+
+
 def output_dir(out: str | Path | None, parent: str | Path = "predictions") -> Path:
     """The folder for the outputs: `out` if it is new or empty, else an error (nothing is overwritten);
     by default a new parent/predict_YYYYMMDD_HHMMSS[_n]."""
@@ -240,6 +270,7 @@ def predict_cases(
             "p_hgg_raw": float(np.mean([b[0] for b in both])),
             "threshold": threshold,
             "predicted_grade": GRADES[int(p >= threshold)],
+            "decision_rule": "HGG when p_hgg >= threshold, else LGG",
             "true_grade": case.grade if case.grade != UNKNOWN_GRADE else None,
             "folds": dict(zip(names, per_model, strict=True)),
         }
@@ -269,8 +300,7 @@ def predict_cases(
                 "method": "Grad-CAM of the HGG logit; each fold's map scaled to peak 1, averaged, scaled to peak 1",
             }
         records.append(record)
-        folds = " (" + ", ".join(f"{v:.3f}" for v in per_model) + ")" if len(members) > 1 else ""
-        log.info("%s: P(HGG) = %.4f -> %s%s", case.id, p, record["predicted_grade"], folds)
+        log.info("%s", decision_text(record))
 
     write_predictions_csv(out, records, names)
     meta = {
@@ -282,6 +312,7 @@ def predict_cases(
         "tta": f"mean over {len(FLIPS)} axis flips" if tta else None,
         "threshold": threshold,
         "threshold_rule": "mean of the members' thresholds (each fitted on its fold's selection part)",
+        "operating_point_explained": operating_point_text(members, threshold),
         "operating_points": [m.point.to_dict() for m in members],
         "predictions": records,
         "failed": failed,

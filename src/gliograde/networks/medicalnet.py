@@ -23,6 +23,14 @@ DEFAULT_PRETRAINED = "pretrained/medicalnet_resnet50_3d.pth"
 # Shortcut types of the released files (MedicalNet README / train settings)
 RELEASED_SHORTCUT = {10: "B", 18: "A", 34: "A", 50: "B", 101: "B", 152: "B", 200: "B"}
 HEAD_PREFIXES = ("fc.", "conv_seg.")
+# Said once per load: the README's "MedicalNet weights" section gives the sources
+PRETRAINING_OVERLAP = (
+    "MedicalNet's pretraining data probably include BraTS patients: its 3DSeg-8 set (Chen et al., arXiv:1904.00625) "
+    "draws on the Medical Segmentation Decathlon, whose brain-tumour task is the BraTS 2016/2017 cases, and the "
+    "23-dataset release lists no sources (Tencent/MedicalNet issues #15, #47, #65). Patients these weights saw in "
+    "pretraining may sit in your validation folds, and no list of them exists: treat fine-tuned BraTS AUCs as "
+    "possibly optimistic, and compare with a run from random initialisation"
+)
 
 
 class PretrainedError(GliogradeError):
@@ -158,6 +166,7 @@ def load_medicalnet_pretrained(model: ResNet3D, path: str | Path, logger: loggin
         log.info("%d BatchNorm num_batches_tracked counters not in the file (harmless, start at 0)", len(counters))
     log.info("Successfully loaded %d/%d pretrained weights from MedicalNet", len(usable), len(target))
     log.info("MedicalNet pretrained weights loaded successfully!")
+    log.warning(PRETRAINING_OVERLAP)
     return LoadReport(str(path), wrapper, len(usable), len(target), missing_all, dropped, adapted)
 
 

@@ -466,7 +466,9 @@ def train_epoch(
     The loss is summed on the device and read every CHECK_EVERY micro-batches and at the end: no host
     synchronisation per micro-batch. bad_step holds the first micro-batch whose loss was not finite (0: none)."""
     net.train()
-    if device.type == "cuda":
+    resident = None
+    if device.type == "cuda":  # what stays allocated between steps: volumes on the device, weights, optimizer state
+        resident = torch.cuda.memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     bad_step = torch.zeros((), dtype=torch.long, device=device)
@@ -513,6 +515,7 @@ def train_epoch(
         "train_volumes_per_s": seen * d.world / train_time,
         "data_wait_fraction": waited / train_time,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "resident_gpu_memory_gib": resident,
         "train_time_s": train_time,
     }
     return distributed.mean(d, float(total) / max(seen, 1)), throughput
