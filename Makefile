@@ -8,7 +8,8 @@ STAMP := $(VENV)/.gliograde-installed
 
 $(STAMP): requirements/cpu.txt requirements/dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=23"
+	# setuptools >= 77 builds the SPDX license string of pyproject.toml (`-e .` below builds without isolation)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23" "setuptools>=77.0.3"
 	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet -r requirements/dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -288,3 +288,16 @@ def test_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     assert steps["resume"]["figures"]["epochs"] == [1, 2, 3, 4]
     assert steps["evaluate"]["figures"]["fp32_max_abs_difference"] == 0.0
     assert steps["doctor"]["figures"]["diagnostic"]["passed"]
+
+
+def test_an_impossible_ddp_plan_is_one_line_before_any_process_or_folder(tiny_cache, tmp_path):
+    from gliograde.training.trainer import train_fold
+
+    with pytest.raises(GliogradeError) as e:  # a global batch of 3 over 2 gloo processes
+        train_fold(tiny(tiny_cache, tmp_path, multi_gpu=True, nproc=2, batch_size=3))
+    assert "the global batch 3 (--batch-size 3 x --gradient-accumulation-steps 1) cannot be split evenly over 2" in str(
+        e.value
+    ) and "\n" not in str(e.value)
+    with pytest.raises(GliogradeError, match="micro-batch of 1 volume: BatchNorm would see one volume"):
+        train_fold(tiny(tiny_cache, tmp_path, multi_gpu=True, nproc=2, batch_size=2, grad_accum=1))
+    assert not (tmp_path / "res" / "runs").exists()

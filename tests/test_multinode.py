@@ -1,5 +1,6 @@
 """Multi-node DDP through torchrun's c10d rendezvous: two "nodes" of one gloo process each on localhost give the
-weights of one process with the same global batch (as the --multi-gpu test checks for one node)."""
+weights of one process with the same --batch-size and accumulation: the same global batch, each rank one micro-batch
+of 2 per step (as the --multi-gpu test checks for one node)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(tiny_cache, tmp
         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gliograde-test", "-m", "gliograde.cli", "train",
         "--preset", "cpu-demo", "--size", "16", "--cache-dir", str(tiny_cache.path), "--output-dir", str(out),
         "--epochs", "2", "--min-epochs", "2", "--early-stopping", "5", "--batch-size", "2", "--data-path", "device",
-        "--dropout", "0", "--num-workers", "0", "--no-tensorboard",
+        "--gradient-accumulation-steps", "2", "--dropout", "0", "--num-workers", "0", "--no-tensorboard",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in "ab"]

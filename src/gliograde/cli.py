@@ -263,7 +263,7 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag(
         "--precision",
         choices=["auto", "bf16", "fp16", "fp32"],
-        help="default auto: bf16 autocast on a GPU after a self-check against fp32 (fp32 if it fails), fp32 on the CPU",
+        help="default auto: bf16 autocast on compute capability >= 8.0, fp16 + GradScaler below, fp32 on the CPU",
     )
     flag("--multi-gpu", "--multi_gpu", dest="multi_gpu", action="store_const", const=True, help="DDP over all GPUs")
     flag("--nproc", type=int, help="DDP processes for --multi-gpu (default: one per GPU; gloo on a CPU machine)")

@@ -24,6 +24,8 @@ def json_safe(obj):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and getattr(obj, "ndim", None):  # numpy arrays
+        return json_safe(obj.tolist())
     if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -31,8 +33,13 @@ def json_safe(obj):
     return obj
 
 
-def write_json(path: str | Path, obj, indent: int = 2) -> None:
-    write_text_atomic(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False))
+def write_json(path: str | Path, obj, indent: int = 2, strict: bool = False) -> None:
+    """`strict`: every non-finite float as null (the reports people and other tools read: summary, compare,
+    validation, gpu-check). The run records (metrics.json, attention.json) keep NaN, which Python's json reads back
+    as the float that the code computing means and intervals expects."""
+    if strict:
+        obj = json_safe(obj)
+    write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=not strict))
 
 
 def new_stamped_dir(parent: str | Path, prefix: str) -> Path:

@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp:
             tmp.cleanup()
-    Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    from gliograde.files import json_safe
+
+    Path(args.json).write_text(json.dumps(json_safe(report), indent=2, default=str))
     print(f"gpu-check: {'PASSED' if report['passed'] else 'FAILED'} in {report['wall_s']:.0f} s; {args.json}")
     return 0 if report["passed"] else 1
 

@@ -1,4 +1,4 @@
-"""Where and how a model runs: the device, the precision (and its bf16 self-check), backend flags, seeding and the
+"""Where and how a model runs: the device, the precision (by rule; and its diagnostic), backend flags, seeding and the
 environment record. Training, `evaluate` and `predict` all ask this module, so they take the same decisions.
 
 Precision, by rule: `auto` is bf16 autocast on a GPU of compute capability >= 8.0, fp16 autocast with a GradScaler

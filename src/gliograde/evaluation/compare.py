@@ -42,8 +42,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.plots import save_figure
-from gliograde.evaluation.summary import FoldRun, SummaryError, _json_safe, find_runs
-from gliograde.files import new_stamped_dir, write_json, write_text_atomic
+from gliograde.evaluation.summary import FoldRun, SummaryError, find_runs
+from gliograde.files import json_safe, new_stamped_dir, write_json, write_text_atomic
 
 SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
 # settings that decide which patient lands in which fold; "repeats" only says how many repeats there are, and
@@ -595,6 +595,6 @@ def compare(results: list[str | Path], out: str | Path | None = None, n_boot: in
     roc = out / "compare_roc.png"
     roc_figure(sides, roc)
     report["figures"] = [str(roc)]
-    write_json(out / "compare.json", _json_safe(report))
+    write_json(out / "compare.json", json_safe(report))
     write_text_atomic(out / "compare.md", markdown(report))
     return report

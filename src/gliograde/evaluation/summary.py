@@ -33,7 +33,7 @@ from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats as honest
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import save_figure
-from gliograde.files import write_json, write_text_atomic
+from gliograde.files import json_safe, write_json, write_text_atomic
 
 log = logging.getLogger("gliograde")
 METRICS = ("auc", "f1", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
@@ -738,21 +738,6 @@ def headline_lines(report: dict) -> list[str]:
     ]
 
 
-def _json_safe(obj):
-    """NaN and ±inf as null, numpy scalars as Python numbers: summary.json holds no NaN tokens (not JSON)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _write(out: Path, report: dict) -> None:
     p = report["pooled"]
     lo, hi = p["auc_ci95"]
@@ -841,7 +826,7 @@ def _write(out: Path, report: dict) -> None:
     md += ["## Runs", "", *(f"- fold {r['fold']}: {r['run']}" for r in report["folds"]), ""]
 
     write_text_atomic(out / "summary.md", "\n".join(md))
-    write_json(out / "summary.json", _json_safe(report))
+    write_json(out / "summary.json", json_safe(report))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["fold", "best_epoch", "checkpoint", *METRICS, "run", "repeat", "threshold"])

@@ -11,7 +11,8 @@ or submitted again resumes its fold's interrupted run from last.pt, and skips a 
 
 "local" runs the very same code path with `submitit.LocalExecutor`: every task in a subprocess of its own, sharing
 the CPU cores; where there are GPUs, each task gets --gpus-per-task GPUs of its own (round robin), and tasks given
-the same GPUs take turns (`gpu_slot`), so that five folds on two GPUs never run three at once on one. submitit is an optional dependency: `pip install gliograde[slurm]`.
+the same GPUs take turns (`gpu_slot`), so that five folds on two GPUs never run three at once on one.
+submitit is an optional dependency: `pip install gliograde[slurm]`.
 """
 
 from __future__ import annotations

@@ -194,6 +194,11 @@ def _launch(cfg: TrainConfig, nproc: int) -> RunResult:
     """DDP started by this command: the cache and the run folder are made here, once, then the ranks train."""
     cache, folds = load_data(cfg)
     cfg = with_split(dataclasses.replace(cfg, cache_dir=str(cache.path.resolve())), folds)
+    # the batch plan checked here, before any process or folder exists: an impossible one is one line, not W tracebacks
+    split = fold_split(cache, folds, cfg.fold, cfg.repeat)
+    cuda = distributed.uses_cuda("cuda" if cfg.gpu else cfg.device)
+    batch_plan(cfg, Dist(world=nproc), torch.device("cuda" if cuda else "cpu"),
+               len(split.fit if cfg.selection == "inner" else split.train), None)  # fmt: skip
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.output_dir, cfg.fold, cfg.repeat)
     try:
         distributed.launch(train_fold, cfg, nproc, run_dir)
@@ -591,7 +596,7 @@ def finish(
         cfg.ema_decay > 0,
         data.batches("final", shard=False),
         device,
-        precision,  # training's decision: the self-check is not run a second time
+        precision,  # training's decision, taken once
         loss_fn,
         logit_scale=scale,
         point=None if inner else seeds_point(counts),

@@ -1,0 +1,284 @@
+"""Input quality of a case to predict, against what the ensemble was trained on.
+
+Flags (each case's `qc.flags`, in predictions.json/csv of `predict` and in every output of `validate`):
+
+- spacing_not_1mm: a voxel edge in the NIfTI header differs from 1 mm (BraTS volumes are resampled to 1 mm);
+- grid_not_brats: the voxel grid is not BraTS's 240 x 240 x 155;
+- brain_fraction_out_of_range: the share of brain (non-zero) voxels of the preprocessed volume lies outside the
+  range of the training cache's volumes (an image that is not skull-stripped fills its whole crop);
+- negative_intensities: the raw image holds negative values (not skull-stripped with the BraTS tools, whose
+  background is exactly 0, or resampled with an interpolator that overshoots);
+- out_of_distribution: in the ensemble's pooled features (`model.forward_features`) the case lies farther from its
+  fold member's training patients than that member's own training patients lie from each other (their 99th
+  percentile), for the majority of the members (`OOD_METHOD`).
+
+The reference (training ids, image hashes, brain-fraction range, features) is computed once per command from the
+runs' cache (`volumes.npy`) and held in memory; without the cache only the header checks are made, and the JSON
+says which checks were not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from gliograde import MODALITIES
+from gliograde.data.brats import Case
+from gliograde.errors import DataError
+
+log = logging.getLogger("gliograde")
+
+BRATS_GRID = (240, 240, 155)
+SPACING_TOLERANCE_MM = 0.01
+OOD_PERCENTILE = 99.0
+OOD_K = 5
+FLAGS = {
+    "spacing_not_1mm": "voxel spacing is not 1 mm",
+    "grid_not_brats": "voxel grid is not BraTS-like (240 x 240 x 155)",
+    "brain_fraction_out_of_range": "brain fraction of the preprocessed volume outside the training range",
+    "negative_intensities": "negative intensities in the raw image (not skull-stripped with the BraTS tools, or "
+    "resampled)",
+    "out_of_distribution": "out of distribution: far from the training patients in the ensemble's features",
+}
+OOD_METHOD = (
+    f"mean Euclidean distance to the {OOD_K} nearest training patients in the pooled features "
+    "(model.forward_features, no test-time augmentation), each feature standardized by the training patients' mean "
+    "and SD; per fold member, fitted on that fold's own training rows (fit + select); the member's threshold is the "
+    f"{OOD_PERCENTILE:g}th percentile of its training patients' own leave-one-out distances; a case is out of "
+    "distribution when the majority of the members put it above their threshold"
+)
+BRAIN_FRACTION_METHOD = (
+    "share of voxels non-zero in any modality in the preprocessed (cropped, cubed, resized) volume; the range is the "
+    "minimum and maximum over the training cache's volumes"
+)
+
+
+def volume_hash(volume: np.ndarray) -> str:
+    """sha256 of a preprocessed volume rounded to float16 (the cache's dtype), C order: the same image under any id."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(volume, dtype=np.float16)).tobytes()).hexdigest()
+
+
+def brain_fraction(volume: np.ndarray) -> float:
+    return float(np.mean(np.any(np.asarray(volume) != 0, axis=0)))
+
+
+def header_checks(case: Case) -> dict:
+    """Spacing and grid from the NIfTI headers, and the minimum raw intensity over the four modalities."""
+    spacing, grid, minimum = None, None, None
+    for path in case.files:
+        try:
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj)
+        except Exception as e:  # nibabel raises many types for bad files
+            raise DataError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from e
+        if spacing is None:
+            spacing = [round(float(z), 4) for z in img.header.get_zooms()[:3]]
+            grid = [int(s) for s in img.shape[:3]]
+        low = float(np.min(data))
+        minimum = low if minimum is None else min(minimum, low)
+    return {"spacing_mm": spacing, "grid": grid, "min_intensity": minimum}
+
+
+@dataclass
+class MemberReference:
+    """One fold member's training patients in its feature space, standardized, and its distance threshold."""
+
+    name: str
+    mean: np.ndarray
+    scale: np.ndarray
+    train: np.ndarray  # (n, F) standardized features of the fold's training rows
+    k: int
+    threshold: float
+    heldout_flag_rate: float | None  # share of the fold's own held-out patients above the threshold
+
+    @classmethod
+    def fit(cls, name: str, train: np.ndarray, heldout: np.ndarray | None) -> MemberReference:
+        mean, std = train.mean(0), train.std(0)
+        scale = np.where(std > 1e-6, std, np.inf)  # a constant feature carries no distance
+        z = (train - mean) / scale
+        k = min(OOD_K, len(z) - 1)
+        d = np.sqrt(np.maximum(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1), 0.0))
+        np.fill_diagonal(d, np.inf)  # leave-one-out: a patient is not its own neighbour
+        loo = np.sort(d, axis=1)[:, :k].mean(1)
+        ref = cls(name, mean, scale, z, k, float(np.percentile(loo, OOD_PERCENTILE)), None)
+        if heldout is not None and len(heldout):
+            ref.heldout_flag_rate = float(np.mean([ref.distance(f) > ref.threshold for f in heldout]))
+        return ref
+
+    def distance(self, features: np.ndarray) -> float:
+        z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
+        d = np.sqrt(((self.train - z) ** 2).sum(1))
+        return float(np.sort(d)[: self.k].mean())
+
+
+@torch.no_grad()
+def member_features(members, x: torch.Tensor) -> list[np.ndarray]:
+    """Each member's pooled features of a batch (B, C, S, S, S), float32, no augmentation."""
+    out = []
+    for m in members:
+        m.model.eval()
+        out.append(m.model.forward_features(x.float()).float().cpu().numpy().astype(np.float64))
+    return out
+
+
+def _run_record(member) -> dict:
+    try:
+        return json.loads((Path(member.checkpoint).parent.parent / "config" / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class TrainingReference:
+    """What the ensemble was trained on: ids, image hashes, brain-fraction range and per-member features."""
+
+    cache: object | None  # gliograde.data.cache.VolumeCache
+    ids: set[str]
+    splits: list[dict]  # per member: {"fit", "select", "val"} ids (empty where not recorded)
+    hashes: dict[str, str] | None = None  # hash -> training case id
+    fraction_range: tuple[float, float] | None = None
+    members: list[MemberReference] | None = None
+    missing: dict[str, str] = field(default_factory=dict)  # check -> why it was not made
+
+    @classmethod
+    def of(cls, members) -> TrainingReference:
+        """The training ids from the runs' records (config.json "split") and their cache (cases.csv)."""
+        from gliograde.data.cache import open_cache
+
+        records = [_run_record(m) for m in members]
+        splits = [r.get("split") or {} for r in records]
+        ids = {i for s in splits for part in s.values() for i in part}
+        cache, why = None, "no run records the cache it was trained on (config.json cache_dir)"
+        for r in records:
+            path = (r.get("config") or {}).get("cache_dir")
+            if not path:
+                continue
+            try:
+                cache = open_cache(path)
+                break
+            except DataError as e:
+                why = f"the runs' cache cannot be opened ({e})"
+        ref = cls(cache, ids, splits)
+        if cache is None:
+            for check in ("image_hash", "brain_fraction", "out_of_distribution"):
+                ref.missing[check] = why
+            log.warning("QC and leakage check without the training cache: %s", why)
+        else:
+            ref.ids |= set(cache.ids)
+        return ref
+
+    def cache_params(self) -> dict | None:
+        return (self.cache.manifest.get("params") or {}) if self.cache is not None else None
+
+    def ensure_hashes(self) -> None:
+        """One pass over the cache: each volume's hash and brain fraction."""
+        if self.hashes is not None or self.cache is None:
+            return
+        hashes, fractions = {}, []
+        for i, cid in enumerate(self.cache.ids):
+            v = np.asarray(self.cache.volumes[i])
+            hashes.setdefault(volume_hash(v), cid)
+            fractions.append(brain_fraction(v))
+        self.hashes = hashes
+        self.fraction_range = (float(np.min(fractions)), float(np.max(fractions)))
+
+    def ensure_features(self, members, device: torch.device, batch: int = 8) -> None:
+        """Each member's features of every cache volume, then its reference on the fold's own training rows."""
+        if self.members is not None or self.cache is None:
+            return
+        cache, ref = self.cache, members[0]
+        if cache.size != ref.size:
+            self.missing["out_of_distribution"] = f"the cache is {cache.size}^3, the models take {ref.size}^3"
+            return
+        row = {cid: i for i, cid in enumerate(cache.ids)}
+        channels = cache.channels(ref.modalities)
+        start = time.perf_counter()
+        feats = [[] for _ in members]
+        for lo in range(0, len(cache.ids), batch):
+            x = torch.from_numpy(np.asarray(cache.volumes[lo : lo + batch][:, channels], dtype=np.float32)).to(device)
+            for j, f in enumerate(member_features(members, x)):
+                feats[j].append(f)
+        feats = [np.concatenate(f) for f in feats]
+        out = []
+        for j, m in enumerate(members):
+            split = self.splits[j] if j < len(self.splits) else {}
+            train = [row[i] for part in ("fit", "select") for i in split.get(part, []) if i in row]
+            val = [row[i] for i in split.get("val", []) if i in row]
+            if len(train) < 2:  # a bare checkpoint without a split record: all cache rows are its training rows
+                train, val = list(range(len(cache.ids))), []
+            name = f"fold_{m.fold}" if m.fold is not None else str(Path(m.checkpoint).parent.parent.name)
+            out.append(MemberReference.fit(name, feats[j][train], feats[j][val] if val else None))
+        self.members = out
+        log.info("QC reference: %d training volumes x %d model(s) in %.1f s", len(cache.ids), len(members),
+                 time.perf_counter() - start)  # fmt: skip
+
+    def describe(self) -> dict:
+        """The methods and the reference's figures, for the JSON."""
+        return {
+            "flags": FLAGS,
+            "spacing": f"NIfTI header zooms; flagged when an edge differs from 1 mm by more than {SPACING_TOLERANCE_MM}",
+            "grid": f"NIfTI shape; flagged when not {' x '.join(map(str, BRATS_GRID))}",
+            "negative_intensities": "minimum raw voxel value (after the header's scaling) below 0 in any modality",
+            "brain_fraction": BRAIN_FRACTION_METHOD,
+            "brain_fraction_range": list(self.fraction_range) if self.fraction_range else None,
+            "out_of_distribution": OOD_METHOD,
+            "members": [
+                {"name": r.name, "k": r.k, "threshold": r.threshold, "training_patients": len(r.train),
+                 "heldout_flag_rate": r.heldout_flag_rate}
+                for r in self.members or []
+            ],  # fmt: skip
+            "not_checked": dict(self.missing),
+            "cache": str(self.cache.path) if self.cache is not None else None,
+        }
+
+    def check(self, case: Case, volume: np.ndarray, features: list[np.ndarray] | None, params: dict | None) -> dict:
+        """The QC record of one case: its flags (names of FLAGS) and the figures behind them. `volume`: the case
+        preprocessed with `params` (size, margin); its hash is compared with the cache's where they match."""
+        h = header_checks(case)
+        flags = []
+        if any(abs(z - 1.0) > SPACING_TOLERANCE_MM for z in h["spacing_mm"]):
+            flags.append("spacing_not_1mm")
+        if tuple(h["grid"]) != BRATS_GRID:
+            flags.append("grid_not_brats")
+        record = {**h, "brain_fraction": brain_fraction(volume)}
+        if self.fraction_range is not None:
+            lo, hi = self.fraction_range
+            if not lo <= record["brain_fraction"] <= hi:
+                flags.append("brain_fraction_out_of_range")
+        if h["min_intensity"] < 0:
+            flags.append("negative_intensities")
+        cp = self.cache_params()
+        if self.hashes is not None and cp and params and all(cp.get(k) == params.get(k) for k in ("size", "margin")):
+            record["same_image_as_training_case"] = self.hashes.get(volume_hash(volume))
+        if self.members and features is not None:
+            per = {r.name: {"distance": r.distance(f[0]), "threshold": r.threshold}
+                   for r, f in zip(self.members, features, strict=True)}  # fmt: skip
+            above = sum(v["distance"] > v["threshold"] for v in per.values())
+            record["ood"] = {"members_above": above, "members": len(per), "per_member": per}
+            if above > len(per) / 2:
+                flags.append("out_of_distribution")
+                log.warning("case %s: out of distribution (%d of %d ensemble members put it farther from their "
+                            "training patients than their 99th percentile)", case.id, above, len(per))  # fmt: skip
+        record["flags"] = flags
+        return record
+
+
+def flag_summary(records: list[dict]) -> dict:
+    """Per flag: how many cases carry it, and which."""
+    out = {}
+    for name in FLAGS:
+        cases = [r["case"] for r in records if name in ((r.get("qc") or {}).get("flags") or [])]
+        out[name] = {"n": len(cases), "cases": cases, "meaning": FLAGS[name]}
+    return out
+
+
+def _check_modalities(case: Case) -> None:  # pragma: no cover - kept for symmetry with MODALITIES
+    assert list(case.paths)[: len(MODALITIES)]
