@@ -19,7 +19,6 @@ from gliograde.evaluation.evaluate import evaluate_run
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.summary import (
     SummaryError,
-    bootstrap_auc,
     find_runs,
     mean_std,
     site_audit,
@@ -115,21 +114,6 @@ def test_the_seed_table_gives_the_seed_mean_and_std():
     mean, std = mean_std([0.8079, 0.9016, 0.8952, 0.9206, 0.8714])  # training_journey_summary.md, Table 1
     assert (round(mean, 4), round(std, 4)) == (0.8793, 0.0436)  # the seed prints 0.8794 (rounding of its inputs)
     assert math.isnan(mean_std([0.9])[1])
-
-
-def test_bootstrap_equals_scikit_learn_resample_by_resample_and_is_seeded():
-    rng = np.random.default_rng(3)
-    labels = rng.integers(0, 2, 40)
-    probs = np.round(rng.random(40) * 0.6 + labels * 0.3, 1)  # rounded: ties, which the rank formula must average
-    n, seed = 300, 11
-    idx = np.random.default_rng(seed).integers(0, 40, size=(n, 40))
-    reference = [roc_auc_score(labels[i], probs[i]) for i in idx if 0 < labels[i].sum() < 40]
-    lo, hi, used = bootstrap_auc(labels, probs, n, seed)
-    assert used == len(reference)
-    assert (lo, hi) == pytest.approx(tuple(np.quantile(reference, [0.025, 0.975])))
-    assert bootstrap_auc(labels, probs, n, seed) == (lo, hi, used)
-    assert bootstrap_auc(labels, probs, n, seed + 1)[:2] != (lo, hi)
-    assert lo <= roc_auc_score(labels, probs) <= hi
 
 
 def test_the_newest_complete_run_of_each_fold_is_chosen(tmp_path):

@@ -12,9 +12,8 @@ from gliograde.data.slices import (
     select_volume_slices,
     selection_record,
     slice_entropy,
-    torch_slice_entropy,
 )
-from gliograde.networks.mil import MILResNet2D, make_bags, select_slice_indices
+from gliograde.networks.mil import MILResNet2D, make_bags, select_slice_indices, torch_slice_entropy
 
 
 def known_volume() -> np.ndarray:

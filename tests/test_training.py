@@ -21,7 +21,9 @@ from gliograde.files import json_safe
 from gliograde.training import trainer
 from gliograde.training.checkpoints import CheckpointError, select_checkpoint
 from gliograde.training.losses import LDAMLoss, drw_active, drw_weights
-from gliograde.training.trainer import improved, new_run_dir, train_fold
+from gliograde.training.run_folder import new_run_dir
+from gliograde.training.selection import improved
+from gliograde.training.trainer import train_fold
 
 
 # ------------------------------------------------------------------------------------------ learning, folder

@@ -3,12 +3,13 @@
 Volumes are (C, D, H, W) (or (D, H, W), one channel) in canonical RAS, so axial slices are `volume[..., z]`
 (the last axis). Brain voxels are the voxels that are non-zero in any channel (background is exactly 0).
 
-Binning (identical in `slice_entropy` and `torch_slice_entropy`): for each channel, `bins` equal bins span that
-channel's brain-intensity range [min, max] over the whole volume (not per slice), so the entropies of the slices of
-one volume are comparable. A brain voxel of value v goes to bin `clip(floor((v - min) / (max - min) * bins), 0,
-bins - 1)`, computed in float32 (max itself falls in the last bin; a constant channel puts everything in bin 0).
-The entropy of a slice is the Shannon entropy, in bits, of the histogram of its brain voxels; a slice with fewer
-than 2 brain voxels has entropy 0. With `channel=None` the per-channel entropies are averaged.
+Binning (identical in `slice_entropy` here and in the MIL model's on-device `networks.mil.torch_slice_entropy`): for
+each channel, `bins` equal bins span that channel's brain-intensity range [min, max] over the whole volume (not per
+slice), so the entropies of the slices of one volume are comparable. A brain voxel of value v goes to bin
+`clip(floor((v - min) / (max - min) * bins), 0, bins - 1)`, computed in float32 (max itself falls in the last bin; a
+constant channel puts everything in bin 0). The entropy of a slice is the Shannon entropy, in bits, of the histogram
+of its brain voxels; a slice with fewer than 2 brain voxels has entropy 0. With `channel=None` the per-channel
+entropies are averaged.
 """
 
 from __future__ import annotations
@@ -123,40 +124,6 @@ def select_volume_slices(
     """`select_slices` on one volume, with the slices that contain brain as candidates."""
     counts = brain_slice_counts(volume)
     return select_slices(slice_entropy(volume, channel, bins), k, min_gap, brain=counts > 0)
-
-
-def torch_slice_entropy(x: torch.Tensor, bins: int = 32, channel: int | None = None) -> torch.Tensor:
-    """Vectorized `slice_entropy` for a batch (B, C, D, H, W) -> (B, W) float32, on x's device.
-
-    Same binning as the numpy version (per case and channel, bins over its brain range, float32), so the two
-    agree up to float32 rounding of the entropy. One scatter_add builds all (case, channel, slice) histograms.
-    """
-    if x.ndim != 5:
-        raise ValueError(f"expected (B, C, D, H, W), got shape {tuple(x.shape)}")
-    if bins < 1:
-        raise ValueError(f"bins {bins} must be at least 1")
-    x = x.detach().float()
-    x_ch = x if channel is None else x[:, [channel]]
-    b, c = x_ch.shape[:2]
-    n_slices = x.shape[-1]
-    mask = (x != 0).any(1, keepdim=True)  # (B, 1, D, H, W): brain in any channel
-    flat = x_ch.reshape(b, c, -1)
-    m = mask.reshape(b, 1, -1).expand(b, c, -1)
-    lo = torch.where(m, flat, torch.full_like(flat, float("inf"))).amin(-1, keepdim=True)
-    hi = torch.where(m, flat, torch.full_like(flat, float("-inf"))).amax(-1, keepdim=True)
-    rng = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
-    idx = torch.floor((flat - lo) / rng * bins).clamp_(0, bins - 1).long()
-    slice_of = torch.arange(n_slices, device=x.device).repeat(flat.shape[-1] // n_slices)
-    idx = idx + slice_of * bins
-    counts = torch.zeros(b, c, n_slices * bins, device=x.device)
-    counts.scatter_add_(2, idx, m.float())
-    counts = counts.view(b, c, n_slices, bins)
-    n = counts.sum(-1, keepdim=True)
-    p = counts / n.clamp_min(1)
-    h = -(p * torch.log2(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
-    h = torch.where(n[..., 0] >= 2, h, torch.zeros_like(h))
-    return h.mean(1)
 
 
 def selection_record(

@@ -42,8 +42,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.plots import save_figure
-from gliograde.evaluation.summary import FoldRun, SummaryError, find_runs
 from gliograde.files import json_safe, new_stamped_dir, write_json, write_text_atomic
+from gliograde.records import FoldRun, SummaryError, find_runs
 
 SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
 # settings that decide which patient lands in which fold; "repeats" only says how many repeats there are, and

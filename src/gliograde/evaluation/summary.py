@@ -16,177 +16,37 @@ import io
 import json
 import logging
 import math
-import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from scipy.stats import rankdata
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from gliograde import GRADES
-from gliograde.config import RUNTIME_FIELDS
 from gliograde.data.brats import UNKNOWN_SITE, site_of
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats as honest
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import save_figure
 from gliograde.files import json_safe, write_json, write_text_atomic
+from gliograde.records import (  # noqa: F401  (FoldRun, find_runs, ...: re-exported for existing imports)
+    OWN_CHECKS,
+    FoldRun,
+    SummaryError,
+    config_differences,
+    find_runs,
+    label,
+    read_run,
+    run_order_key,
+    run_status,
+    shared,
+    who_holds,
+)
 
 log = logging.getLogger("gliograde")
 METRICS = ("auc", "f1", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
 MIXED_COHORT = "2013"  # the BraTS 2013 cases: the one site of BraTS 2018 with both grades
-
-
-class SummaryError(GliogradeError):
-    pass
-
-
-@dataclass
-class FoldRun:
-    fold: int
-    run_dir: Path
-    final: dict
-    folds: int  # K of the run's configuration
-    ids: list[str]
-    labels: np.ndarray
-    probs: np.ndarray
-    repeat: int = 0
-    protocol: str = "outer"  # inner | outer (runs made before the protocol was recorded: outer, the seeds')
-    cache_dir: str | None = None
-    split: tuple = ()  # the split settings of the run's configuration (K, seed, repeats, grouping, inner part)
-    config: dict = field(default_factory=dict)  # what it computes: the configuration less runtime and fold fields
-    provenance: dict = field(default_factory=dict)  # hashes, code version, environment
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.repeat, self.fold
-
-
-# ------------------------------------------------------------------------------------------------ finding runs
-def run_order_key(path: Path) -> tuple[str, int]:
-    m = re.fullmatch(r"run_(\d{8}_\d{6})(?:_(\d+))?", path.name)
-    return (m.group(1), int(m.group(2) or 1)) if m else ("", 0)
-
-
-def run_status(run_dir: Path) -> str:
-    """'complete', 'running' (or interrupted), or why the folder is not a readable run."""
-    try:
-        metrics = json.loads((run_dir / "metrics" / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return "no readable metrics/metrics.json"
-    if metrics.get("status") == "failed":
-        return f"failed: {metrics.get('reason', 'no reason recorded')}"
-    if metrics.get("status") != "complete":
-        return "running or interrupted"
-    if not (run_dir / "predictions" / "val_probs.npy").is_file():
-        return "complete but without predictions/"
-    return "complete"
-
-
-def read_run(run_dir: Path) -> FoldRun:
-    run_dir = Path(run_dir)
-    status = run_status(run_dir)
-    if status != "complete":
-        raise SummaryError(f"{run_dir}: {status}")
-    metrics = json.loads((run_dir / "metrics" / "metrics.json").read_text())
-    config = json.loads((run_dir / "config" / "config.json").read_text())["config"]
-    p = run_dir / "predictions"
-    ids = json.loads((p / "val_ids.json").read_text())
-    labels, probs = np.load(p / "val_labels.npy"), np.load(p / "val_probs.npy")
-    if not len(ids) == len(labels) == len(probs):
-        raise SummaryError(f"{p}: {len(ids)} ids, {len(labels)} labels and {len(probs)} probabilities")
-    protocol = (metrics.get("selection") or metrics["final"].get("selection") or {}).get("protocol", "outer")
-    return FoldRun(
-        int(metrics["fold"]),
-        run_dir,
-        metrics["final"],
-        int(config["folds"]),
-        ids,
-        labels,
-        probs,
-        int(metrics.get("repeat", config.get("repeat", 0)) or 0),
-        protocol,
-        config.get("cache_dir"),
-        tuple(
-            config.get(k) for k in ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
-        ),
-        {k: v for k, v in config.items() if k not in RUNTIME_FIELDS and k not in FOLD_BOOKKEEPING},
-        run_provenance(json.loads((run_dir / "config" / "config.json").read_text())),
-    )
-
-
-FOLD_BOOKKEEPING = ("fold", "repeat")
-# checked on their own, with their own messages: the split settings and the selection protocol
-OWN_CHECKS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction", "selection")
-
-
-def run_provenance(record: dict) -> dict:
-    env = record.get("environment") or {}
-    keep = ("git_commit", "git_dirty", "torch", "cuda", "cudnn", "gliograde", "device")
-    return {**{k: env.get(k) for k in keep if k in env}, **(record.get("provenance") or {}),
-            "precision": (env.get("precision") or {}).get("name")}  # fmt: skip
-
-
-def who_holds(chosen: dict, attr: str) -> str:
-    """ "value: fold 0, fold 2; other value: fold 1" for a run attribute on which the runs differ."""
-    values = sorted({getattr(r, attr) for r in chosen.values()}, key=str)
-    return "; ".join(
-        f"{v}: {', '.join(label(key) for key, r in sorted(chosen.items()) if getattr(r, attr) == v)}" for v in values
-    )
-
-
-def config_differences(runs: list[FoldRun]) -> dict[str, dict[str, object]]:
-    """The configuration keys (fold bookkeeping and runtime fields aside) on which the runs differ: key -> {run
-    label: value}."""
-    keys = sorted({k for r in runs for k in r.config} - set(OWN_CHECKS))
-    out = {}
-    for k in keys:
-        values = {label(r.key): r.config.get(k, "<absent>") for r in runs}
-        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
-            out[k] = values
-    return out
-
-
-def shared(runs: list[FoldRun], attr: str) -> dict:
-    """The entries of a per-run dict that all runs share."""
-    first = getattr(runs[0], attr)
-    return {k: v for k, v in first.items() if all(getattr(r, attr).get(k) == v for r in runs[1:])}
-
-
-def find_runs(results_dir: Path) -> tuple[dict[tuple[int, int], FoldRun], dict[tuple[int, int], str]]:
-    """The newest complete run of each (repeat, fold) under results_dir/runs/fold_k/ (repeat 0, the seeds' layout)
-    and runs/repeat_r/fold_k/, and why the other (repeat, fold) pairs found have none."""
-    runs_root = Path(results_dir) / "runs"
-    if not runs_root.is_dir():
-        raise SummaryError(f"{results_dir} holds no runs/ folder; train folds first (gliograde cv or train)")
-    parents = [(0, runs_root)] + [
-        (int(m.group(1)), d)
-        for d in sorted(runs_root.glob("repeat_*"))
-        if (m := re.fullmatch(r"repeat_(\d+)", d.name)) and d.is_dir()
-    ]
-    chosen, problems = {}, {}
-    for repeat, parent in parents:
-        for fold_dir in sorted(parent.glob("fold_*")):
-            m = re.fullmatch(r"fold_(\d+)", fold_dir.name)
-            if not m:
-                continue
-            key = (repeat, int(m.group(1)))
-            candidates = sorted((d for d in fold_dir.glob("run_*") if d.is_dir()), key=run_order_key, reverse=True)
-            for run in candidates:
-                if run_status(run) == "complete":
-                    chosen[key] = read_run(run)
-                    break
-            else:
-                problems[key] = ", ".join(f"{r.name}: {run_status(r)}" for r in candidates) or "no runs"
-    return chosen, problems
-
-
-def label(key: tuple[int, int]) -> str:
-    repeat, fold = key
-    return f"fold {fold}" if repeat == 0 else f"repeat {repeat} fold {fold}"
 
 
 # -------------------------------------------------------------------------------------------------- statistics
@@ -204,25 +64,6 @@ def mean_std(values) -> tuple[float, float]:
 def defined(values) -> int:
     """How many fold values a mean stands on (the non-NaN ones)."""
     return int(np.sum(~np.isnan(np.asarray(values, dtype=np.float64))))
-
-
-def bootstrap_auc(labels, probs, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, int]:
-    """Percentile interval of the AUC over patient resamples (with replacement); resamples with one class only are
-    dropped. Returns (low, high, resamples used). Vectorised: the AUC is the normalised rank sum of the positives."""
-    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(labels), size=(n, len(labels)))
-    y, p = labels[idx], probs[idx]
-    n_pos = y.sum(1)
-    n_neg = len(labels) - n_pos
-    ok = (n_pos > 0) & (n_neg > 0)
-    ranks = rankdata(p[ok], axis=1)  # average ranks for ties, as the Mann-Whitney U statistic needs
-    auc = ((ranks * y[ok]).sum(1) - n_pos[ok] * (n_pos[ok] + 1) / 2) / (n_pos[ok] * n_neg[ok])
-    if len(auc) == 0:
-        return math.nan, math.nan, 0
-    alpha = (1 - level) / 2
-    low, high = np.quantile(auc, [alpha, 1 - alpha])
-    return float(low), float(high), len(auc)
 
 
 def site_audit(ids: list[str], labels, preds=None) -> dict:
@@ -321,6 +162,67 @@ def summarize(
     """Build the report, write summary.{md,csv,json} and the figures into results_dir; return the JSON.
     Folds trained with different configurations are refused unless `allow_mixed`."""
     results_dir = Path(results_dir)
+    chosen, problems = choose_runs(results_dir, runs)
+    k, repeats, missing, protocol, warnings = check_runs(chosen, problems, allow_partial, allow_mixed)
+    ordered = [chosen[key] for key in sorted(chosen)]
+    first_repeat = [r for r in ordered if r.repeat == repeats[0]]
+    rows = [fold_row(r) for r in ordered]
+    stats = {m: mean_std([row[m] for row in rows]) for m in METRICS}
+    per_repeat = [pool_repeat(ordered, rep, bootstrap, seed) for rep in repeats]
+    first = per_repeat[0]
+    pooled, labels, probs, all_ids = first["pooled"], first["labels"], first["probs"], first["ids"]
+    audit = audit_sites(first_repeat, all_ids, labels, probs, warnings)
+    baseline = site_baseline_for(ordered, all_ids, labels, repeats[0], protocol)
+    looks = attention_of(first_repeat, rows)
+    shortcut = shortcut_warning(pooled, looks)
+    if shortcut:
+        warnings.append(shortcut)
+
+    n_folds = {m: defined([row[m] for row in rows]) for m in METRICS}
+    report = {
+        "results_dir": str(results_dir),
+        "k": k,
+        "protocol": protocol,
+        "protocol_label": PROTOCOL_LABELS.get(protocol, protocol),
+        "partial": bool(missing),
+        "missing_folds": [f for rep, f in missing if rep == repeats[0]],
+        "missing": [list(m) for m in missing],
+        "headline": headline(stats, n_folds, len(rows), pooled),
+        "folds": rows,
+        "mean": {m: s[0] for m, s in stats.items()},
+        "std": {m: s[1] for m, s in stats.items()},
+        "n_folds": n_folds,
+        "std_definition": "sample standard deviation over folds (ddof = 1)",
+        "mean_definition": MEAN_DEFINITION,
+        "methods": METHODS,
+        "pooled": pooled,
+        "repeats": [{"repeat": r["repeat"], "pooled": r["pooled"]} for r in per_repeat],
+        "over_repeats": over_repeats(per_repeat),
+        "configuration": shared(ordered, "config"),
+        "provenance": {
+            "shared": shared(ordered, "provenance"),
+            "per_run": {label(r.key): r.provenance for r in ordered},
+        },
+        "site_baseline": baseline,
+        "attention": looks,
+        "sites": audit,
+        "warnings": warnings,
+    }
+    roc_png, pr_png = cv_curves(first_repeat, labels, probs, results_dir)
+    rel_png = results_dir / "cv_reliability.png"
+    curves = {f"repeat {r['repeat']}": r["pooled"]["calibration"]["reliability"] for r in per_repeat}
+    save_figure(honest.reliability_figure(curves), rel_png)
+    report["figures"] = [str(roc_png), str(pr_png), str(rel_png)]
+    report["report_html"] = str(results_dir / "report.html")
+    _write(results_dir, report)
+    from gliograde.evaluation.report import write_report
+
+    write_report(report, results_dir, report["provenance"]["shared"], report["configuration"])
+    return report
+
+
+def choose_runs(results_dir: Path, runs) -> tuple[dict, dict]:
+    """The runs named by --runs (one per fold), else the newest complete run of each fold; (runs, problems)."""
     if runs:
         chosen = {}
         for r in runs:
@@ -334,6 +236,12 @@ def summarize(
     if not chosen:
         detail = "; ".join(f"{label(key)}: {why}" for key, why in sorted(problems.items()))
         raise SummaryError(f"no complete run under {results_dir}" + (f" ({detail})" if detail else ""))
+    return chosen, problems
+
+
+def check_runs(chosen: dict, problems: dict, allow_partial: bool, allow_mixed: bool):
+    """Whether the runs make one CV: one K, one configuration, one protocol, one split, every fold. Refused in one
+    line unless allowed (then labelled in the warnings). Returns (K, repeats, missing folds, protocol, warnings)."""
     ks = {r.folds for r in chosen.values()}
     if len(ks) > 1:
         raise SummaryError(f"the runs were trained with different numbers of folds {sorted(ks)}: not one CV")
@@ -369,8 +277,7 @@ def summarize(
         warnings.append(f"MIXED splits ({detail})")
     repeats = sorted({r.repeat for r in chosen.values()})
     missing = [(rep, f) for rep in repeats for f in range(k) if (rep, f) not in chosen]
-    partial = bool(missing)
-    if partial:
+    if missing:
         detail = ", ".join(f"{label(key)} ({problems.get(key, 'no run')})" for key in missing)
         if not allow_partial:
             raise SummaryError(
@@ -385,46 +292,50 @@ def summarize(
             "selected on the reported folds (optimistic): every fold's epoch and checkpoint were chosen on the "
             "patients it reports (--selection outer, the seeds' protocol); use --selection inner for unbiased numbers"
         )
+    return k, repeats, missing, protocol, warnings
 
-    ordered = [chosen[key] for key in sorted(chosen)]
-    rows = [fold_row(r) for r in ordered]
-    stats = {m: mean_std([row[m] for row in rows]) for m in METRICS}
-    per_repeat = []
-    for rep in repeats:
-        rruns = [r for r in ordered if r.repeat == rep]
-        ids = [i for r in rruns for i in r.ids]
-        duplicated = sorted(i for i, c in Counter(ids).items() if c > 1)
-        if duplicated:
-            raise SummaryError(
-                f"patients validated in more than one fold of repeat {rep} ({duplicated[:5]}...): the runs used "
-                "different splits"
-            )
-        labels = np.concatenate([r.labels for r in rruns])
-        probs = np.concatenate([r.probs for r in rruns])
-        pooled = compute_metrics(labels, probs, threshold_of(rruns))
-        boot = honest.bootstrap_auc(labels, probs, bootstrap, seed)
-        pooled.update(
-            {
-                "auc_ci95": [boot["ci_low"], boot["ci_high"]],
-                "bootstrap": {"resamples": bootstrap, "seed": seed, **BOOTSTRAP},
-            }
+
+def pool_repeat(ordered: list[FoldRun], rep: int, bootstrap: int, seed: int) -> dict:
+    """One repeat's out-of-fold predictions pooled (each patient once, by the fold that held it out) and scored at
+    each fold's own threshold, with the stratified bootstrap interval and the honest statistics."""
+    rruns = [r for r in ordered if r.repeat == rep]
+    ids = [i for r in rruns for i in r.ids]
+    duplicated = sorted(i for i, c in Counter(ids).items() if c > 1)
+    if duplicated:
+        raise SummaryError(
+            f"patients validated in more than one fold of repeat {rep} ({duplicated[:5]}...): the runs used "
+            "different splits"
         )
-        pooled.update(honest.honest_statistics(labels, probs, threshold_of(rruns)))
-        per_repeat.append({"repeat": rep, "ids": ids, "labels": labels, "probs": probs, "pooled": pooled})
-    first = per_repeat[0]
-    pooled, labels, probs, all_ids = first["pooled"], first["labels"], first["probs"], first["ids"]
-    repeat_aucs = [r["pooled"]["auc"] for r in per_repeat]
-    over_repeats = {
+    labels = np.concatenate([r.labels for r in rruns])
+    probs = np.concatenate([r.probs for r in rruns])
+    pooled = compute_metrics(labels, probs, threshold_of(rruns))
+    boot = honest.bootstrap_auc(labels, probs, bootstrap, seed)
+    pooled.update(
+        {
+            "auc_ci95": [boot["ci_low"], boot["ci_high"]],
+            "bootstrap": {"resamples": bootstrap, "seed": seed, **BOOTSTRAP},
+        }
+    )
+    pooled.update(honest.honest_statistics(labels, probs, threshold_of(rruns)))
+    return {"repeat": rep, "ids": ids, "labels": labels, "probs": probs, "pooled": pooled}
+
+
+def over_repeats(per_repeat: list[dict]) -> dict:
+    aucs = [r["pooled"]["auc"] for r in per_repeat]
+    return {
         "n_repeats": len(per_repeat),
-        "pooled_auc": repeat_aucs,
-        "mean": float(np.mean(repeat_aucs)),
-        "std": float(np.std(repeat_aucs, ddof=1)) if len(repeat_aucs) > 1 else math.nan,
-        "min": float(np.min(repeat_aucs)),
-        "max": float(np.max(repeat_aucs)),
+        "pooled_auc": aucs,
+        "mean": float(np.mean(aucs)),
+        "std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else math.nan,
+        "min": float(np.min(aucs)),
+        "max": float(np.max(aucs)),
     }
 
-    # one operating point everywhere: each patient at its own fold's threshold, in the site table and the cohort
-    thresholds = np.broadcast_to(threshold_of([r for r in ordered if r.repeat == repeats[0]]), probs.shape)
+
+def audit_sites(first_repeat: list[FoldRun], all_ids, labels, probs, warnings: list[str]) -> dict:
+    """The site audit and the mixed-grade 2013 cohort, at one operating point everywhere: each patient at its own
+    fold's threshold. A warning joins `warnings` where single-grade sites could carry the AUC."""
+    thresholds = np.broadcast_to(threshold_of(first_repeat), probs.shape)
     preds = (probs >= thresholds).astype(np.int64)
     audit = site_audit(all_ids, labels, preds)
     cohort = [k_ for k_, i in enumerate(all_ids) if site_of(i) == MIXED_COHORT]
@@ -440,58 +351,21 @@ def summarize(
     site_warn = site_warning(audit)
     if site_warn:
         warnings.append(site_warn)
-    baseline = site_baseline_for(ordered, all_ids, labels, repeats[0], protocol)
-    looks = attention_of([r for r in ordered if r.repeat == repeats[0]], rows)
-    if looks and looks.get("pooled"):
-        a = looks["pooled"]
-        if pooled["auc"] >= 0.75 and a["mean_mass_in_mask"] < 1.5 * a["mean_chance"]:
-            warnings.append(
-                f"AUC {pooled['auc']:.2f} with {100 * a['mean_mass_in_mask']:.0f} % of the Grad-CAM mass on the tumour "
-                f"(chance {100 * a['mean_chance']:.0f} %): a high AUC with little attention on the tumour is the "
-                "signature of shortcut learning (scanner or site); compare the site-only baseline"
-            )
+    return audit
 
-    n_folds = {m: defined([row[m] for row in rows]) for m in METRICS}
-    report = {
-        "results_dir": str(results_dir),
-        "k": k,
-        "protocol": protocol,
-        "protocol_label": PROTOCOL_LABELS.get(protocol, protocol),
-        "partial": partial,
-        "missing_folds": [f for rep, f in missing if rep == repeats[0]],
-        "missing": [list(m) for m in missing],
-        "headline": headline(stats, n_folds, len(rows), pooled),
-        "folds": rows,
-        "mean": {m: s[0] for m, s in stats.items()},
-        "std": {m: s[1] for m, s in stats.items()},
-        "n_folds": n_folds,
-        "std_definition": "sample standard deviation over folds (ddof = 1)",
-        "mean_definition": MEAN_DEFINITION,
-        "methods": METHODS,
-        "pooled": pooled,
-        "repeats": [{"repeat": r["repeat"], "pooled": r["pooled"]} for r in per_repeat],
-        "over_repeats": over_repeats,
-        "configuration": shared(ordered, "config"),
-        "provenance": {
-            "shared": shared(ordered, "provenance"),
-            "per_run": {label(r.key): r.provenance for r in ordered},
-        },
-        "site_baseline": baseline,
-        "attention": looks,
-        "sites": audit,
-        "warnings": warnings,
-    }
-    roc_png, pr_png = cv_curves([r for r in ordered if r.repeat == repeats[0]], labels, probs, results_dir)
-    rel_png = results_dir / "cv_reliability.png"
-    curves = {f"repeat {r['repeat']}": r["pooled"]["calibration"]["reliability"] for r in per_repeat}
-    save_figure(honest.reliability_figure(curves), rel_png)
-    report["figures"] = [str(roc_png), str(pr_png), str(rel_png)]
-    report["report_html"] = str(results_dir / "report.html")
-    _write(results_dir, report)
-    from gliograde.evaluation.report import write_report
 
-    write_report(report, results_dir, report["provenance"]["shared"], report["configuration"])
-    return report
+def shortcut_warning(pooled: dict, looks: dict | None) -> str | None:
+    """A high AUC with little Grad-CAM mass on the tumour: the signature of shortcut learning."""
+    if not (looks and looks.get("pooled")):
+        return None
+    a = looks["pooled"]
+    if pooled["auc"] >= 0.75 and a["mean_mass_in_mask"] < 1.5 * a["mean_chance"]:
+        return (
+            f"AUC {pooled['auc']:.2f} with {100 * a['mean_mass_in_mask']:.0f} % of the Grad-CAM mass on the tumour "
+            f"(chance {100 * a['mean_chance']:.0f} %): a high AUC with little attention on the tumour is the "
+            "signature of shortcut learning (scanner or site); compare the site-only baseline"
+        )
+    return None
 
 
 PROTOCOL_LABELS = {

@@ -27,12 +27,13 @@ from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, prepro
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.scoring import model_from_checkpoint
-from gliograde.evaluation.summary import config_differences, find_runs
 from gliograde.files import new_stamped_dir, write_json
+from gliograde.inference.qc import TrainingReference, member_features
 from gliograde.inference.records import write_predictions_csv
 from gliograde.inference.saliency import grad_cam, saliency_png
 from gliograde.networks import model_kind
 from gliograde.networks.resnet3d import ResNet3D
+from gliograde.records import config_differences, find_runs
 from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
 
 log = logging.getLogger("gliograde")
@@ -230,8 +231,10 @@ def predict_cases(
     saliency: bool = False,
     device: torch.device | None = None,
     saliency_layer: str = "auto",
+    qc: TrainingReference | None = None,
 ) -> list[dict]:
-    """Predict every case; write predictions.csv/.json (and saliency/) into `out`; return the records."""
+    """Predict every case; write predictions.csv/.json (and saliency/) into `out`; return the records. Each record
+    holds its input-quality flags (`qc`, see inference/qc.py; `qc`: a reference already built, else built here)."""
     repeated = sorted({c.id for c in cases if [d.id for d in cases].count(c.id) > 1})
     if repeated:
         raise PredictError(f"case id(s) {repeated} given twice; their outputs would overwrite each other")
@@ -248,6 +251,10 @@ def predict_cases(
     channels = [MODALITIES.index(m) for m in ref.modalities]
     for m in members:
         m.model.to(device)
+    if qc is None:
+        qc = TrainingReference.of(members)
+        qc.ensure_hashes()
+        qc.ensure_features(members, device)
     if saliency:
         (out / "saliency").mkdir(exist_ok=True)
     names = [f"fold_{m.fold}" if m.fold is not None else m.checkpoint.parent.parent.name for m in members]
@@ -273,6 +280,7 @@ def predict_cases(
             "decision_rule": "HGG when p_hgg >= threshold, else LGG",
             "true_grade": case.grade if case.grade != UNKNOWN_GRADE else None,
             "folds": dict(zip(names, per_model, strict=True)),
+            "qc": qc.check(case, volume, member_features(members, x) if qc.members else None, ref.preprocess),
         }
         if model_kind(ref.model) == "mil2d":
             record["mil"] = mil_attention(members, x)
@@ -314,6 +322,7 @@ def predict_cases(
         "threshold_rule": "mean of the members' thresholds (each fitted on its fold's selection part)",
         "operating_point_explained": operating_point_text(members, threshold),
         "operating_points": [m.point.to_dict() for m in members],
+        "qc": qc.describe(),
         "predictions": records,
         "failed": failed,
     }

@@ -5,7 +5,7 @@ Drop-in for `ResNet3D`: it takes the same (B, C, D, H, W) volumes and exposes `f
 `head_parameters()` (attention pooling + classifier), `describe()` and the attributes depth, in_channels,
 num_classes and num_features.
 
-Per case, the k axial slices (x[..., z]) of highest entropy (`gliograde.data.slices.torch_slice_entropy`, under
+Per case, the k axial slices (x[..., z]) of highest entropy (`torch_slice_entropy` below, under
 no_grad) form the bag; each slice is an instance image (C, D, H). The 2D ResNet has torchvision's layout and
 parameter names (conv1 7x7 stride 2, bn1, maxpool, layer1..4 of BasicBlocks, downsample.0/1, global average pool),
 so a torchvision resnet18/34 state dict (without `fc`) loads into `model.backbone`. Pooling: "mean", "max" or
@@ -17,10 +17,42 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gliograde.data.slices import torch_slice_entropy
-
 POOLINGS = ("attention", "mean", "max")
 ARCHS_2D: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+def torch_slice_entropy(x: torch.Tensor, bins: int = 32, channel: int | None = None) -> torch.Tensor:
+    """Vectorized `data.slices.slice_entropy` for a batch (B, C, D, H, W) -> (B, W) float32, on x's device.
+
+    Same binning as the numpy version (per case and channel, bins over its brain range, float32), so the two
+    agree up to float32 rounding of the entropy. One scatter_add builds all (case, channel, slice) histograms.
+    """
+    if x.ndim != 5:
+        raise ValueError(f"expected (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if bins < 1:
+        raise ValueError(f"bins {bins} must be at least 1")
+    x = x.detach().float()
+    x_ch = x if channel is None else x[:, [channel]]
+    b, c = x_ch.shape[:2]
+    n_slices = x.shape[-1]
+    mask = (x != 0).any(1, keepdim=True)  # (B, 1, D, H, W): brain in any channel
+    flat = x_ch.reshape(b, c, -1)
+    m = mask.reshape(b, 1, -1).expand(b, c, -1)
+    lo = torch.where(m, flat, torch.full_like(flat, float("inf"))).amin(-1, keepdim=True)
+    hi = torch.where(m, flat, torch.full_like(flat, float("-inf"))).amax(-1, keepdim=True)
+    rng = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    idx = torch.floor((flat - lo) / rng * bins).clamp_(0, bins - 1).long()
+    slice_of = torch.arange(n_slices, device=x.device).repeat(flat.shape[-1] // n_slices)
+    idx = idx + slice_of * bins
+    counts = torch.zeros(b, c, n_slices * bins, device=x.device)
+    counts.scatter_add_(2, idx, m.float())
+    counts = counts.view(b, c, n_slices, bins)
+    n = counts.sum(-1, keepdim=True)
+    p = counts / n.clamp_min(1)
+    h = -(p * torch.log2(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
+    h = torch.where(n[..., 0] >= 2, h, torch.zeros_like(h))
+    return h.mean(1)
 
 
 class BasicBlock2D(nn.Module):

@@ -19,7 +19,8 @@ import torch
 from gliograde.config import TrainConfig, load_run_config, parse_fold_list, validate, with_split
 from gliograde.data.splits import describe
 from gliograde.errors import GliogradeError
-from gliograde.evaluation.summary import run_order_key, run_status, summarize
+from gliograde.evaluation.summary import summarize
+from gliograde.records import run_order_key, run_status
 from gliograde.training.checkpoints import LAST
 
 log = logging.getLogger("gliograde")
@@ -34,7 +35,7 @@ class CVError(GliogradeError):
 
 def fold_plan(cfg: TrainConfig) -> tuple[str, Path | None]:
     """('done', run) / ('resume', run) / ('new', None) for cfg's fold and repeat, looking at its newest runs."""
-    from gliograde.training.trainer import fold_parent
+    from gliograde.training.run_folder import fold_parent
 
     parent = fold_parent(cfg.output_dir, cfg.fold, cfg.repeat)
     if not parent.is_dir():

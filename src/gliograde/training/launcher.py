@@ -150,6 +150,14 @@ def _executor(launcher: str, folder: Path, *, name: str, slurm: dict, timeout_mi
     return executor
 
 
+def _tidy(folder: Path) -> None:
+    """submitit's LocalExecutor makes the folder pattern itself ("%j", literally) before it names the jobs' folders:
+    an empty folder nobody needs."""
+    pattern = Path(folder) / "%j"
+    if pattern.is_dir() and not any(pattern.iterdir()):
+        pattern.rmdir()
+
+
 def submit_folds(
     todo: list[TrainConfig],
     launcher: str,
@@ -194,6 +202,7 @@ def submit_folds(
         jobs = executor.map_array(run_fold_task, values, [threads] * len(values), assigned, [locks] * len(values))
         if gpus:
             log.info("local tasks on GPUs %s, one fold at a time per GPU group", sorted(set(assigned)))
+    _tidy(folder)
     from gliograde.training.cv import name
 
     for cfg, job in zip(todo, jobs, strict=True):
@@ -265,6 +274,7 @@ def submit_summary(
     from gliograde.evaluation.summary import summarize
 
     job = executor.submit(summarize, str(results_dir), allow_partial=allow_partial)
+    _tidy(folder)
     log.info("summary: %s job %s (log %s)", launcher, job.job_id, job.paths.stderr)
     return job
 
@@ -322,7 +332,7 @@ def cv_status(results_dir: Path, k: int | None = None, repeats: int | None = Non
     last.pt), 'failed' (reason: why; log: the run's newest logs/*.log), or 'missing' (no run yet), for every fold of
     every repeat: k folds in each of `repeats` repeats, both taken from the runs' recorded split (`recorded_split`)
     when not given."""
-    from gliograde.evaluation.summary import run_order_key, run_status
+    from gliograde.records import run_order_key, run_status
 
     if k is None or repeats is None:
         found_k, found_repeats = recorded_split(results_dir)

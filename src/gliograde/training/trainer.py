@@ -1,17 +1,14 @@
-"""Train one fold, top to bottom: set-up, the epoch loop (train, monitor, checkpoint, stop), final evaluation.
+"""Train one fold, top to bottom: `_train` is the set-up in named steps (data, parts, restore), then one epoch loop
+(train, monitor, checkpoint, stop), then the final evaluation (`finish`).
 
 With --selection inner (the default) the model trains on the fold's fit part, is monitored on its selection part
 (early stopping, best/best_ema, the operating point), and the reported fold is scored once at the end; with outer
 (the seeds') it trains on all training patients and is monitored on the reported fold.
 
-The run folder (training_journey_summary.md / resnet50_3d_training_guide.md; repeat r > 0 under runs/repeat_r/):
-
-    results/ResNet50-3D/runs/fold_{k}/run_YYYYMMDD_HHMMSS/
-        checkpoints/ best.pt last.pt [best_ema.pt]    metrics/metrics.json    plots/*.png    tensorboard/
-        predictions/ val_probs.npy (at the operating point) val_probs_raw.npy val_preds.npy val_labels.npy
-                     val_ids.json [val_slices.npy val_attention.npy: MIL]    config/config.json    logs/*.log
+Elsewhere, each in the module named for it: the run folder and its records (run_folder.py), the optimizer and the
+schedule (optim.py), the generators of a resume (rng.py), the checkpoint policy (checkpoints.py), best/early stopping
+(selection.py), EMA (ema.py), losses (losses.py), DDP and the batch plan (distributed.py).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -43,21 +40,27 @@ from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import PlotWriter, save_figure
 from gliograde.evaluation.scoring import evaluate_checkpoint, predict
 from gliograde.evaluation.stats import honest_statistics, reliability_figure
-from gliograde.files import new_stamped_dir, write_json
+from gliograde.files import write_json
 from gliograde.networks import build_for
-from gliograde.networks.resnet3d import ResNet3D
-from gliograde.provenance import provenance
 from gliograde.training import distributed
 from gliograde.training.checkpoints import LAST, CheckpointWriter, load_checkpoint, save_epoch
 from gliograde.training.distributed import Dist
 from gliograde.training.ema import EMA
 from gliograde.training.losses import drw_active, drw_weights, make_loss
-from gliograde.training.selection import Tracker, improved  # noqa: F401  (improved: part of this module's API)
+from gliograde.training.optim import make_optimizer, make_scheduler
+from gliograde.training.rng import rng_state, set_rng_state
+from gliograde.training.run_folder import (
+    mark_failed,
+    new_run_dir,
+    protocol_record,
+    record_precision_change,
+    write_run_config,
+)
+from gliograde.training.selection import Tracker
 from gliograde.training.tracking import RunLogger
 
 log = logging.getLogger("gliograde")
 CHECK_EVERY = 25  # micro-batches between reads of the loss (the finite check and the progress bar)
-RUN_DIRS = ("checkpoints", "metrics", "plots", "predictions", "config", "logs")
 
 
 class TrainingError(GliogradeError):
@@ -72,62 +75,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
-def fold_parent(output_dir: str, fold: int, repeat: int = 0) -> Path:
-    """runs/fold_k (the seeds' layout) for repeat 0, runs/repeat_r/fold_k for the other repeats."""
-    runs = Path(output_dir) / "runs"
-    return (runs if repeat == 0 else runs / f"repeat_{repeat}") / f"fold_{fold}"
-
-
-def new_run_dir(output_dir: str, fold: int, repeat: int = 0) -> Path:
-    """fold_parent/run_YYYYMMDD_HHMMSS, with a suffix when two runs start in the same second (never shared)."""
-    run = new_stamped_dir(fold_parent(output_dir, fold, repeat), "run")
-    for sub in RUN_DIRS:
-        (run / sub).mkdir()
-    return run
-
-
-def make_optimizer(model: ResNet3D, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Two parameter groups: the backbone at lr, the classifier at lr x classifier_lr_mult."""
-    groups = [
-        {"params": model.backbone_parameters(), "lr": cfg.lr, "name": "backbone"},
-        {"params": model.head_parameters(), "lr": cfg.lr * cfg.classifier_lr_mult, "name": "head"},
-    ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    fused = all(p.is_cuda for g in groups for p in g["params"])  # one kernel for all parameters on a GPU
-    return cls(groups, weight_decay=cfg.weight_decay, fused=fused or None)
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Stepped once per optimizer step: linear warmup, then cosine to zero / steps of gamma / constant."""
-    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        if cfg.scheduler == "step":
-            return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def mark_failed(d: Dist, run_dir: Path, cfg: TrainConfig, resume, error: BaseException) -> None:
-    """A new run that failed before it finished says so in metrics.json (status "failed" and the reason), so that a
-    folder left by, say, an unreadable --pretrained-path is never mistaken for an interrupted or finished run.
-    An interrupted run (KeyboardInterrupt) and a resumed one keep their state for --resume."""
-    if not d.main or resume is not None:
-        return
-    path = run_dir / "metrics" / "metrics.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    write_json(path, {**previous, "status": "failed", "fold": cfg.fold, "repeat": cfg.repeat, "final": None,
-                      "reason": f"{type(error).__name__}: {reason}"})  # fmt: skip
-
-
 def check_finite(d: Dist, bad_step: int, epoch: int, run_dir: Path) -> None:
     """Stop every rank together when any rank saw a non-finite loss (bad_step: its first such micro-batch, 0: none).
     Nothing of this epoch has been checkpointed yet, so the previous epochs' checkpoints stay intact."""
@@ -138,32 +85,6 @@ def check_finite(d: Dist, bad_step: int, epoch: int, run_dir: Path) -> None:
             f"Checkpoints of the previous epochs in {run_dir / 'checkpoints'} are intact. "
             "Lower --lr, set --grad-clip, or check the input data."
         )
-
-
-def rng_state(generator: torch.Generator, d: Dist, device: torch.device) -> dict:
-    """The generators to resume with: the shared sampling/augmentation generator, and each rank's own global
-    generators (dropout draws differ per rank). A collective under DDP: every rank calls it."""
-    mine = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    ranks = distributed.gather(d, mine)
-    return {"torch": ranks[0]["torch"], "generator": generator.get_state(), "cuda": runtime.cuda_rng_states(),
-            "ranks": ranks}  # fmt: skip
-
-
-def set_rng_state(state: dict, generator: torch.Generator, d: Dist, device: torch.device) -> str | None:
-    """Restores the saved generators (this rank's own where the run recorded them); returns a note where the run
-    had a different number of GPUs than this machine."""
-    generator.set_state(state["generator"])
-    ranks = state.get("ranks")
-    if ranks and len(ranks) == d.world:
-        mine = ranks[d.rank]
-        torch.set_rng_state(mine["torch"])
-        if device.type == "cuda" and mine.get("cuda") is not None:
-            torch.cuda.set_rng_state(mine["cuda"], device)
-        return None
-    torch.set_rng_state(state["torch"])  # a run saved before per-rank states were kept
-    return runtime.restore_cuda_rng_states(state.get("cuda", []))
 
 
 def summary(values) -> dict:
@@ -272,19 +193,101 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
 
 
 def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tracking, on_epoch_end) -> RunResult:
+    # ------------------------------------------------------------------------------------------------ set-up
     device = runtime.pick_device("cuda" if cfg.gpu else cfg.device, d.local_rank)
     runtime.configure_backends(device, cfg.tf32)
-    # channels_last_3d: the 3D network's convolutions only (the MIL model's are 2D)
-    channels_last = cfg.model == "resnet3d" and (
-        cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    )
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # sampling and augmentation, identical on every rank
-    inner = cfg.selection == "inner"
-    train_rows = split.fit if inner else split.train  # inner: the selection part is never trained on
-    monitor_rows = split.select if inner else split.val
+    train_rows, monitor_rows = (split.fit, split.select) if cfg.selection == "inner" else (split.train, split.val)
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
     plan = batch_plan(cfg, d, device, len(train_rows), resume)
+    data = deliver(cfg, d, cache, split, train_rows, monitor_rows, channels, device, generator, plan, counts)
+    p = build_parts(cfg, d, device, channels, plan, data.steps_per_epoch, counts, resume)
+    history, tracker, start = restore(cfg, d, p, resume, generator, device, run_dir)
+    if resume is None and d.main:
+        write_run_config(run_dir, cfg, cache, device, p.precision, plan, data.path, split, folds_doc)
+    writer = CheckpointWriter() if d.main else None
+    arch = {"in_channels": len(channels), "preprocess": cache.manifest["params"]}
+
+    # ------------------------------------------------------------------------------------------------ the epochs
+    try:
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            drw = set_drw(cfg, p.loss_fn, counts, epoch, device)
+            train_loss, throughput = train_epoch(
+                cfg, d, p.net, p.model, p.ema, data.stream, p.optimizer, p.scheduler, p.scaler, p.loss_fn,
+                p.precision.dtype, p.channels_last, device, epoch, run_dir, plan.accumulation,
+            )  # fmt: skip
+            t_val = time.perf_counter()
+            val_loss, m, em, probs, labels = monitor(d, p, data, device)
+            is_best, ema_best = tracker.update(epoch, m, em)  # every rank holds the same metrics: the same decisions
+            now = time.perf_counter()
+            record = epoch_record(epoch, train_loss, val_loss, m, em, p.optimizer, drw, throughput)
+            record.update({"is_best": is_best, "epoch_time_s": now - t0, "val_time_s": now - t_val})
+            history.append(record)
+            rng = rng_state(generator, d, device)  # a collective: on every rank
+            if d.main:  # the checkpoint policy: best.pt / best_ema.pt when they improve, last.pt every epoch
+                resume_state = {
+                    "optimizer_state_dict": p.optimizer.state_dict(),
+                    "scheduler_state_dict": p.scheduler.state_dict(),
+                    "scaler_state_dict": p.scaler.state_dict(),
+                    "ema_state_dict": p.ema.state_dict() if p.ema is not None else None,
+                    "history": history,
+                    **tracker.state(),
+                    "rng_state": rng,
+                    "world": d.world,
+                    "batch_plan": plan.to_dict(),
+                    "precision": p.precision.to_dict(),  # reused by --resume, whatever the stack decides then
+                }
+                save_epoch(writer, run_dir / "checkpoints", cfg, arch, epoch, p.model, p.ema, (m, em),
+                           (is_best, ema_best), resume_state)  # fmt: skip
+                write_json(
+                    run_dir / "metrics" / "metrics.json",
+                    {"status": "running", "fold": cfg.fold, "repeat": cfg.repeat, "final": None, "history": history},
+                )
+            log_epoch(cfg, record, m, is_best, p.ema is not None)
+            if tracking is not None:
+                tracking.log_epoch(record)
+            if plots is not None and (is_best or epoch % cfg.plots_every == 0):
+                plots.submit(history, labels, probs, m, f"_epoch_{epoch}", f"fold {cfg.fold}, epoch {epoch}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, run_dir)
+            if tracker.should_stop(epoch, cfg.min_epochs, cfg.patience):
+                best = tracker.best
+                log.info("Early stopping at epoch %d: no improvement of the monitored AUC for %d epochs (best %.4f "
+                         "at epoch %d)", epoch, tracker.bad_epochs, best["auc"], best["epoch"])  # fmt: skip
+                break
+    finally:
+        if writer is not None:
+            writer.close()  # every checkpoint of a finished epoch is on disk, also when interrupted
+
+    if not d.main:
+        return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
+    p.loss_fn.weight = None  # the final loss unweighted, as `evaluate` computes it (DRW weights are a training device)
+    return finish(cfg, cache, split, data, device, p.precision, p.loss_fn, p.scale, counts, history, run_dir, plots,
+                  tracking)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- set-up, in steps
+@dataclass
+class Parts:
+    """What trains: the model (and its DDP / compiled wrapper `net`), EMA, precision, optimizer, schedule, scaler,
+    loss. The checkpoints hold `model`, never the wrapper."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module
+    ema: EMA | None
+    precision: runtime.Precision
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    scale: float
+    channels_last: bool
+
+
+def deliver(cfg, d, cache, split, train_rows, monitor_rows, channels, device, generator, plan, counts):
+    """The fold's data delivery (data/delivery.py), after the MIL bag check; logs what the fold trains on."""
     if cfg.model == "mil2d":
         try:
             check_bag_sizes(cache, np.concatenate([split.train, split.val]), channels, cfg.mil_k, log)
@@ -296,44 +299,33 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
         else None
     )
     data = make_delivery(
-        cache,
-        train_rows,
-        {"monitor": monitor_rows, "final": split.val},
-        channels,
-        device,
-        on_device=use_device_path(cfg.data_path, device, d.active),
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        sampler=cfg.sampler,
-        generator=generator,
-        augment=augment,
-        num_workers=cfg.num_workers,
-        rank=d.rank,
-        world=d.world,
-        micro_batch=plan.micro_batch,
-        per_gpu=plan.per_gpu,
-    )
+        cache, train_rows, {"monitor": monitor_rows, "final": split.val}, channels, device,
+        on_device=use_device_path(cfg.data_path, device, d.active), batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum, sampler=cfg.sampler, generator=generator, augment=augment,
+        num_workers=cfg.num_workers, rank=d.rank, world=d.world, micro_batch=plan.micro_batch, per_gpu=plan.per_gpu,
+    )  # fmt: skip
+    inner = cfg.selection == "inner"
     log.info(
         "Fold %d%s: training on %d cases (%d LGG, %d HGG); %s on %d %s cases; %d reported cases scored once at the "
         "end; modalities %s; %d optimizer steps per epoch on %s%s",
-        cfg.fold,
-        f" (repeat {cfg.repeat})" if cfg.repeats and cfg.repeats > 1 else "",
-        len(train_rows),
-        counts[0],
-        counts[1],
-        "early stopping, checkpoint, threshold and calibration chosen",
-        len(monitor_rows),
-        "selection-part" if inner else "reported-fold (the seeds' outer protocol: optimistic)",
-        len(split.val),
-        ",".join(cfg.modalities),
-        data.steps_per_epoch,
-        device,
+        cfg.fold, f" (repeat {cfg.repeat})" if cfg.repeats and cfg.repeats > 1 else "", len(train_rows), counts[0],
+        counts[1], "early stopping, checkpoint, threshold and calibration chosen", len(monitor_rows),
+        "selection-part" if inner else "reported-fold (the seeds' outer protocol: optimistic)", len(split.val),
+        ",".join(cfg.modalities), data.steps_per_epoch, device,
         f" x {d.world} processes (DDP: global batch {plan.global_batch}, {plan.accumulation} micro-batch(es) of "
         f"{plan.micro_batch} per process per step)" if d.active else "",
     )  # fmt: skip
     if plan.note:
         log.warning("DDP: %s", plan.note)
+    return data
 
+
+def build_parts(cfg, d, device, channels, plan, steps_per_epoch, counts, resume) -> Parts:
+    """The model (pretrained weights for a new run; channels_last_3d for the 3D network's convolutions on a GPU;
+    SyncBatchNorm where the plan says), EMA, the precision decided once, optimizer, schedule, scaler and loss."""
+    channels_last = cfg.model == "resnet3d" and (
+        cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    )
     model = build_for(cfg, len(channels), None if resume else cfg.pretrained_path, log).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -342,123 +334,74 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: a stream of its own per rank, not a replay of the init
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     precision = run_precision(cfg, d, device, resume)  # decided once (rank 0), or the resumed run's own
-    dtype = precision.dtype
     log.info("Precision: %s", precision.reason)
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, data.steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device)
-    scale = logit_scale(cfg)
-
-    history: list[dict] = []
-    tracker, start = Tracker(cfg.min_delta), 1
-    if resume:
-        model.load_state_dict(resume["model_state_dict"])
-        optimizer.load_state_dict(resume["optimizer_state_dict"])
-        scheduler.load_state_dict(resume["scheduler_state_dict"])
-        if precision.needs_scaler and resume.get("scaler_state_dict"):  # a GradScaler of an fp16 run, not a fresh one
-            scaler.load_state_dict(resume["scaler_state_dict"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema_state_dict"])
-        history, tracker, start = resume["history"], Tracker.from_checkpoint(resume, cfg.min_delta), resume["epoch"] + 1
-        note = set_rng_state(resume["rng_state"], generator, d, device)
-        if note:
-            log.warning("--resume: %s", note)
-        log.info("Resuming %s after epoch %d", run_dir, resume["epoch"])
-        before = (resume.get("precision") or {}).get("name")
-        if d.main and before is not None and before != precision.name:  # config.json says when it changed
-            record_precision_change(run_dir, resume["epoch"], before, precision)
-        if tracker.should_stop(resume["epoch"], cfg.min_epochs, cfg.patience):  # it had stopped; only finish
-            log.info("The run had stopped early at epoch %d; scoring it", resume["epoch"])
-            start = cfg.epochs + 1
-    elif d.main:
-        write_run_config(run_dir, cfg, cache, device, precision, plan, data.path, split, folds_doc)
     net = model
-    if d.active:  # gradients all-reduced across the ranks; the checkpoints hold `model`, never the wrapper
+    if d.active:  # gradients all-reduced across the ranks
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    writer = CheckpointWriter() if d.main else None
-    arch = {"in_channels": len(channels), "preprocess": cache.manifest["params"]}
+    return Parts(
+        model, net, ema, precision, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
+        torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
+        make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device), logit_scale(cfg), channels_last,
+    )  # fmt: skip
 
-    def monitored(m) -> tuple[float, np.ndarray, np.ndarray]:
-        """Loss, P(HGG) and labels of the monitored set (each rank scores its share; all get all)."""
-        loss, probs, labels = predict(m, data.batches("monitor"), device, dtype, loss_fn, scale, allow_empty=d.active)
+
+def restore(cfg, d, p: Parts, resume, generator, device, run_dir) -> tuple[list[dict], Tracker, int]:
+    """(history, tracker, first epoch): a new run's, or an interrupted run's from its last.pt (weights, optimizer,
+    schedule, scaler of an fp16 run, EMA, history, best/patience, generators)."""
+    if resume is None:
+        return [], Tracker(cfg.min_delta), 1
+    # the model's state loaded into `model`, which DDP / torch.compile wrap by reference
+    p.model.load_state_dict(resume["model_state_dict"])
+    p.optimizer.load_state_dict(resume["optimizer_state_dict"])
+    p.scheduler.load_state_dict(resume["scheduler_state_dict"])
+    if p.precision.needs_scaler and resume.get("scaler_state_dict"):  # a GradScaler of an fp16 run, not a fresh one
+        p.scaler.load_state_dict(resume["scaler_state_dict"])
+    if p.ema is not None:
+        p.ema.load_state_dict(resume["ema_state_dict"])
+    tracker, start = Tracker.from_checkpoint(resume, cfg.min_delta), resume["epoch"] + 1
+    note = set_rng_state(resume["rng_state"], generator, d, device)
+    if note:
+        log.warning("--resume: %s", note)
+    log.info("Resuming %s after epoch %d", run_dir, resume["epoch"])
+    before = (resume.get("precision") or {}).get("name")
+    if d.main and before is not None and before != p.precision.name:  # config.json says when it changed
+        record_precision_change(run_dir, resume["epoch"], before, p.precision)
+    if tracker.should_stop(resume["epoch"], cfg.min_epochs, cfg.patience):  # it had stopped; only finish
+        log.info("The run had stopped early at epoch %d; scoring it", resume["epoch"])
+        start = cfg.epochs + 1
+    return resume["history"], tracker, start
+
+
+def set_drw(cfg, loss_fn, counts, epoch: int, device) -> bool:
+    """LDAM's deferred re-weighting: the class weights of this epoch (None before --drw-start-epoch)."""
+    drw = drw_active(cfg.loss, cfg.drw_start_epoch, epoch)
+    loss_fn.weight = drw_weights(counts).to(device) if drw else None
+    if drw and not drw_active(cfg.loss, cfg.drw_start_epoch, epoch - 1):
+        log.info("DRW activated at epoch %d: class weights %s", epoch, loss_fn.weight.tolist())
+    return drw
+
+
+def monitor(d, p: Parts, data, device):
+    """The monitored set scored with the raw weights and the EMA weights: (loss, metrics, EMA metrics or None, P(HGG),
+    labels). Each rank scores its share (an empty one too) with rank 0's BatchNorm statistics; all get all."""
+    distributed.sync_buffers(d, p.model)  # score (and save) rank 0's BatchNorm statistics on every rank
+    if p.ema is not None:
+        distributed.sync_buffers(d, p.ema)
+
+    def scored(m):
+        loss, probs, labels = predict(m, data.batches("monitor"), device, p.precision.dtype, p.loss_fn, p.scale,
+                                      allow_empty=d.active)  # fmt: skip
         return distributed.gather_predictions(d, loss, probs, labels)
 
-    try:
-        # -------------------------------------------------------------------------------------- the epochs
-        for epoch in range(start, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            drw = drw_active(cfg.loss, cfg.drw_start_epoch, epoch)
-            loss_fn.weight = drw_weights(counts).to(device) if drw else None
-            if drw and not drw_active(cfg.loss, cfg.drw_start_epoch, epoch - 1):
-                log.info("DRW activated at epoch %d: class weights %s", epoch, loss_fn.weight.tolist())
-            train_loss, throughput = train_epoch(
-                cfg, d, net, model, ema, data.stream, optimizer, scheduler, scaler, loss_fn, dtype, channels_last,
-                device, epoch, run_dir, plan.accumulation,
-            )  # fmt: skip
-            t_val = time.perf_counter()
-            distributed.sync_buffers(d, model)  # score (and save) rank 0's BatchNorm statistics on every rank
-            if ema is not None:
-                distributed.sync_buffers(d, ema)
-            val_loss, probs, labels = monitored(model)
-            m = compute_metrics(labels, probs)
-            em = None
-            if ema is not None:
-                ema_loss, ema_probs, ema_labels = monitored(ema.module)
-                em = {**compute_metrics(ema_labels, ema_probs), "loss": ema_loss}
-            # every rank holds the same metrics, so every rank takes the same decisions; rank 0 writes
-            is_best, ema_best = tracker.update(epoch, m, em)
-            now = time.perf_counter()
-            record = epoch_record(epoch, train_loss, val_loss, m, em, optimizer, drw, throughput)
-            record.update({"is_best": is_best, "epoch_time_s": now - t0, "val_time_s": now - t_val})
-            history.append(record)
-            rng = rng_state(generator, d, device)  # a collective: on every rank
-            if d.main:  # the checkpoint policy: best.pt / best_ema.pt when they improve, last.pt every epoch
-                resume_state = {
-                    "optimizer_state_dict": optimizer.state_dict(),
-                    "scheduler_state_dict": scheduler.state_dict(),
-                    "scaler_state_dict": scaler.state_dict(),
-                    "ema_state_dict": ema.state_dict() if ema is not None else None,
-                    "history": history,
-                    **tracker.state(),
-                    "rng_state": rng,
-                    "world": d.world,
-                    "batch_plan": plan.to_dict(),
-                    "precision": precision.to_dict(),  # reused by --resume, whatever the stack decides then
-                }
-                save_epoch(writer, run_dir / "checkpoints", cfg, arch, epoch, model, ema, (m, em), (is_best, ema_best),
-                           resume_state)  # fmt: skip
-                write_json(
-                    run_dir / "metrics" / "metrics.json",
-                    {"status": "running", "fold": cfg.fold, "repeat": cfg.repeat, "final": None, "history": history},
-                )
-            log_epoch(cfg, record, m, is_best, ema is not None)
-            if tracking is not None:
-                tracking.log_epoch(record)
-            if plots is not None and (is_best or epoch % cfg.plots_every == 0):
-                plots.submit(history, labels, probs, m, f"_epoch_{epoch}", f"fold {cfg.fold}, epoch {epoch}")
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, run_dir)
-            if tracker.should_stop(epoch, cfg.min_epochs, cfg.patience):
-                log.info(
-                    "Early stopping at epoch %d: no improvement of the monitored AUC for %d epochs (best %.4f at "
-                    "epoch %d)",
-                    epoch,
-                    tracker.bad_epochs,
-                    tracker.best["auc"],
-                    tracker.best["epoch"],
-                )
-                break
-    finally:
-        if writer is not None:
-            writer.close()  # every checkpoint of a finished epoch is on disk, also when interrupted
-
-    if not d.main:
-        return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
-    loss_fn.weight = None  # the final loss unweighted, as `evaluate` computes it (DRW weights are a training device)
-    return finish(cfg, cache, split, data, device, precision, loss_fn, scale, counts, history, run_dir, plots, tracking)
+    val_loss, probs, labels = scored(p.model)
+    em = None
+    if p.ema is not None:
+        ema_loss, ema_probs, ema_labels = scored(p.ema.module)
+        em = {**compute_metrics(ema_labels, ema_probs), "loss": ema_loss}
+    return val_loss, compute_metrics(labels, probs), em, probs, labels
 
 
 def train_epoch(
@@ -655,25 +598,6 @@ def finish(
     return RunResult(run_dir, final, history)
 
 
-def protocol_record(cfg, split) -> dict:
-    """How the reported numbers were obtained, in words a reader of metrics.json / summary.md can check."""
-    inner = cfg.selection == "inner"
-    label = (
-        "inner: epoch, checkpoint, threshold and calibration chosen on the selection part of the training patients"
-        if inner
-        else "outer: selected on the reported folds (optimistic)"
-    )
-    return {
-        "selection": {
-            "protocol": cfg.selection,
-            "label": label,
-            "n_fit": len(split.fit if inner else split.train),
-            "n_select": len(split.select) if inner else 0,
-            "n_reported": len(split.val),
-        }
-    }
-
-
 def logit_scale(cfg) -> float:
     """LDAM's probabilities come from the scaled logits s x z its loss used; cross-entropy's from z."""
     return float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0
@@ -752,27 +676,3 @@ def _precision_of(cfg, device, resume) -> runtime.Precision:
     return asked
 
 
-def record_precision_change(run_dir: Path, epoch: int, before: str, precision: runtime.Precision) -> None:
-    path = run_dir / "config" / "config.json"
-    if path.is_file():
-        config = json.loads(path.read_text())
-        change = {"after_epoch": epoch, "from": before, "to": precision.name, "reason": precision.reason}
-        config.setdefault("precision_changes", []).append(change)
-        write_json(path, config)
-
-
-def write_run_config(run_dir, cfg, cache, device, precision, plan, data_path, split, folds) -> None:
-    write_json(
-        run_dir / "config" / "config.json",
-        {
-            # the cache by absolute path, so that `evaluate` finds it from any working directory
-            "config": {**cfg.to_dict(), "cache_dir": str(cache.path.resolve())},
-            "environment": {**runtime.environment(device, precision), "processes": plan.world, "data_path": data_path},
-            "seed": cfg.seed,
-            "batch": plan.to_dict(),
-            "provenance": provenance(cfg.pretrained_path, cache.path, folds),
-            "split": {key: [cache.ids[r] for r in getattr(split, key)] for key in ("fit", "select", "val")},
-            "run_dir": str(run_dir),
-        },
-    )
-    log.info("Run folder: %s", run_dir)
