@@ -352,6 +352,29 @@ def write_report(report: dict, path: str | Path) -> None:
 CV_CASES, CV_FOLDS, CV_EPOCHS = 285, 5, 50  # BraTS 2018 (210 HGG + 75 LGG), the seeds' protocol
 
 
+def _mil_trainer_figures(cfg, size, work: Path, n_val: int, train_rate: float, cv_train: int, cv_val: int, log) -> dict:
+    """The 2D MIL model (ResNet18-2D over min(16, size) slices) timed by `train_fold` on the same cache and settings."""
+    from gliograde.training.trainer import train_fold
+
+    k = min(16, size)
+    log(f"train_fold: MIL ResNet18-2D over {k} slices, same cache and settings ...")
+    mcfg = dataclasses.replace(cfg, model="mil2d", depth=18, mil_k=k, output_dir=str(work / "results-mil"))
+    mh = train_fold(mcfg).history
+    msteady = mh[1:] or mh
+    mil_rate = float(np.mean([h["train_volumes_per_s"] for h in msteady]))
+    mil_val = float(np.mean([h["val_time_s"] for h in msteady])) / max(n_val, 1)
+    mpeaks = [h["peak_gpu_memory_gib"] for h in mh if h["peak_gpu_memory_gib"] is not None]
+    return {
+        "model": f"MIL ResNet18-2D, {k} slices, {mcfg.mil_pooling} pooling",
+        "train_volumes_per_s": mil_rate,
+        "data_wait_fraction": float(np.mean([h["data_wait_fraction"] for h in msteady])),
+        "epoch_time_s": float(np.mean([h["epoch_time_s"] for h in msteady])),
+        "peak_gpu_memory_gib": max(mpeaks) if mpeaks else None,
+        "projected_cv_s": CV_FOLDS * CV_EPOCHS * (cv_train / mil_rate + cv_val * mil_val),
+        "speed_vs_3d": mil_rate / train_rate,
+    }
+
+
 def run_trainer_bench(
     device: str,
     depth: int,
@@ -424,25 +447,7 @@ def run_trainer_bench(
         activation = [h["peak_gpu_memory_gib"] - h["resident_gpu_memory_gib"] for h in steady
                       if h.get("resident_gpu_memory_gib") is not None]  # fmt: skip
         steps = sum(round(h["train_volumes_per_s"] * h["train_time_s"]) for h in steady) // batch_size
-        mil_figures = None
-        if mil:
-            k = min(16, size)
-            log(f"train_fold: MIL ResNet18-2D over {k} slices, same cache and settings ...")
-            mcfg = dataclasses.replace(cfg, model="mil2d", depth=18, mil_k=k, output_dir=str(work / "results-mil"))
-            mh = train_fold(mcfg).history
-            msteady = mh[1:] or mh
-            mil_rate = float(np.mean([h["train_volumes_per_s"] for h in msteady]))
-            mil_val = float(np.mean([h["val_time_s"] for h in msteady])) / max(n_val, 1)
-            mpeaks = [h["peak_gpu_memory_gib"] for h in mh if h["peak_gpu_memory_gib"] is not None]
-            mil_figures = {
-                "model": f"MIL ResNet18-2D, {k} slices, {mcfg.mil_pooling} pooling",
-                "train_volumes_per_s": mil_rate,
-                "data_wait_fraction": float(np.mean([h["data_wait_fraction"] for h in msteady])),
-                "epoch_time_s": float(np.mean([h["epoch_time_s"] for h in msteady])),
-                "peak_gpu_memory_gib": max(mpeaks) if mpeaks else None,
-                "projected_cv_s": CV_FOLDS * CV_EPOCHS * (cv_train / mil_rate + cv_val * mil_val),
-                "speed_vs_3d": mil_rate / train_rate,
-            }
+        mil_figures = _mil_trainer_figures(cfg, size, work, n_val, train_rate, cv_train, cv_val, log) if mil else None
         return {
             "mil2d": mil_figures,
             "device": name,

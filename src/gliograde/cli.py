@@ -187,12 +187,35 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     --folds is K everywhere; `cv` picks folds with --only (0-4, 0,2); --fold and --resume do not apply to `cv`."""
     S = argparse.SUPPRESS
 
-    def flag(*names, **kw):
-        p.add_argument(*names, default=S, **kw)
+    _protocol_flags(_flagger(p.add_argument_group("protocol"), S), for_cv)
+    add_split_flags(p, S)
+    _optimisation_flags(_flagger(p.add_argument_group("optimisation"), S))
+    _model_flags(_flagger(p.add_argument_group("model"), S))
+    _execution_flags(_flagger(p.add_argument_group("execution (device, precision, DDP, speed)"), S))
+    _file_flags(_flagger(p.add_argument_group("files and tracking"), S), for_cv)
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print the resolved configuration and what would run, then exit",
+    )
 
+
+def _flagger(group, default):
+    """`flag(*names, **kw)`: an option of `group` whose default is `default` (SUPPRESS: a flag not given keeps the
+    preset's value)."""
+
+    def flag(*names, **kw):
+        group.add_argument(*names, default=default, **kw)
+
+    return flag
+
+
+def _protocol_flags(flag, for_cv: bool = False) -> None:
+    """The preset, the split and the selection protocol."""
     flag("--preset", choices=["final", "ldam-drw", "cpu-demo"], help="configuration preset (default: final)")
     flag("--config", help="a YAML file of configuration keys: preset < file < flags")
-    add_split_flags(p, S)
     if not for_cv:
         flag("--fold", type=int, help="fold to train, 0..K-1 (default 0)")
         flag("--repeat", type=int, help="repeat of the split the fold belongs to (default 0)")
@@ -212,6 +235,10 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag(
         "--modality", "--modalities", dest="modalities", help="one modality, 'all', or a comma list (t1,t1ce,t2,flair)"
     )
+
+
+def _optimisation_flags(flag) -> None:
+    """Epochs, batch, optimizer, schedule, loss, sampling, early stopping."""
     flag("--epochs", type=int)
     flag("--batch-size", "--batch_size", dest="batch_size", type=int)
     flag("--gradient-accumulation-steps", "--gradient_accumulation_steps", "--grad-accum", dest="grad_accum", type=int)
@@ -238,6 +265,10 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--min-epochs", "--min_epochs", dest="min_epochs", type=int)
     flag("--min-delta", "--min_delta", dest="min_delta", type=float)
     flag("--dropout", type=float)
+
+
+def _model_flags(flag) -> None:
+    """The network (3D ResNet or 2D MIL), its input and its pretrained weights."""
     flag("--model", choices=["resnet3d", "mil2d"], help="resnet3d (default) or mil2d: 2D MIL over axial slices")
     flag("--mil-k", "--mil_k", dest="mil_k", type=int, help="mil2d: entropy-selected axial slices per case (16)")
     flag("--mil-pooling", dest="mil_pooling", choices=["attention", "mean", "max"], help="mil2d: bag pooling")
@@ -254,6 +285,10 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--size", type=int, help="edge of the cubic input volumes (default 128)")
     flag("--pretrained-path", "--pretrained_path", dest="pretrained_path", help="MedicalNet .pth file")
     flag("--no-augment", dest="augment", action="store_const", const=False)
+
+
+def _execution_flags(flag) -> None:
+    """Device, precision, DDP, data path and the other speed options."""
     flag("--amp", dest="amp", action="store_const", const=True, help="mixed precision (default: on for CUDA)")
     flag("--no-amp", dest="amp", action="store_const", const=False)
     flag("--tf32", dest="tf32", action="store_const", const=True)
@@ -284,6 +319,10 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     flag("--compile", action="store_const", const=True, help="torch.compile the model")
     flag("--num-workers", "--num_workers", dest="num_workers", type=int)
     flag("--seed", type=int)
+
+
+def _file_flags(flag, for_cv: bool = False) -> None:
+    """Data, cache, outputs, tracking, resume."""
     flag("--data-root", "--data_root", dest="data_root")
     flag("--cache-dir", "--cache_dir", dest="cache_dir", help="folder of caches, or one cache folder")
     flag("--output-dir", "--output_dir", dest="output_dir", help="default results/ResNet50-3D")
@@ -298,13 +337,6 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     )
     if not for_cv:
         flag("--resume", help="RUN_DIR of an interrupted run to continue from its last.pt")
-    p.add_argument(
-        "--dry-run",
-        "--dry_run",
-        dest="dry_run",
-        action="store_true",
-        help="print the resolved configuration and what would run, then exit",
-    )
 
 
 def config_from_args(args, with_sources: bool = False):
@@ -621,6 +653,44 @@ def cmd_predict(args) -> None:
         log.info("saliency maps: %s", out / "saliency")
 
 
+# ------------------------------------------------------------------------------------------- validate
+def _add_validate(sub):
+    p = sub.add_parser("validate", help="score the CV ensemble on a labelled cohort it never saw (external validation)")
+    p.add_argument("--runs", required=True, help="the results folder of the cross-validation (runs/fold_k/...)")
+    p.add_argument(
+        "--data-root",
+        "--data_root",
+        dest="data_root",
+        required=True,
+        help="the labelled cohort: HGG/ and LGG/ case folders, or case folders with name_mapping.csv",
+    )
+    p.add_argument("--out", default=None, help="new folder for the outputs (default validation/validate_<time>)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 axis-flip versions of each volume")
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="score a cohort that shares patients with the training folds; outputs labelled so",
+    )
+    p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "best_ema"])
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args) -> None:
+    from gliograde.inference.validate import validate
+
+    report = validate(args.runs, args.data_root, args.out, args.tta, args.allow_overlap, args.checkpoint, args.device)
+    m = report["metrics"]
+    ci = m["auc_ci"]
+    span = f" (95 % CI {ci['ci_low']:.4f}-{ci['ci_high']:.4f}, Newcombe)" if "ci_low" in ci else ""
+    auc = "n/a" if m["auc"] is None or m["auc"] != m["auc"] else f"{m['auc']:.4f}"
+    lead = f"{report['label']}: " if report["label"] else ""
+    print(f"{lead}AUC {auc}{span} on {m['n']} patients ({m['n_hgg']} HGG, {m['n_lgg']} LGG)")
+    for w in report["warnings"]:
+        print(f"WARNING: {w}")
+    print(f"Validation: {report['out']}/validation.md (.json, report.html, predictions.csv)")
+
+
 # --------------------------------------------------------------------------------------------- export
 def _add_export(sub):
     p = sub.add_parser("export", help="the selected checkpoint(s) as ONNX or TorchScript, with a JSON sidecar each")
@@ -801,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = (_add_synth, _add_prepare, _add_model_info, _add_train, _add_cv, _add_evaluate, _add_summarize)
-    for add in (*commands, _add_compare, _add_predict, _add_export, _add_bench, _add_doctor, _add_demo):
+    for add in (*commands, _add_compare, _add_predict, _add_validate, _add_export, _add_bench, _add_doctor, _add_demo):
         add(sub)
     return parser
 

@@ -86,6 +86,70 @@ def run_environment(run_dir: Path) -> dict:
         return {}
 
 
+def _run_data(cfg, run_dir: Path, cache_dir: str | None):
+    """(cfg with the saved split, the run's cache (moved: --cache-dir), its fold's split), checked to be the patients
+    the run was validated on."""
+    if cache_dir is not None:
+        cfg.cache_dir = cache_dir
+    try:
+        cache, folds = load_data(cfg)
+    except GliogradeError as e:
+        raise EvaluationError(f"{e} (the run was trained on the cache {cfg.cache_dir}; pass --cache-dir)") from e
+    cfg = with_split(cfg, folds)
+    split = fold_split(cache, folds, cfg.fold, cfg.repeat)
+    val_ids = [cache.ids[r] for r in split.val]
+    saved_ids = run_dir / "predictions" / "val_ids.json"
+    if saved_ids.is_file() and sorted(json.loads(saved_ids.read_text())) != sorted(val_ids):
+        raise EvaluationError(
+            f"the validation patients of fold {cfg.fold} in {cache.path / 'folds.json'} are not the ones this run was "
+            f"validated on ({saved_ids}); the folds changed since training, so a re-score would not be comparable"
+        )
+    return cfg, cache, split
+
+
+def _write_evaluation(run_dir, cfg, policy, cache, val_rows, val_ids, channels, device, final, probs, labels, stored,
+                      attention, layer) -> Path:
+    """A new evaluation_* folder: predictions, figures, [attention], metrics.json; returns it."""
+    out = new_stamped_dir(run_dir, "evaluation")
+    np.save(out / "val_probs.npy", probs)
+    np.save(out / "val_preds.npy", (probs >= final["threshold"]).astype(np.int64))
+    np.save(out / "val_labels.npy", labels)
+    write_json(out / "val_ids.json", val_ids)
+    title = f"fold {cfg.fold}, re-evaluated ({final['checkpoint']}, epoch {final['best_epoch']})"
+    plots.confusion(final["confusion_matrix"], out / "confusion_matrix.png", title)
+    plots.roc(labels, probs, out / "roc_curve.png", title, final["auc"])
+    plots.pr(labels, probs, out / "pr_curve.png", title)
+    if attention:
+        final["attention"] = attention_check(
+            run_dir, final["checkpoint"], cache, val_rows, channels, device, layer, out
+        )
+    write_json(
+        out / "metrics.json",
+        {
+            "run_dir": str(run_dir),
+            "fold": cfg.fold,
+            "policy": policy,
+            "cache": str(cache.path),
+            "device": str(device),
+            "torch": torch.__version__,
+            "evaluated_at": datetime.now().isoformat(timespec="seconds"),
+            "final": final,
+        },
+    )
+    log.info(
+        "Fold %d re-evaluated: AUC %.4f (reported %s) F1 %.4f accuracy %.4f sensitivity %.4f specificity %.4f -> %s",
+        cfg.fold,
+        final["auc"],
+        "n/a" if stored is None else f"{stored:.4f}",
+        final["f1"],
+        final["accuracy"],
+        final["sensitivity"],
+        final["specificity"],
+        out,
+    )
+    return out
+
+
 def evaluate_run(
     run_dir: str | Path,
     policy: str = "auto",
@@ -107,22 +171,9 @@ def evaluate_run(
             f"--attention measures the 3D model's Grad-CAM; a {cfg.model} run records its slice attention instead "
             "(predictions/val_attention.npy)"
         )
-    if cache_dir is not None:
-        cfg.cache_dir = cache_dir
-    try:
-        cache, folds = load_data(cfg)
-    except GliogradeError as e:
-        raise EvaluationError(f"{e} (the run was trained on the cache {cfg.cache_dir}; pass --cache-dir)") from e
-    cfg = with_split(cfg, folds)
-    split = fold_split(cache, folds, cfg.fold, cfg.repeat)
+    cfg, cache, split = _run_data(cfg, run_dir, cache_dir)
     val_rows = split.val
     val_ids = [cache.ids[r] for r in val_rows]
-    saved_ids = run_dir / "predictions" / "val_ids.json"
-    if saved_ids.is_file() and sorted(json.loads(saved_ids.read_text())) != sorted(val_ids):
-        raise EvaluationError(
-            f"the validation patients of fold {cfg.fold} in {cache.path / 'folds.json'} are not the ones this run was "
-            f"validated on ({saved_ids}); the folds changed since training, so a re-score would not be comparable"
-        )
     # the operating point the run fitted (on its selection part with inner); re-scoring applies it unchanged
     run_final = read_final(run_dir)
     point = OperatingPoint.from_dict(run_final["operating_point"]) if run_final.get("operating_point") else None
@@ -171,41 +222,6 @@ def evaluate_run(
     final["auc_difference"] = None if stored is None else abs(final["auc"] - stored)
     final["selection"] = run_final.get("selection")
 
-    out = new_stamped_dir(run_dir, "evaluation")
-    np.save(out / "val_probs.npy", probs)
-    np.save(out / "val_preds.npy", (probs >= final["threshold"]).astype(np.int64))
-    np.save(out / "val_labels.npy", labels)
-    write_json(out / "val_ids.json", val_ids)
-    title = f"fold {cfg.fold}, re-evaluated ({final['checkpoint']}, epoch {final['best_epoch']})"
-    plots.confusion(final["confusion_matrix"], out / "confusion_matrix.png", title)
-    plots.roc(labels, probs, out / "roc_curve.png", title, final["auc"])
-    plots.pr(labels, probs, out / "pr_curve.png", title)
-    if attention:
-        final["attention"] = attention_check(
-            run_dir, final["checkpoint"], cache, val_rows, channels, device, layer, out
-        )
-    write_json(
-        out / "metrics.json",
-        {
-            "run_dir": str(run_dir),
-            "fold": cfg.fold,
-            "policy": policy,
-            "cache": str(cache.path),
-            "device": str(device),
-            "torch": torch.__version__,
-            "evaluated_at": datetime.now().isoformat(timespec="seconds"),
-            "final": final,
-        },
-    )
-    log.info(
-        "Fold %d re-evaluated: AUC %.4f (reported %s) F1 %.4f accuracy %.4f sensitivity %.4f specificity %.4f -> %s",
-        cfg.fold,
-        final["auc"],
-        "n/a" if stored is None else f"{stored:.4f}",
-        final["f1"],
-        final["accuracy"],
-        final["sensitivity"],
-        final["specificity"],
-        out,
-    )
+    out = _write_evaluation(run_dir, cfg, policy, cache, val_rows, val_ids, channels, device, final, probs, labels,
+                            stored, attention, layer)  # fmt: skip
     return Evaluation(out, final)
