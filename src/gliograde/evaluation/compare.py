@@ -43,7 +43,7 @@ from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.plots import save_figure
 from gliograde.files import json_safe, new_stamped_dir, write_json, write_text_atomic
-from gliograde.records import FoldRun, SummaryError, find_runs
+from gliograde.runs import FoldRun, SummaryError, find_runs
 
 SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
 # settings that decide which patient lands in which fold; "repeats" only says how many repeats there are, and

@@ -30,7 +30,7 @@ from gliograde.evaluation import stats as honest
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.plots import save_figure
 from gliograde.files import json_safe, write_json, write_text_atomic
-from gliograde.records import (  # noqa: F401  (FoldRun, find_runs, ...: re-exported for existing imports)
+from gliograde.runs import (  # noqa: F401  (FoldRun, find_runs, ...: re-exported for existing imports)
     OWN_CHECKS,
     FoldRun,
     SummaryError,

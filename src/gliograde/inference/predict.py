@@ -33,7 +33,7 @@ from gliograde.inference.records import write_predictions_csv
 from gliograde.inference.saliency import grad_cam, saliency_png
 from gliograde.networks import model_kind
 from gliograde.networks.resnet3d import ResNet3D
-from gliograde.records import config_differences, find_runs
+from gliograde.runs import config_differences, find_runs
 from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
 
 log = logging.getLogger("gliograde")

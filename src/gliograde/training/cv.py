@@ -20,7 +20,7 @@ from gliograde.config import TrainConfig, load_run_config, parse_fold_list, vali
 from gliograde.data.splits import describe
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.summary import summarize
-from gliograde.records import run_order_key, run_status
+from gliograde.runs import run_order_key, run_status
 from gliograde.training.checkpoints import LAST
 
 log = logging.getLogger("gliograde")

@@ -332,7 +332,7 @@ def cv_status(results_dir: Path, k: int | None = None, repeats: int | None = Non
     last.pt), 'failed' (reason: why; log: the run's newest logs/*.log), or 'missing' (no run yet), for every fold of
     every repeat: k folds in each of `repeats` repeats, both taken from the runs' recorded split (`recorded_split`)
     when not given."""
-    from gliograde.records import run_order_key, run_status
+    from gliograde.runs import run_order_key, run_status
 
     if k is None or repeats is None:
         found_k, found_repeats = recorded_split(results_dir)
