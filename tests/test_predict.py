@@ -52,7 +52,7 @@ def test_the_ensemble_prepares_cases_as_the_cache_and_averages_the_folds(cv_run,
         assert record["predicted_grade"] == ("HGG" if record["p_hgg"] >= threshold else "LGG")
         assert record["true_grade"] == case.grade
     header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0]
-    assert header == "case,p_hgg,predicted_grade,true_grade,fold_0,fold_1,fold_2"
+    assert header == "case,p_hgg,predicted_grade,true_grade,fold_0,fold_1,fold_2,qc_flags"
     meta = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert f"threshold = {meta['threshold']:.4f}" in meta["operating_point_explained"]
     assert all(r["decision_rule"] == "HGG when p_hgg >= threshold, else LGG" for r in meta["predictions"])

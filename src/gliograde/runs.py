@@ -1,4 +1,4 @@
-"""The runs of a results folder: finding a results folder's runs (the newest complete run of each fold and repeat), reading one, and
+"""The runs of a results folder: finding them (the newest complete run of each fold and repeat), reading one, and
 comparing their configurations. `summarize`, `compare`, `predict`, `validate`, `export` and `cv --status` all read
 runs through here; nothing in here scores or trains."""
 

@@ -12,9 +12,11 @@ Flags (each case's `qc.flags`, in predictions.json/csv of `predict` and in every
   fold member's training patients than that member's own training patients lie from each other (their 99th
   percentile), for the majority of the members (`OOD_METHOD`).
 
-The reference (training ids, image hashes, brain-fraction range, features) is computed once per command from the
-runs' cache (`volumes.npy`) and held in memory; without the cache only the header checks are made, and the JSON
-says which checks were not.
+The reference (training ids, image hashes, brain-fraction range, features) is computed from the runs' cache
+(`volumes.npy`) and kept in the cache folder's `qc_reference/` (best effort, one small file for the hashes and
+fractions and one per checkpoint for the features, each keyed by the path, size and time of what it was computed
+from), so that later commands read it back; without the cache only the header checks are made, and the JSON says
+which checks were not.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +34,6 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from gliograde import MODALITIES
 from gliograde.data.brats import Case
 from gliograde.errors import DataError
 
@@ -59,6 +62,42 @@ BRAIN_FRACTION_METHOD = (
     "share of voxels non-zero in any modality in the preprocessed (cropped, cubed, resized) volume; the range is the "
     "minimum and maximum over the training cache's volumes"
 )
+
+
+REFERENCE_DIR = "qc_reference"  # inside the cache folder: hashes, brain fractions and features, keyed by their inputs
+REFERENCE_VERSION = 1
+
+
+def _stamp(path: str | Path) -> list:
+    """What a saved reference depends on: the file's absolute path, size and modification time."""
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _load(path: Path, key: dict) -> dict | None:
+    """The arrays saved at `path` if they were saved for this `key`, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["key"])) != json.loads(json.dumps(key)):
+                return None
+            return {k: z[k] for k in z.files if k != "key"}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save(path: Path, key: dict, **arrays) -> None:
+    """Best effort (a read-only cache is fine): written to a temporary sibling, then renamed into place."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:8]}.npz")
+        np.savez(tmp, key=np.array(json.dumps(key)), **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("QC reference not saved in %s (%s); it is recomputed next time", path.parent, e)
 
 
 def volume_hash(volume: np.ndarray) -> str:
@@ -105,7 +144,8 @@ class MemberReference:
         scale = np.where(std > 1e-6, std, np.inf)  # a constant feature carries no distance
         z = (train - mean) / scale
         k = min(OOD_K, len(z) - 1)
-        d = np.sqrt(np.maximum(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1), 0.0))
+        sq = (z**2).sum(1)
+        d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0))  # (n, n) without an (n, n, F) array
         np.fill_diagonal(d, np.inf)  # leave-one-out: a patient is not its own neighbour
         loo = np.sort(d, axis=1)[:, :k].mean(1)
         ref = cls(name, mean, scale, z, k, float(np.percentile(loo, OOD_PERCENTILE)), None)
@@ -179,19 +219,29 @@ class TrainingReference:
         return (self.cache.manifest.get("params") or {}) if self.cache is not None else None
 
     def ensure_hashes(self) -> None:
-        """One pass over the cache: each volume's hash and brain fraction."""
+        """One pass over the cache: each volume's hash and brain fraction (kept in the cache's qc_reference/)."""
         if self.hashes is not None or self.cache is None:
             return
-        hashes, fractions = {}, []
-        for i, cid in enumerate(self.cache.ids):
-            v = np.asarray(self.cache.volumes[i])
-            hashes.setdefault(volume_hash(v), cid)
-            fractions.append(brain_fraction(v))
-        self.hashes = hashes
+        key = {"volumes": _stamp(self.cache.path / "volumes.npy"), "version": REFERENCE_VERSION}
+        saved = _load(self.cache.path / REFERENCE_DIR / "volumes.npz", key)
+        if saved is not None and len(saved["hashes"]) == len(self.cache.ids):
+            hashes, fractions = [str(h) for h in saved["hashes"]], saved["fractions"]
+        else:
+            hashes, fractions = [], []
+            for i in range(len(self.cache.ids)):
+                v = np.asarray(self.cache.volumes[i])
+                hashes.append(volume_hash(v))
+                fractions.append(brain_fraction(v))
+            fractions = np.asarray(fractions, dtype=np.float64)
+            _save(self.cache.path / REFERENCE_DIR / "volumes.npz", key, hashes=np.array(hashes), fractions=fractions)
+        self.hashes = {}
+        for h, cid in zip(hashes, self.cache.ids, strict=True):
+            self.hashes.setdefault(h, cid)
         self.fraction_range = (float(np.min(fractions)), float(np.max(fractions)))
 
     def ensure_features(self, members, device: torch.device, batch: int = 8) -> None:
-        """Each member's features of every cache volume, then its reference on the fold's own training rows."""
+        """Each member's features of every cache volume (kept in the cache's qc_reference/, one file per
+        checkpoint), then its reference on the fold's own training rows."""
         if self.members is not None or self.cache is None:
             return
         cache, ref = self.cache, members[0]
@@ -201,12 +251,23 @@ class TrainingReference:
         row = {cid: i for i, cid in enumerate(cache.ids)}
         channels = cache.channels(ref.modalities)
         start = time.perf_counter()
-        feats = [[] for _ in members]
-        for lo in range(0, len(cache.ids), batch):
-            x = torch.from_numpy(np.asarray(cache.volumes[lo : lo + batch][:, channels], dtype=np.float32)).to(device)
-            for j, f in enumerate(member_features(members, x)):
-                feats[j].append(f)
-        feats = [np.concatenate(f) for f in feats]
+        volumes = _stamp(cache.path / "volumes.npy")
+        keys = [{"volumes": volumes, "checkpoint": _stamp(m.checkpoint), "channels": channels,
+                 "version": REFERENCE_VERSION} for m in members]  # fmt: skip
+        files = [cache.path / REFERENCE_DIR / f"features_{_digest(k['checkpoint'][0])}.npz" for k in keys]
+        feats = [(_load(f, k) or {}).get("features") for f, k in zip(files, keys, strict=True)]
+        todo = [j for j, f in enumerate(feats) if f is None or len(f) != len(cache.ids)]
+        if todo:
+            parts = {j: [] for j in todo}
+            for lo in range(0, len(cache.ids), batch):
+                x = np.asarray(cache.volumes[lo : lo + batch][:, channels], dtype=np.float32)
+                x = torch.from_numpy(x).to(device)
+                for j, f in zip(todo, member_features([members[j] for j in todo], x), strict=True):
+                    parts[j].append(f.astype(np.float32))
+            for j in todo:
+                feats[j] = np.concatenate(parts[j])
+                _save(files[j], keys[j], features=feats[j])
+        feats = [np.asarray(f, dtype=np.float64) for f in feats]
         out = []
         for j, m in enumerate(members):
             split = self.splits[j] if j < len(self.splits) else {}
@@ -224,17 +285,23 @@ class TrainingReference:
         """The methods and the reference's figures, for the JSON."""
         return {
             "flags": FLAGS,
-            "spacing": f"NIfTI header zooms; flagged when an edge differs from 1 mm by more than {SPACING_TOLERANCE_MM}",
+            "spacing": f"NIfTI header zooms; flagged when an edge differs from 1 mm by more than "
+            f"{SPACING_TOLERANCE_MM} mm",
             "grid": f"NIfTI shape; flagged when not {' x '.join(map(str, BRATS_GRID))}",
             "negative_intensities": "minimum raw voxel value (after the header's scaling) below 0 in any modality",
             "brain_fraction": BRAIN_FRACTION_METHOD,
             "brain_fraction_range": list(self.fraction_range) if self.fraction_range else None,
             "out_of_distribution": OOD_METHOD,
             "members": [
-                {"name": r.name, "k": r.k, "threshold": r.threshold, "training_patients": len(r.train),
-                 "heldout_flag_rate": r.heldout_flag_rate}
+                {
+                    "name": r.name,
+                    "k": r.k,
+                    "threshold": r.threshold,
+                    "training_patients": len(r.train),
+                    "heldout_flag_rate": r.heldout_flag_rate,
+                }
                 for r in self.members or []
-            ],  # fmt: skip
+            ],
             "not_checked": dict(self.missing),
             "cache": str(self.cache.path) if self.cache is not None else None,
         }
@@ -278,7 +345,3 @@ def flag_summary(records: list[dict]) -> dict:
         cases = [r["case"] for r in records if name in ((r.get("qc") or {}).get("flags") or [])]
         out[name] = {"n": len(cases), "cases": cases, "meaning": FLAGS[name]}
     return out
-
-
-def _check_modalities(case: Case) -> None:  # pragma: no cover - kept for symmetry with MODALITIES
-    assert list(case.paths)[: len(MODALITIES)]
