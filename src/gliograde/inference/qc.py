@@ -54,9 +54,10 @@ FLAGS = {
 OOD_METHOD = (
     f"mean Euclidean distance to the {OOD_K} nearest training patients in the pooled features "
     "(model.forward_features, no test-time augmentation), each feature standardized by the training patients' mean "
-    "and SD; per fold member, fitted on that fold's own training rows (fit + select); the member's threshold is the "
-    f"{OOD_PERCENTILE:g}th percentile of its training patients' own leave-one-out distances; a case is out of "
-    "distribution when the majority of the members put it above their threshold"
+    "and SD; per fold member, the reference is the patients its network fitted on; the member's threshold is the "
+    f"{OOD_PERCENTILE:g}th percentile of the distances of its selection-part patients (same cohort, never trained "
+    "on; with fewer than 5, of the training patients' own leave-one-out distances); a case is out of distribution "
+    "when the majority of the members put it above their threshold"
 )
 BRAIN_FRACTION_METHOD = (
     "share of voxels non-zero in any modality in the preprocessed (cropped, cubed, resized) volume; the range is the "
@@ -139,7 +140,12 @@ class MemberReference:
     heldout_flag_rate: float | None  # share of the fold's own held-out patients above the threshold
 
     @classmethod
-    def fit(cls, name: str, train: np.ndarray, heldout: np.ndarray | None) -> MemberReference:
+    def fit(
+        cls, name: str, train: np.ndarray, heldout: np.ndarray | None, unseen: np.ndarray | None = None
+    ) -> MemberReference:
+        """`train`: the patients the network fitted on. `unseen`: patients of the same cohort it never trained on
+        (the inner selection part); where there are at least 5, the threshold is their distances' percentile, since
+        a network's own training patients sit closer to each other in its features than any new patient does."""
         mean, std = train.mean(0), train.std(0)
         scale = np.where(std > 1e-6, std, np.inf)  # a constant feature carries no distance
         z = (train - mean) / scale
@@ -149,6 +155,8 @@ class MemberReference:
         np.fill_diagonal(d, np.inf)  # leave-one-out: a patient is not its own neighbour
         loo = np.sort(d, axis=1)[:, :k].mean(1)
         ref = cls(name, mean, scale, z, k, float(np.percentile(loo, OOD_PERCENTILE)), None)
+        if unseen is not None and len(unseen) >= 5:
+            ref.threshold = float(np.percentile([ref.distance(f) for f in unseen], OOD_PERCENTILE))
         if heldout is not None and len(heldout):
             ref.heldout_flag_rate = float(np.mean([ref.distance(f) > ref.threshold for f in heldout]))
         return ref
@@ -271,12 +279,14 @@ class TrainingReference:
         out = []
         for j, m in enumerate(members):
             split = self.splits[j] if j < len(self.splits) else {}
-            train = [row[i] for part in ("fit", "select") for i in split.get(part, []) if i in row]
+            fit = [row[i] for i in split.get("fit", []) if i in row]
+            select = [row[i] for i in split.get("select", []) if i in row]
             val = [row[i] for i in split.get("val", []) if i in row]
-            if len(train) < 2:  # a bare checkpoint without a split record: all cache rows are its training rows
-                train, val = list(range(len(cache.ids))), []
+            if len(fit) < 2:  # a bare checkpoint without a split record: all cache rows are its training rows
+                fit, select, val = list(range(len(cache.ids))), [], []
             name = f"fold_{m.fold}" if m.fold is not None else str(Path(m.checkpoint).parent.parent.name)
-            out.append(MemberReference.fit(name, feats[j][train], feats[j][val] if val else None))
+            out.append(MemberReference.fit(name, feats[j][fit], feats[j][val] if val else None,
+                                           feats[j][select] if select else None))  # fmt: skip
         self.members = out
         log.info("QC reference: %d training volumes x %d model(s) in %.1f s", len(cache.ids), len(members),
                  time.perf_counter() - start)  # fmt: skip
