@@ -223,6 +223,58 @@ def output_dir(out: str | Path | None, parent: str | Path = "predictions") -> Pa
     return path
 
 
+def explain(record: dict, members, x: torch.Tensor, volume: np.ndarray, geometry, case: Case, out: Path,
+            saliency: bool, saliency_layer: str) -> None:
+    """Where the ensemble looked, into `record`: a MIL model's slice attention (and its strip with --saliency), or
+    with --saliency the 3D models' mean Grad-CAM on the case's own voxel grid (NIfTI + PNG). `volume`: the case's
+    preprocessed input channels."""
+    p = record["p_hgg"]
+    if model_kind(members[0].model) == "mil2d":
+        record["mil"] = mil_attention(members, x)
+        if saliency:
+            png = out / "saliency" / f"{case.id}_slices.png"
+            attention_strip(volume, record["mil"], png, f"{case.id}: P(HGG) = {p:.3f}")
+            record["saliency"] = {"png": str(png), "method": "the most-attended axial slices and their weights"}
+    elif saliency:
+        cams = [grad_cam(m.model, x, layer=saliency_layer) for m in members]
+        cam = torch.stack([c[0][0] for c in cams]).mean(0)
+        cam = (cam / cam.max().clamp_min(1e-12)).cpu().numpy()  # the ensemble map scaled to peak 1 again
+        image = to_original_grid(cam, geometry)
+        # the upsampled map blurs past the skull: cut it to the case's own brain mask on its own grid
+        brain = np.any([np.asarray(nib.load(str(f)).dataobj) != 0 for f in case.files], axis=0)
+        image = nib.Nifti1Image(image.get_fdata(dtype=np.float32) * brain, image.affine)
+        nii = out / "saliency" / f"{case.id}_gradcam.nii.gz"
+        nib.save(image, str(nii))
+        png = out / "saliency" / f"{case.id}_gradcam.png"
+        peak = saliency_png(image, case.paths["flair"], png, f"{case.id}: P(HGG) = {p:.3f}")
+        record["saliency"] = {
+            "nifti": str(nii),
+            "png": str(png),
+            "peak_voxel_ras": list(peak),
+            "layer": cams[0][1],
+            "method": "Grad-CAM of the HGG logit; each fold's map scaled to peak 1, averaged, scaled to peak 1",
+        }
+
+
+def prediction_meta(members, names, threshold: float, tta: bool, qc, records: list[dict], failed: dict) -> dict:
+    """predictions.json: the ensemble, its input, its operating point explained, the QC methods, the records."""
+    return {
+        "gliograde": __version__,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "ensemble": [{"name": n, "checkpoint": str(m.checkpoint)} for n, m in zip(names, members, strict=True)],
+        "modalities": members[0].modalities,
+        "preprocess": members[0].preprocess,
+        "tta": f"mean over {len(FLIPS)} axis flips" if tta else None,
+        "threshold": threshold,
+        "threshold_rule": "mean of the members' thresholds (each fitted on its fold's selection part)",
+        "operating_point_explained": operating_point_text(members, threshold),
+        "operating_points": [m.point.to_dict() for m in members],
+        "qc": qc.describe(),
+        "predictions": records,
+        "failed": failed,
+    }
+
+
 def predict_cases(
     cases: list[Case],
     members: list[Member],
@@ -282,51 +334,12 @@ def predict_cases(
             "folds": dict(zip(names, per_model, strict=True)),
             "qc": qc.check(case, volume, member_features(members, x) if qc.members else None, ref.preprocess),
         }
-        if model_kind(ref.model) == "mil2d":
-            record["mil"] = mil_attention(members, x)
-            if saliency:
-                png = out / "saliency" / f"{case.id}_slices.png"
-                attention_strip(volume[channels], record["mil"], png, f"{case.id}: P(HGG) = {p:.3f}")
-                record["saliency"] = {"png": str(png), "method": "the most-attended axial slices and their weights"}
-        elif saliency:
-            cams = [grad_cam(m.model, x, layer=saliency_layer) for m in members]
-            cam = torch.stack([c[0][0] for c in cams]).mean(0)
-            cam = (cam / cam.max().clamp_min(1e-12)).cpu().numpy()  # the ensemble map scaled to peak 1 again
-            image = to_original_grid(cam, geometry)
-            # the upsampled map blurs past the skull: cut it to the case's own brain mask on its own grid
-            brain = np.any([np.asarray(nib.load(str(f)).dataobj) != 0 for f in case.files], axis=0)
-            image = nib.Nifti1Image(image.get_fdata(dtype=np.float32) * brain, image.affine)
-            nii = out / "saliency" / f"{case.id}_gradcam.nii.gz"
-            nib.save(image, str(nii))
-            png = out / "saliency" / f"{case.id}_gradcam.png"
-            peak = saliency_png(image, case.paths["flair"], png, f"{case.id}: P(HGG) = {p:.3f}")
-            record["saliency"] = {
-                "nifti": str(nii),
-                "png": str(png),
-                "peak_voxel_ras": list(peak),
-                "layer": cams[0][1],
-                "method": "Grad-CAM of the HGG logit; each fold's map scaled to peak 1, averaged, scaled to peak 1",
-            }
+        explain(record, members, x, volume[channels], geometry, case, out, saliency, saliency_layer)
         records.append(record)
         log.info("%s", decision_text(record))
 
     write_predictions_csv(out, records, names)
-    meta = {
-        "gliograde": __version__,
-        "created": datetime.now().isoformat(timespec="seconds"),
-        "ensemble": [{"name": n, "checkpoint": str(m.checkpoint)} for n, m in zip(names, members, strict=True)],
-        "modalities": ref.modalities,
-        "preprocess": ref.preprocess,
-        "tta": f"mean over {len(FLIPS)} axis flips" if tta else None,
-        "threshold": threshold,
-        "threshold_rule": "mean of the members' thresholds (each fitted on its fold's selection part)",
-        "operating_point_explained": operating_point_text(members, threshold),
-        "operating_points": [m.point.to_dict() for m in members],
-        "qc": qc.describe(),
-        "predictions": records,
-        "failed": failed,
-    }
-    write_json(out / "predictions.json", meta)
+    write_json(out / "predictions.json", prediction_meta(members, names, threshold, tta, qc, records, failed))
     if failed:
         raise PredictError(
             f"{len(failed)} of {len(cases)} case(s) could not be predicted ({'; '.join(failed.values())}); "
