@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gliograde-installed
 
-.PHONY: demo test lint bench gpu-check gpu-wheels clean-venv
+.PHONY: demo test test-fast lint bench gpu-check gpu-wheels clean-venv
 
 $(STAMP): requirements/cpu.txt requirements/dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test that trains nothing (no fold, no CV, no demo) and needs no GPU. CI runs `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 # The GPU path, proven in one command (<= 8 min on one GPU; writes gpu-check.json; exit 1 with one line without
 # CUDA). It runs with the Python that holds the CUDA build of torch ($(GPU_PYTHON)), not the CPU .venv; packages that

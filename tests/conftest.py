@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,6 +40,52 @@ def _cpu_unless_marked_gpu(request, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+# Fixtures that train: a test that uses one, directly or through another fixture, trains and is marked `slow` (left
+# out of `make test-fast`). Whichever test builds the demo first gets its ceiling: ~4 min alone, for a shared machine.
+TRAINING_FIXTURES = {"cv_run", "demo_run", "one_process_run", "mil_cv", "focal_run"}
+DEMO_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        trains = TRAINING_FIXTURES.intersection(item.fixturenames)
+        if trains:
+            item.add_marker(pytest.mark.slow)
+        if "demo_run" in trains:
+            item.add_marker(pytest.mark.timeout(DEMO_TIMEOUT_S))
+
+
+@contextlib.contextmanager
+def _training_refused(item):
+    """The inner loop (`-m "not slow"`) never trains: an epoch started in this process while a test without the `slow`
+    mark sets up (its fixtures included) or runs fails it, naming the mark (training in a subprocess is marked by
+    hand)."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    from unittest import mock
+
+    from gliograde.training import trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{item.nodeid} trains: mark it @pytest.mark.slow")
+
+    with mock.patch.object(trainer, "train_epoch", refuse):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _training_refused(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _training_refused(item):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +152,44 @@ def tiny(cache, tmp_path, **kw):
     return resolve("cpu-demo", **{**base, **kw})
 
 
+def fake_run(results, fold, k, ids, labels, probs, *, repeat=0, stamp="20260101_000000", status="complete",
+             final=None, metrics=None, config=None) -> Path:  # fmt: skip
+    """A run folder as the trainer leaves it (runs/[repeat_r/]fold_f/run_<stamp>) with given validation predictions,
+    without training: metrics.json (`final`: these predictions' metrics unless given; `metrics`: more keys of the
+    record), config.json ({**config, fold, folds}) and predictions/. The one builder of fake runs of every test."""
+    import json
+
+    import numpy as np
+
+    from gliograde.evaluation.metrics import compute_metrics
+
+    run = results / "runs" / (f"repeat_{repeat}" if repeat else "") / f"fold_{fold}" / f"run_{stamp}"
+    for sub in ("metrics", "config", "predictions", "checkpoints"):
+        (run / sub).mkdir(parents=True)
+    if final is None:
+        final = {**compute_metrics(labels, probs), "best_epoch": 3, "checkpoint": "best.pt"}
+    record = {"status": status, "fold": fold, "final": final if status == "complete" else None, "history": []}
+    (run / "metrics" / "metrics.json").write_text(json.dumps({**record, **(metrics or {})}))
+    (run / "config" / "config.json").write_text(json.dumps({"config": {**(config or {}), "fold": fold, "folds": k}}))
+    np.save(run / "predictions" / "val_labels.npy", np.asarray(labels))
+    np.save(run / "predictions" / "val_probs.npy", np.asarray(probs))
+    (run / "predictions" / "val_ids.json").write_text(json.dumps(list(ids)))
+    return run
+
+
+# the one-process run DDP must reproduce: --batch-size 2 --gradient-accumulation-steps 2 (a global batch of 4)
+DDP_REFERENCE = {"data_path": "device", "dropout": 0.0, "epochs": 2, "min_epochs": 2, "patience": 5, "batch_size": 2,
+                 "grad_accum": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tiny_cache, tmp_path_factory):
+    """DDP_REFERENCE trained in this process, once: what the gloo ranks and the torchrun nodes are compared with."""
+    from gliograde.training.trainer import train_fold
+
+    return train_fold(tiny(tiny_cache, tmp_path_factory.mktemp("one"), **DDP_REFERENCE))
+
+
 @pytest.fixture(scope="session")
 def cv_run(synth_root, tmp_path_factory):
     """A finished 3-fold CV (ResNet-10, 16^3, 2 epochs) on its own cache: (cache, config, summary report)."""
@@ -112,3 +200,34 @@ def cv_run(synth_root, tmp_path_factory):
     cache = open_cache(prepare_cache(synth_root, tmp / "cache-s16", size=16, workers=1, progress=False).path)
     cfg = tiny(cache, tmp, folds=3, epochs=2, min_epochs=2)
     return cache, cfg, run_cv(cfg, [0, 1, 2])
+
+
+@contextlib.contextmanager
+def logged(name: str = "gliograde", level: int = logging.INFO):
+    """What logger `name` logs at `level` and above inside the block: caplog for a session fixture."""
+    stream, logger = io.StringIO(), logging.getLogger(name)
+    handler, before = logging.StreamHandler(stream), logger.level
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's first command, `gliograde demo`, once per session at its own size (60 phantoms of 64 x 64 x 48,
+    a 5-fold CV of the cpu-demo preset: ResNet-10 at 32^3, 12 epochs): its folders, exit code, what it printed and
+    logged, and the prediction folders it left (listed before any test runs it again)."""
+    from gliograde.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    with contextlib.redirect_stdout(io.StringIO()) as printed, logged() as log:
+        rc = main(["demo", "--out", str(out), "--workers", "2"])
+    results, predictions = out / "results" / "ResNet10-3D", out / "predictions"
+    return SimpleNamespace(rc=rc, out=out, results=results, runs=sorted(results.glob("runs/fold_*/run_*")),
+                           printed=printed.getvalue(), logged=log.getvalue(),
+                           predictions=sorted(predictions.iterdir()) if predictions.is_dir() else [])  # fmt: skip

@@ -15,14 +15,14 @@ from gliograde.data.brats import discover_cases
 from gliograde.data.cache import GEOMETRY, open_cache, prepare_cache
 from gliograde.data.preprocess import load_segmentation, load_volume, preprocess_case
 from gliograde.errors import GliogradeError
-from gliograde.inference.attention import (
+from gliograde.evaluation.attention import (
     attention_report,
     attention_scores,
     cam_grid,
     mask_on_cache_grid,
     summarize_attention,
 )
-from gliograde.inference.saliency import grad_cam
+from gliograde.networks.gradcam import grad_cam
 from gliograde.networks.resnet3d import ResNet3D
 
 FLAIR = 3

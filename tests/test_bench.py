@@ -10,6 +10,7 @@ import torch
 from gliograde.cli import main
 
 
+@pytest.mark.slow
 def test_bench_writes_the_figures_of_both_pipelines(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "--device", "cpu", "--depth", "10", "--size", "16", "--batch-size", "2", "--steps", "2"]
@@ -31,6 +32,7 @@ def test_bench_writes_the_figures_of_both_pipelines(tmp_path, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_trainer_times_the_real_train_fold_and_projects_the_cv(tmp_path, capsys):
     out = tmp_path / "trainer.json"
     rc = main(

@@ -167,3 +167,70 @@ def test_the_2020_mapping_falls_back_on_the_tcga_barcode(tmp_path):
         "BraTS20_Training_002": ("LGG", "2013"),
         "BraTS20_Training_003": ("HGG", "unknown"),
     }
+
+
+# ----------------------------------------------------------------------------------- files checked while scanning
+def _renamed_case(sample_root, case_id: str, dst):
+    """A real case copied to dst/<new id>/ with its files renamed (a case folder to predict)."""
+    src = copy_case(sample_root, case_id, dst / "_src")
+    target = dst / "CaseMismatch"
+    shutil.copytree(src, target)
+    for f in target.iterdir():
+        f.rename(target / f.name.replace(case_id, "CaseMismatch"))
+    shutil.rmtree(dst / "_src")
+    return target
+
+
+def test_a_case_on_two_grids_is_named_once_in_one_line_before_predict_writes_anything(sample_root, tmp_path, capsys):
+    """Issue 25 §3: such a case printed 'case CaseMismatch: case CaseMismatch: ...' with both affines, twice, and
+    left an --out folder holding an empty CSV. Now the scan names the case, the two files and what differs."""
+    import nibabel as nib
+    import numpy as np
+
+    from gliograde.cli import main
+    from gliograde.data.brats import read_case_folder
+
+    folder = _renamed_case(sample_root, "Brats18_2013_3_1", tmp_path)
+    t1ce = folder / "CaseMismatch_t1ce.nii.gz"
+    img = nib.load(t1ce)
+    affine = img.affine.copy()
+    affine[0, 3] += 5.0  # the same voxels, 5 mm to the side
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header), str(t1ce))
+    with pytest.raises(DataError) as err:
+        read_case_folder(folder)
+    text = str(err.value)
+    assert "CaseMismatch_t1ce.nii.gz and CaseMismatch_t1.nii.gz are not on one voxel grid (origin 5 mm apart)" in text
+    assert text.count("case ") == 1 and "[[" not in text
+
+    out = tmp_path / "predictions"
+    assert main(["predict", "--case", str(folder), "--runs", str(tmp_path / "no_runs"), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "origin 5 mm apart" in lines[0] and lines[0].count("CaseMismatch_t1ce") == 1
+    assert not out.exists()  # a re-run can use the same --out
+
+
+def test_the_scan_reads_each_header_once_a_process(sample_root, monkeypatch):
+    """Headers are read once per file version (path, size, mtime): a re-scan (prepare after the plan) is cheap."""
+    import gliograde.data.brats as brats
+
+    discover_cases(sample_root)
+    calls = []
+    monkeypatch.setattr(brats, "_read_header", lambda *a: calls.append(a) or pytest.fail("header read again"))
+    assert len(discover_cases(sample_root).cases) == 9 and calls == []
+
+
+def test_grid_differences_are_said_in_a_few_words():
+    import numpy as np
+
+    from gliograde.data.brats import grid_difference
+
+    eye = np.eye(4)
+    assert grid_difference((4, 4, 4), eye, (4, 4, 4), eye + 1e-5) is None
+    assert grid_difference((4, 4, 5), eye, (4, 4, 4), eye) == "shape 4 x 4 x 5 vs 4 x 4 x 4"
+    assert (
+        grid_difference((4, 4, 4), np.diag([1, 1, 1.5, 1]), (4, 4, 4), eye) == "voxel size 1 x 1 x 1.5 vs 1 x 1 x 1 mm"
+    )
+    assert grid_difference((4, 4, 4), np.diag([-1, 1, 1, 1]), (4, 4, 4), eye) == "orientation LAS vs RAS"
+    shifted = eye.copy()
+    shifted[:3, 3] = [3, 4, 0]
+    assert grid_difference((4, 4, 4), shifted, (4, 4, 4), eye) == "origin 5 mm apart"

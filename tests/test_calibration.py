@@ -6,7 +6,7 @@ import torch
 
 from gliograde.evaluation import stats
 from gliograde.evaluation.calibration import OperatingPoint, fit_operating_point, sampled_prior, seeds_point
-from gliograde.evaluation.scoring import predict
+from gliograde.evaluation.scoring import score_loader
 
 
 def balanced_trained_probs(n=4000, prior=0.74, seed=0):
@@ -59,8 +59,8 @@ def test_ldam_probabilities_come_from_the_scaled_logits():
     x = torch.linspace(-0.1, 0.1, 6).view(6, 1, 1, 1, 1)
     batches = [(x, torch.tensor([0, 0, 0, 1, 1, 1]))]
     loss = torch.nn.CrossEntropyLoss()
-    _, plain, _ = predict(Fixed(), batches, torch.device("cpu"), None, loss)
-    _, scaled, _ = predict(Fixed(), batches, torch.device("cpu"), None, loss, logit_scale=30.0)
+    _, plain, _ = score_loader(Fixed(), batches, torch.device("cpu"), None, loss)
+    _, scaled, _ = score_loader(Fixed(), batches, torch.device("cpu"), None, loss, logit_scale=30.0)
     z = x.flatten().numpy()
     np.testing.assert_allclose(plain, stats.sigmoid(z), rtol=1e-5)
     np.testing.assert_allclose(scaled, stats.sigmoid(30 * z), rtol=1e-5)

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import fake_run
 from sklearn.metrics import roc_auc_score
 
 from gliograde.evaluation import stats
@@ -28,25 +29,14 @@ def fold_map(repeat: int = 0) -> np.ndarray:
     return folds
 
 
-def fake_run(results, fold, k, ids, labels, probs, repeat=0, threshold=0.5, protocol="inner", config=None):
-    """A run folder as the trainer leaves it (runs/[repeat_r/]fold_k/run_*), with given validation predictions."""
-    parent = results / "runs" / (f"repeat_{repeat}" if repeat else "") / f"fold_{fold}"
-    run = parent / "run_20260101_000000"
-    for sub in ("metrics", "config", "predictions", "checkpoints"):
-        (run / sub).mkdir(parents=True)
+def fold_run(results, fold, k, ids, labels, probs, repeat=0, threshold=0.5, protocol="inner", config=None):
+    """A fold's run folder (conftest.fake_run) with what compare reads: the AUC, threshold, protocol and repeat."""
     final = {"auc": float(roc_auc_score(labels, probs)), "checkpoint": "best.pt"}
     if threshold is not None:
         final["threshold"] = threshold
-    metrics = {"status": "complete", "fold": fold, "final": final, "history": [], "repeat": repeat}
-    if protocol is not None:
-        metrics["selection"] = {"protocol": protocol}
-    (run / "metrics" / "metrics.json").write_text(json.dumps(metrics))
-    cfg = {"fold": fold, "folds": k, "repeat": repeat, **(config or {})}
-    (run / "config" / "config.json").write_text(json.dumps({"config": cfg}))
-    np.save(run / "predictions" / "val_labels.npy", np.asarray(labels))
-    np.save(run / "predictions" / "val_probs.npy", np.asarray(probs))
-    (run / "predictions" / "val_ids.json").write_text(json.dumps(list(ids)))
-    return run
+    metrics = {"repeat": repeat} if protocol is None else {"repeat": repeat, "selection": {"protocol": protocol}}
+    config = {"repeat": repeat, **(config or {})}
+    return fake_run(results, fold, k, ids, labels, probs, repeat=repeat, final=final, metrics=metrics, config=config)
 
 
 def fake_cv(results, probs, repeats=1, thresholds=(0.5,) * K, protocol="inner", ids=IDS, folds=None, config=None):
@@ -63,7 +53,7 @@ def fake_cv(results, probs, repeats=1, thresholds=(0.5,) * K, protocol="inner", 
         fm = fold_map(rep) if folds is None else folds
         for f in range(K):
             sel = np.flatnonzero(fm == f)
-            fake_run(
+            fold_run(
                 results,
                 f,
                 K,
@@ -149,7 +139,7 @@ def test_different_k_or_split_settings_are_refused_naming_both(tmp_path):
     c = tmp_path / "c"
     for f in range(2):
         sel = np.flatnonzero(np.arange(N) % 2 == f)
-        fake_run(c, f, 2, [IDS[i] for i in sel], LABELS[sel], NOISE[sel])
+        fold_run(c, f, 2, [IDS[i] for i in sel], LABELS[sel], NOISE[sel])
     with pytest.raises(CompareError, match=r"K = 3 folds.*K = 2"):
         compare([a, c], out=tmp_path / "out")
     with pytest.raises(CompareError, match="no finished fold in"):

@@ -11,39 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fake_run
 from sklearn.metrics import roc_auc_score
 
+from gliograde.checkpoints import CheckpointError
 from gliograde.cli import main
 from gliograde.data.brats import site_of
 from gliograde.evaluation.evaluate import evaluate_run
-from gliograde.evaluation.metrics import compute_metrics
-from gliograde.evaluation.summary import (
-    SummaryError,
-    find_runs,
-    mean_std,
-    site_audit,
-    site_warning,
-    summarize,
-)
-from gliograde.training.checkpoints import CheckpointError
+from gliograde.evaluation.site_baseline import site_audit, site_warning
+from gliograde.evaluation.stats import mean_std
+from gliograde.evaluation.summary import summarize
+from gliograde.files import number
+from gliograde.runs import SummaryError, find_runs
 from gliograde.training.cv import fold_plan, run_cv
 from gliograde.training.trainer import train_fold
-
-
-def fake_run(results, fold, k, ids, labels, probs, stamp="20260101_000000", status="complete"):
-    """A run folder as the trainer leaves it, with given validation predictions."""
-    run = results / "runs" / f"fold_{fold}" / f"run_{stamp}"
-    for sub in ("metrics", "config", "predictions", "checkpoints"):
-        (run / sub).mkdir(parents=True)
-    final = {**compute_metrics(labels, probs), "best_epoch": 3, "checkpoint": "best.pt"}
-    (run / "metrics" / "metrics.json").write_text(
-        json.dumps({"status": status, "fold": fold, "final": final if status == "complete" else None, "history": []})
-    )
-    (run / "config" / "config.json").write_text(json.dumps({"config": {"fold": fold, "folds": k}}))
-    np.save(run / "predictions" / "val_labels.npy", np.asarray(labels))
-    np.save(run / "predictions" / "val_probs.npy", np.asarray(probs))
-    (run / "predictions" / "val_ids.json").write_text(json.dumps(ids))
-    return run
 
 
 def fake_cv(results, k=3, n=20, seed=0, skip=()):
@@ -170,7 +151,7 @@ def test_cv_trains_every_fold_and_summarizes(cv_run):
     assert report["k"] == 3 and not report["partial"] and len(report["folds"]) == 3
     for row in report["folds"]:
         metrics = json.loads((Path(row["run"]) / "metrics" / "metrics.json").read_text())
-        assert metrics["final"]["auc"] == pytest.approx(row["auc"], nan_ok=True)
+        assert number(metrics["final"]["auc"]) == pytest.approx(row["auc"], nan_ok=True)  # strict JSON: NaN is null
     assert report["pooled"]["n"] == len(cache.ids)
     assert (Path(cfg.output_dir) / "summary.md").is_file()
 
@@ -202,7 +183,7 @@ def test_evaluate_rescoring_matches_the_stored_auc_and_overwrites_nothing(cv_run
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     result = evaluate_run(run)
     stored = json.loads((run / "metrics" / "metrics.json").read_text())["final"]
-    assert result.metrics["auc"] == pytest.approx(stored["auc"], abs=1e-9, nan_ok=True)
+    assert result.metrics["auc"] == pytest.approx(number(stored["auc"]), abs=1e-9, nan_ok=True)
     assert result.metrics["checkpoint"] == "best.pt" and result.metrics["auc_difference"] < 1e-9
     # the run's operating point (fitted on its selection part) applied unchanged: the same decisions
     assert result.metrics["threshold"] == stored["threshold"] and result.metrics["f1"] == pytest.approx(stored["f1"])
@@ -215,6 +196,22 @@ def test_evaluate_rescoring_matches_the_stored_auc_and_overwrites_nothing(cv_run
     assert second.out_dir != result.out_dir
     with pytest.raises(CheckpointError, match=r"best_ema\.pt does not exist"):
         evaluate_run(run, "best_ema")
+
+
+def test_evaluate_rechecks_the_stored_auc_on_the_selection_part_like_with_like(cv_run, caplog):
+    """Under inner selection a checkpoint's stored AUC is the selection part's; comparing it with the reported fold's
+    raised a false alarm whenever the two differ, which is the usual case."""
+    _, _, report = cv_run
+    runs = [Path(f["run"]) for f in report["folds"]]
+    finals = [json.loads((r / "metrics" / "metrics.json").read_text())["final"] for r in runs]
+    gaps = [abs(number(f["auc"]) - number(f["checkpoint_auc"])) for f in finals]
+    differ = [r for r, gap in zip(runs, gaps, strict=True) if gap > 0.01]
+    assert differ, "the fixture should hold a fold whose selection-part AUC differs from its reported AUC"
+    with caplog.at_level("WARNING", logger="gliograde"):
+        result = evaluate_run(differ[0])
+    assert "differs from the checkpoint's stored AUC" not in caplog.text
+    assert result.metrics["recheck_auc"] == pytest.approx(result.metrics["checkpoint_auc"], abs=0.01)
+    assert result.metrics["auc_difference"] < 1e-9  # the reported fold is compared with the reported AUC
 
 
 def test_evaluate_and_cv_command_lines(cv_run, capsys):
@@ -236,6 +233,7 @@ def test_evaluate_and_cv_command_lines(cv_run, capsys):
     assert "outside 0..4" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_parallel_folds_train_in_separate_processes_from_one_prepared_cache(synth_root, tmp_path):
     from gliograde.config import resolve
 
@@ -329,16 +327,16 @@ def test_evaluate_measures_where_the_model_looks_and_the_summary_reports_it(cv_r
     attention = json.loads((ev / "metrics.json").read_text())["final"]["attention"]
     per_case = json.loads((ev / "attention.json").read_text())["per_case"]
     assert attention["layer"] == "layer3" and attention["n"] == len(per_case) == len(current.ids)
-    for case in per_case:  # nan: an all-zero map (a 1^3 Grad-CAM grid at 16^3 can vanish), no mass to place
-        assert math.isnan(case["mass_in_mask"]) or 0 <= case["mass_in_mask"] <= 1
+    for case in per_case:  # null: an all-zero map (a 1^3 Grad-CAM grid at 16^3 can vanish), no mass to place
+        assert case["mass_in_mask"] is None or 0 <= case["mass_in_mask"] <= 1
         assert 0 < case["chance"] < 1 and case["pointing_hit"] in (True, False)
-    mass = [c["mass_in_mask"] for c in per_case]
-    assert attention["mean_mass_in_mask"] == pytest.approx(np.nanmean(mass), nan_ok=True)
+    mass = [number(c["mass_in_mask"]) for c in per_case]
+    assert number(attention["mean_mass_in_mask"]) == pytest.approx(np.nanmean(mass), nan_ok=True)
     summary = summarize(cfg.output_dir)
     assert summary["attention"]["pooled"]["n"] == attention["n"] and summary["attention"]["pooled"][
         "folds_checked"
     ] == [0]
-    assert summary["folds"][0]["attention_mass"] == pytest.approx(attention["mean_mass_in_mask"], nan_ok=True)
+    assert summary["folds"][0]["attention_mass"] == pytest.approx(number(attention["mean_mass_in_mask"]), nan_ok=True)
     assert "Where the model looks" in (Path(cfg.output_dir) / "summary.md").read_text()
 
 
@@ -407,15 +405,28 @@ def test_cv_through_the_local_launcher_and_its_status(cv_run, tmp_path, capsys, 
     assert "sbatch is not on PATH" in err and "\n" not in err
 
 
-def test_cv_dry_run_reads_the_saved_split_as_the_real_run_does(tmp_path, capsys):
+def test_cv_dry_run_plans_as_the_real_run_on_the_real_sample(sample_root, tmp_path, capsys, monkeypatch):
+    """On the nine real cases (4 LGG) the dry run says what the real cv will do: 4 folds, the preset's batch of 8
+    adapted to the smallest training part, and it writes nothing (no cache, no folder)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["cv", "--preset", "cpu-demo", "--data-root", str(sample_root), "--cache-dir", str(tmp_path / "caches"),
+            "--output-dir", str(tmp_path / "res"), "--dry-run"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "would train folds [0, 1, 2, 3] of K = 4" in out and "batch 2" in out
+    assert "adapted to the cohort" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cv_dry_run_reads_the_saved_split_as_the_real_run_does(tiny_cache, tmp_path, capsys):
     """A cache whose folds.json has 4 folds x 2 repeats: the dry run says so (issue 21, §1), reading only."""
+    import shutil
+
     from gliograde.data.splits import make_folds
 
-    cache = tmp_path / "cache-s32"
-    cache.mkdir()
-    (cache / "manifest.json").write_text("{}")
-    ids = [f"Brats18_TCIA0{i % 3}_{i:03d}_1" for i in range(24)]
-    folds = make_folds(ids, [i % 2 for i in range(24)], 4, 42, repeats=2)
+    cache = tmp_path / "cache-s16"
+    shutil.copytree(tiny_cache.path, cache)
+    folds = make_folds(list(tiny_cache.ids), list(tiny_cache.labels), 4, 42, repeats=2)
     (cache / "folds.json").write_text(json.dumps(folds))
     before = sorted(p.name for p in cache.iterdir())
     common = ["cv", "--preset", "cpu-demo", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "res")]
@@ -461,3 +472,145 @@ def test_cv_status_lists_a_missing_fold_from_the_recorded_split(tmp_path, capsys
     rows = {(r["repeat"], r["fold"]): r["state"] for r in cv_status(results)}
     assert rows == {(0, 0): "done", (0, 1): "done", **{(0, f): "missing" for f in (2, 3)},
                     **{(1, f): "missing" for f in range(4)}}  # fmt: skip
+
+
+# ------------------------------------------------------------------------- issue 25 §1: the folder names the network
+def test_the_default_results_folder_follows_the_network(tmp_path, capsys):
+    import shlex
+
+    from test_training import SEED_COMMANDS
+
+    from gliograde.cli import build_parser, config_from_args
+    from gliograde.config import resolve
+
+    assert resolve("cpu-demo").output_dir == "results/ResNet10-3D"  # it trained ResNet10-3D into results/ResNet50-3D
+    assert resolve("final").output_dir == resolve("ldam-drw").output_dir == "results/ResNet50-3D"
+    assert resolve("cpu-demo", model="mil2d").output_dir == "results/MIL2D-ResNet18"
+    assert resolve("final", depth=18).output_dir == "results/ResNet18-3D"
+    assert resolve("cpu-demo", output_dir="mine").output_dir == "mine"  # a folder asked for is kept
+    path = tmp_path / "exp.yaml"
+    path.write_text("output_dir: results/exp\n")
+    assert resolve("cpu-demo", path).output_dir == "results/exp"
+    for line, _ in SEED_COMMANDS.values():  # the seeds' ResNet-50 commands keep their folder
+        assert config_from_args(build_parser().parse_args(["train", *shlex.split(line)])).output_dir == (
+            "results/ResNet50-3D"
+        )
+    assert main(["cv", "--preset", "cpu-demo", "--cache-dir", str(tmp_path / "none"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "into results/ResNet10-3D" in out
+    assert '"cpu-demo"  (command line)' in out and '"results/ResNet10-3D"  (default for the network)' in out
+    assert main(["cv", "--cache-dir", str(tmp_path / "none"), "--dry-run"]) == 0
+    assert '"final"  (default)' in capsys.readouterr().out
+
+
+def test_summarize_and_predict_read_the_folder_of_the_configuration_given(cv_run, synth_root, tmp_path, capsys,
+                                                                          monkeypatch):  # fmt: skip
+    """summarize and predict, given the configuration (--preset, --model/--depth, --config) and no folder, read
+    the folder that configuration's cv wrote; given nothing, results/ResNet50-3D, and where that is absent but
+    another network's folder is there, the one-line error names it."""
+    _, cfg, _ = cv_run  # a cpu-demo CV: ResNet10-3D
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "ResNet10-3D").symlink_to(Path(cfg.output_dir).resolve())
+    assert main(["summarize", "--bootstrap", "50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--results results/ResNet50-3D" in err and "results/ResNet10-3D does" in err
+    assert main(["summarize", "--preset", "cpu-demo", "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].startswith("Model: ResNet10-3D (depth 10, strided layout); input 4 channel(s)")
+    assert "at 16^3; preset cpu-demo" in printed.splitlines()[0]
+    assert "Summary: results/ResNet10-3D/summary.md" in printed
+    md = (tmp_path / "results" / "ResNet10-3D" / "summary.md").read_text()
+    assert md.splitlines()[2].startswith("**Model.** ResNet10-3D")
+    path = tmp_path / "exp.yaml"
+    path.write_text("depth: 10\n")
+    case = next(synth_root.glob("HGG/*"))
+    for given in (["--depth", "10"], ["--config", str(path)]):
+        out = tmp_path / f"pred{len(given[1])}"
+        assert main(["predict", *given, "--case", str(case), "--out", str(out)]) == 0
+        assert (out / "predictions.csv").is_file()
+    assert main(["predict", "--model", "mil2d", "--case", str(case), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "--runs results/MIL2D-ResNet18" in err and "pass --runs results/ResNet10-3D" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_demo_lists_the_report_and_every_figure(cv_run, tmp_path):
+    from gliograde.demo import demo_outputs
+
+    _, cfg, report = cv_run
+    listed = dict(demo_outputs(tmp_path / "data", tmp_path / "cache", report, tmp_path / "new", tmp_path / "pred"))
+    assert listed["CV report (one page)"] == str(Path(cfg.output_dir) / "report.html")
+    for name in ("cv_roc_curves.png", "cv_pr_curves.png", "cv_reliability.png"):
+        assert name in listed["CV figures"]
+        assert (Path(cfg.output_dir) / name).is_file()
+
+
+# ------------------------------------------------------------------------------------------ issue 25 §3: messages
+def test_cv_takes_one_fold_with_fold_and_says_where_k_came_from(tiny_cache, tmp_path, capsys):
+    from gliograde.cli import build_parser
+
+    assert build_parser().parse_args(["cv", "--fold", "2"]).fold_list == [2]  # no "ambiguous option" usage wall
+    common = ["cv", "--preset", "cpu-demo", "--size", "16", "--cache-dir", str(tiny_cache.path), "--output-dir",
+              str(tmp_path / "res")]  # fmt: skip
+    for flag, value in (("--fold", "7"), ("--only", "7")):
+        assert main([*common, flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        saved = f"(K = 5, the saved split {tiny_cache.path / 'folds.json'})"  # where another test made it first
+        assert "\n" not in err and "outside 0..4" in err and ("(K = 5, the default)" in err or saved in err)
+        assert "set by --folds" not in err  # no --folds was given
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["cv", "--fold", "0-2"])
+    assert "several folds: --only 0-2" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("command", ["cv", "train"])
+@pytest.mark.parametrize("flag", [("--device", "cuda"), ("--pretrained-path", "no_such_weights.pth")])
+def test_a_missing_device_or_weights_file_is_refused_before_any_run_folder(tiny_cache, tmp_path, capsys, command, flag):
+    out = tmp_path / "res"
+    argv = [command, "--preset", "cpu-demo", "--size", "16", "--cache-dir", str(tiny_cache.path), "--output-dir",
+            str(out), *flag]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and ("CUDA is not available" in err or "no_such_weights.pth does not exist" in err)
+    assert not out.exists()  # no failed run folder
+
+
+def test_cv_status_of_a_folder_that_is_not_there_is_an_error(tmp_path, capsys):
+    assert main(["cv", "--status", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["cv", "--status", str(tmp_path / "empty")]) == 2
+    assert "not the results folder of a cv" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_interrupted_cv_fold_suggests_the_same_cv_command(tiny_cache, tmp_path, monkeypatch, caplog):
+    """Ctrl-C inside a fold of `cv` said `gliograde train --fold 0 --resume ...`; the cv command resumes instead."""
+    import os
+
+    import gliograde.training.trainer as trainer
+
+    real = trainer.train_fold
+
+    def interrupted(cfg, **kw):
+        def stop(epoch, run_dir):
+            raise KeyboardInterrupt
+
+        return real(cfg, on_epoch_end=stop)
+
+    from conftest import tiny
+
+    monkeypatch.setattr(trainer, "train_fold", interrupted)
+    monkeypatch.delenv("GLIOGRADE_RESUME_HINT", raising=False)
+    cfg = tiny(tiny_cache, tmp_path, epochs=2, min_epochs=2)
+    with caplog.at_level("WARNING", logger="gliograde"), pytest.raises(KeyboardInterrupt):
+        run_cv(cfg, [0])
+    assert "interrupted; re-run the same gliograde cv command to resume" in caplog.text
+    assert "gliograde train" not in caplog.text
+    assert "GLIOGRADE_RESUME_HINT" not in os.environ  # `train` in the same process says its own hint again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gliograde"), pytest.raises(KeyboardInterrupt):
+        interrupted(dataclasses.replace(cfg, output_dir=str(tmp_path / "train")))
+    assert "resume with: gliograde train --fold 0 --resume" in caplog.text

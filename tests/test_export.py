@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gliograde import GRADES
+from gliograde.checkpoints import load_checkpoint
 from gliograde.data.brats import discover_cases
 from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.scoring import model_from_checkpoint
@@ -25,7 +26,6 @@ from gliograde.inference.onnx_predict import (
     predict_exported,
 )
 from gliograde.inference.predict import _probability, load_ensemble, output_dir, predict_cases
-from gliograde.training.checkpoints import load_checkpoint
 
 pytest.importorskip("onnxruntime")
 
@@ -97,7 +97,7 @@ def test_predict_cases_onnx_agrees_with_predict(cv_run, onnx_dir, synth_root, tm
         assert r["p_hgg"] == pytest.approx(ref["p_hgg"], abs=1e-5)
         assert list(r["folds"].values()) == pytest.approx(list(ref["folds"].values()), abs=1e-5)
     header = (tmp_path / "onnx_pred" / "predictions.csv").read_text().splitlines()[0]
-    assert header == "case,p_hgg,predicted_grade,true_grade,fold_0,fold_1,fold_2"
+    assert header == "case,p_hgg,threshold,predicted_grade,true_grade,fold_0,fold_1,fold_2"
     assert json.loads((tmp_path / "onnx_pred" / "predictions.json").read_text())["predictions"] == records
     with pytest.raises(ValueError, match="already holds files"):
         predict_cases_onnx(cases, out, tmp_path / "onnx_pred")
@@ -178,7 +178,7 @@ print(json.dumps({{"import": after_import, "predict": banned(), "n": len(res["p_
     assert result == {"import": [], "predict": [], "n": 2}
 
 
-def test_export_and_predict_onnx_from_the_command_line(cv_run, synth_root, tmp_path, capsys):
+def test_export_and_predict_onnx_from_the_command_line(cv_run, synth_root, tmp_path, capsys, caplog):
     from gliograde.cli import main
 
     _, cfg, _ = cv_run
@@ -187,9 +187,14 @@ def test_export_and_predict_onnx_from_the_command_line(cv_run, synth_root, tmp_p
     assert len(list(models.glob("*.onnx"))) == 3 and "fold_0.onnx" in capsys.readouterr().out
     case = discover_cases(synth_root).cases[0]
     out = tmp_path / "pred"
-    assert main(["predict", "--onnx", str(models), "--case", str(case.paths["flair"].parent), "--out", str(out)]) == 0
+    argv = ["predict", "--onnx", str(models), "--case", str(case.paths["flair"].parent), "--out", str(out)]
+    with caplog.at_level("INFO", logger="gliograde"):
+        assert main(argv) == 0
     rows = (out / "predictions.csv").read_text().splitlines()
-    assert rows[0].startswith("case,p_hgg,predicted_grade") and rows[1].startswith(case.id)
+    assert rows[0].startswith("case,p_hgg,threshold,predicted_grade,true_grade") and rows[1].startswith(case.id)
+    threshold = json.loads((out / "predictions.json").read_text())["threshold"]
+    # the printed decision names the threshold it was taken at, and the true grade its HGG/ or LGG/ folder gives
+    assert f"threshold {threshold:.4f} -> " in caplog.text and f"true grade {case.grade}" in caplog.text
     assert main(["export", cfg.output_dir, "--out", str(models)]) == 2  # a non-empty --out is refused
 
 

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from conftest import DDP_REFERENCE, tiny
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 
 from gliograde.data.augment import AugmentParams, apply_params, draw_params
-from gliograde.data.fast import DeviceStream, DeviceVolumes, epoch_indices
-from gliograde.data.loader import inverse_frequency_weights
-from gliograde.data.splits import fold_indices, folds_for_cache
+from gliograde.data.device_path import DeviceStream, DeviceVolumes, epoch_indices
+from gliograde.data.loader_path import inverse_frequency_weights
+from gliograde.data.splits import fold_split, folds_for_cache
 from gliograde.training.trainer import train_fold
 
 
@@ -28,7 +28,7 @@ def test_epoch_indices_are_the_dataloader_samplers_draws():
 
 
 def test_the_weighted_stream_balances_the_grades(tiny_cache):
-    train_rows, _ = fold_indices(tiny_cache, folds_for_cache(tiny_cache), 0)
+    train_rows = fold_split(tiny_cache, folds_for_cache(tiny_cache), 0).train
     volumes = DeviceVolumes(tiny_cache, train_rows, [0, 1, 2, 3], torch.device("cpu"))
     assert volumes.on_device and volumes.volumes.dtype == torch.float16
     assert volumes.labels.float().mean() > 0.7  # the fold itself is three quarters HGG
@@ -53,13 +53,14 @@ def test_stream_batches_are_cache_volumes_augmented_in_draw_order(tiny_cache):
         assert torch.equal(x, apply_params(raw, draw_params(4, 2, p, g)))
 
 
-def test_ddp_with_two_gloo_processes_keeps_the_configured_global_batch_and_one_process_weights(tiny_cache, tmp_path):
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_keeps_the_configured_global_batch_and_one_process_weights(
+    tiny_cache, one_process_run, tmp_path
+):
     """--batch-size 2 --gradient-accumulation-steps 2 is a global batch of 4 on one process and on two: under DDP each
     rank takes one micro-batch of 2 per step (the seeds' --multi-gpu splits the batch, as DataParallel did)."""
-    common = {"data_path": "device", "dropout": 0.0, "epochs": 2, "min_epochs": 2, "patience": 5, "batch_size": 2,
-              "grad_accum": 2}  # fmt: skip
-    single = train_fold(tiny(tiny_cache, tmp_path / "one", **common))
-    ddp = train_fold(tiny(tiny_cache, tmp_path / "two", multi_gpu=True, nproc=2, **common))
+    single = one_process_run
+    ddp = train_fold(tiny(tiny_cache, tmp_path / "two", multi_gpu=True, nproc=2, **DDP_REFERENCE))
     assert ddp.run_dir.parent.parent.parent == tmp_path / "two" / "res"
     assert ddp.final["checkpoint"] == "best.pt" and len(ddp.history) == 2
     config = json.loads((ddp.run_dir / "config" / "config.json").read_text())

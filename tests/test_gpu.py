@@ -17,14 +17,14 @@ import torch
 from conftest import tiny
 
 from gliograde import runtime
-from gliograde.data.loader import CacheDataset, make_val_loader
+from gliograde.checkpoints import load_checkpoint, select_checkpoint
+from gliograde.data.loader_path import CacheDataset, make_val_loader
 from gliograde.data.source import load_data
-from gliograde.data.splits import fold_indices
+from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.evaluate import evaluate_run
-from gliograde.evaluation.scoring import model_from_checkpoint, predict
-from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
+from gliograde.evaluation.scoring import model_from_checkpoint, score_loader
 from gliograde.training.losses import make_loss
 from gliograde.training.trainer import train_fold
 
@@ -61,6 +61,7 @@ def wide_cache(tmp_path_factory):
     return open_cache(prepare_cache(root, tmp / "cache", size=16, workers=2, progress=False).path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_path", ["device", "loader"])
 def test_auto_precision_channels_last_fold_on_cuda(tiny_cache, tmp_path, data_path):
     cfg = tiny(tiny_cache, tmp_path, device="cuda", channels_last=True, data_path=data_path, epochs=2, min_epochs=2)
@@ -69,6 +70,7 @@ def test_auto_precision_channels_last_fold_on_cuda(tiny_cache, tmp_path, data_pa
     assert run_config(result.run_dir)["environment"]["device"].startswith("cuda")
 
 
+@pytest.mark.slow
 def test_fp16_with_a_grad_scaler_and_ema_on_cuda(tiny_cache, tmp_path):
     cfg = tiny(tiny_cache, tmp_path, device="cuda", precision="fp16", ema_decay=0.9, data_path="device", epochs=2,
                min_epochs=2)  # fmt: skip
@@ -79,6 +81,7 @@ def test_fp16_with_a_grad_scaler_and_ema_on_cuda(tiny_cache, tmp_path):
     assert (result.run_dir / "checkpoints" / "best_ema.pt").is_file() or result.final["checkpoint"] == "best.pt"
 
 
+@pytest.mark.slow
 def test_mil_fold_on_cuda(tiny_cache, tmp_path):
     cfg = tiny(tiny_cache, tmp_path, device="cuda", model="mil2d", depth=18, mil_k=4, data_path="device", epochs=2,
                min_epochs=2)  # fmt: skip
@@ -87,6 +90,7 @@ def test_mil_fold_on_cuda(tiny_cache, tmp_path):
     assert np.load(result.run_dir / "predictions" / "val_attention.npy").shape[1] == 4
 
 
+@pytest.mark.slow
 def test_compiled_fold_on_cuda(tiny_cache, tmp_path):
     cfg = tiny(tiny_cache, tmp_path, device="cuda", channels_last=True, data_path="device", compile=True, epochs=2,
                min_epochs=2)  # fmt: skip
@@ -99,6 +103,7 @@ def _ddp(wide_cache, tmp_path, world, **kw):
     return train_fold(cfg)
 
 
+@pytest.mark.slow
 def test_ddp_on_every_visible_gpu_keeps_the_configured_global_batch(wide_cache, tmp_path):
     world = torch.cuda.device_count()  # one GPU: train_fold warns and trains on one device (world 1)
     result = _ddp(wide_cache, tmp_path, world)
@@ -109,12 +114,14 @@ def test_ddp_on_every_visible_gpu_keeps_the_configured_global_batch(wide_cache, 
     assert len(list((tmp_path / "res").glob("runs/fold_0/run_*"))) == 1  # only rank 0 made a folder
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP needs 2 GPUs")
 def test_compiled_ddp_on_every_visible_gpu(wide_cache, tmp_path):
     result = _ddp(wide_cache, tmp_path, torch.cuda.device_count(), compile=True, channels_last=True)
     assert len(result.history) == 2 and np.isfinite(result.final["auc"])
 
 
+@pytest.mark.slow
 def test_gpu_evaluation_matches_cpu_scoring_of_the_same_checkpoint(tiny_cache, tmp_path):
     cfg = tiny(tiny_cache, tmp_path, device="cuda", precision="fp32", epochs=2, min_epochs=2)
     run = train_fold(cfg).run_dir
@@ -125,14 +132,15 @@ def test_gpu_evaluation_matches_cpu_scoring_of_the_same_checkpoint(tiny_cache, t
 
     # the same checkpoint and validation batches (what evaluate_run builds), scored on the CPU in fp32
     cache, folds = load_data(cfg)
-    train_rows, val_rows = fold_indices(cache, folds, cfg.fold)
+    split = fold_split(cache, folds, cfg.fold)
+    train_rows, val_rows = split.train, split.val
     loader = make_val_loader(CacheDataset(cache, val_rows, cache.channels(cfg.modalities)), cfg.batch_size, 0, False)
     path = select_checkpoint(run / "checkpoints", "auto", ema_enabled=cfg.ema_decay > 0)
     assert path.name == evaluation.metrics["checkpoint"]
     model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), path)
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
-    _, cpu_probs, cpu_labels = predict(
-        model, loader, torch.device("cpu"), None, make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s)
+    _, cpu_probs, cpu_labels = score_loader(
+        model, loader, torch.device("cpu"), None, make_loss(cfg, counts)
     )
     np.testing.assert_array_equal(gpu_labels, cpu_labels)
     cpu_probs = OperatingPoint.from_dict(evaluation.metrics["operating_point"]).apply(cpu_probs)  # as evaluate does
@@ -143,15 +151,16 @@ def test_gpu_evaluation_matches_cpu_scoring_of_the_same_checkpoint(tiny_cache, t
     np.testing.assert_allclose(np.load(on_cpu.out_dir / "val_probs.npy"), gpu_probs, rtol=0, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_the_steady_state_training_loop_rarely_synchronizes_with_the_host(tiny_cache, tmp_path, monkeypatch):
     """Sync-debug mode only around the steady-state micro-batches (from the third to the last of the epoch): the
     set-up (model.to(device) alone is 74 copies), cuDNN autotuning, the first optimizer step and the checkpoint
     copies synchronise legitimately and are not counted."""
-    import gliograde.data.fast as fast
+    import gliograde.data.device_path as device_path
     from gliograde.training import trainer
 
     monkeypatch.setattr(trainer, "CHECK_EVERY", 10**6)  # the periodic loss read is a sync by design
-    real_iter, window = fast.DeviceStream.__iter__, {"batches": 0}
+    real_iter, window = device_path.DeviceStream.__iter__, {"batches": 0}
 
     def observed(self):
         try:
@@ -165,7 +174,7 @@ def test_the_steady_state_training_loop_rarely_synchronizes_with_the_host(tiny_c
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    monkeypatch.setattr(fast.DeviceStream, "__iter__", observed)
+    monkeypatch.setattr(device_path.DeviceStream, "__iter__", observed)
     cfg = tiny(tiny_cache, tmp_path, device="cuda", data_path="device", batch_size=2, epochs=1, min_epochs=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -176,6 +185,7 @@ def test_the_steady_state_training_loop_rarely_synchronizes_with_the_host(tiny_c
     assert len(syncs) < window["batches"], syncs[:5]
 
 
+@pytest.mark.slow
 def test_a_real_cuda_out_of_memory_is_one_line_naming_the_batch(tiny_cache, tmp_path, monkeypatch):
     from gliograde.training import trainer
 
@@ -201,6 +211,7 @@ def test_a_real_cuda_out_of_memory_is_one_line_naming_the_batch(tiny_cache, tmp_
     assert json.loads(metrics.read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_resume_on_cuda_gives_the_full_history(tiny_cache, tmp_path):
     common = {"device": "cuda", "data_path": "device", "epochs": 3, "min_epochs": 3, "patience": 5}
     full = train_fold(tiny(tiny_cache, tmp_path / "a", **common))

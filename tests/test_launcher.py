@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny
 
-from gliograde.config import validate, with_split
+from gliograde.config import check_config, with_split
 from gliograde.errors import GliogradeError
 from gliograde.training import launcher
 from gliograde.training.cv import fold_plan
@@ -41,7 +41,7 @@ def resolved(cfg):
     """As run_cv: the split resolved (folds.json made once, here) before the per-fold configurations."""
     from gliograde.data.source import load_data
 
-    validate(cfg)
+    check_config(cfg)
     cache, split = load_data(cfg)
     return with_split(dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()), fold=0, repeat=0), split)
 
@@ -69,13 +69,14 @@ def test_local_array_trains_the_folds_skips_them_when_resubmitted_and_summarizes
 
     before = run_dirs(cfg)
     again = submit_folds(todo, "local", folder, timeout_min=10)  # checked at run time: both complete, skipped
+    # beside them (one wave of task processes, not two): a fold outside the split, which fails in its task
+    bad = submit_folds([dataclasses.replace(cfg, fold=7)], "local", folder, timeout_min=10)
     summary = submit_summary(Path(cfg.output_dir), again, "local", folder)
     assert run_dirs(cfg) == before
     report = summary.result()
     assert [f["run"] for f in report["folds"]] == [str(runs[(0, 0)]), str(runs[(0, 1)])]
     assert (Path(cfg.output_dir) / "summary.json").is_file()
 
-    bad = submit_folds([dataclasses.replace(cfg, fold=7)], "local", folder, timeout_min=10)  # outside the split
     runs, failures = wait_and_collect(bad)
     assert runs == {}
     assert list(failures) == [(0, 7)]

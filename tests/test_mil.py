@@ -10,7 +10,6 @@ from gliograde.data.slices import (
     brain_slice_counts,
     select_slices,
     select_volume_slices,
-    selection_record,
     slice_entropy,
 )
 from gliograde.networks.mil import MILResNet2D, make_bags, select_slice_indices, torch_slice_entropy
@@ -88,14 +87,12 @@ def test_k_too_large_and_empty_volume_raise():
     np.testing.assert_array_equal(slice_entropy(empty), np.zeros(8))
     with pytest.raises(ValueError, match="no brain"):
         select_volume_slices(empty, k=2)
-    with pytest.raises(ValueError, match=r"case b.*no brain"):
-        selection_record(["a", "b"], [known_volume(), empty], k=2, bins=4)
 
 
-def test_selection_record():
-    rec = selection_record(["a", "b"], [known_volume(), known_volume()[:, :, :, ::-1]], k=2, bins=4)
-    assert rec == {"a": [2, 3], "b": [1, 2]}  # b is mirrored: 2 bits at 2, 1 bit at 1 and 3 (tie -> lower)
-    assert all(isinstance(i, int) for i in rec["a"])
+def test_the_selection_of_a_volume_and_of_its_mirror():
+    assert select_volume_slices(known_volume(), k=2, bins=4).tolist() == [2, 3]
+    mirrored = known_volume()[:, :, :, ::-1]  # 2 bits at 2, 1 bit at 1 and 3 (tie -> lower)
+    assert select_volume_slices(mirrored, k=2, bins=4).tolist() == [1, 2]
 
 
 def random_batch(seed: int, b: int = 3, c: int = 2, s: int = 12) -> torch.Tensor:

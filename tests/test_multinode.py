@@ -10,12 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import tiny
-
-from gliograde.training.trainer import train_fold
-
-COMMON = {"data_path": "device", "dropout": 0.0, "epochs": 2, "min_epochs": 2, "patience": 5, "batch_size": 2}
 
 
 def free_port() -> int:
@@ -24,8 +20,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(tiny_cache, tmp_path):
-    single = train_fold(tiny(tiny_cache, tmp_path / "one", grad_accum=2, **COMMON))
+@pytest.mark.slow
+def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(tiny_cache, one_process_run, tmp_path):
+    single = one_process_run  # conftest.DDP_REFERENCE: the flags below
     torchrun = Path(sys.executable).with_name("torchrun")
     port, out = free_port(), tmp_path / "two" / "res"
     cmd = [

@@ -31,13 +31,13 @@ def test_feature_map_of_both_layouts_at_128(layout, side):
 
 
 def test_timm_style_api_and_all_depths():
-    x = torch.randn(2, 3, 32, 32, 32)
+    x = torch.randn(2, 3, 16, 16, 16)  # the API's shapes, not the features' size: the smallest input all depths take
     for depth in (10, 18, 34, 50):
         for shortcut in ("A", "B"):
             m = ResNet3D(depth, 3, 2, shortcut=shortcut, layout="medicalnet", dropout=0.3).eval()
-            f = m.forward_features(x)
-            assert f.shape == (2, m.num_features) and m.forward(x).shape == (2, 2)
-            assert torch.equal(m.forward_head(f), m(x))
+            f, out = m.forward_features(x), m(x)  # m(x) is m.forward(x)
+            assert f.shape == (2, m.num_features) and out.shape == (2, 2)
+            assert torch.equal(m.forward_head(f), out)
     for depth in (101, 152, 200):
         assert ResNet3D(depth).num_features == 2048
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from gliograde.data.augment import AugmentParams, _rotation, affine_grid, apply_params, draw_params, to_device
-from gliograde.data.fast import DeviceStream, DeviceVolumes, epoch_indices
+from gliograde.data.device_path import DeviceStream, DeviceVolumes, epoch_indices
 
 
 def reference_apply_params(x: torch.Tensor, r: dict) -> torch.Tensor:
@@ -134,12 +134,12 @@ class HostCopies(TorchFunctionMode):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_device_path_never_synchronises_on_a_gpu(tiny_cache, monkeypatch):
-    import gliograde.data.fast as fast
+    import gliograde.data.device_path as device_path
 
     device = torch.device("cuda")
     rows = np.arange(len(tiny_cache.ids))
     resident = DeviceVolumes(tiny_cache, rows, [0, 1, 2, 3], device)
-    monkeypatch.setattr(fast, "DEVICE_MEMORY_FRACTION", 0.0)  # force the pinned-host fallback
+    monkeypatch.setattr(device_path, "DEVICE_MEMORY_FRACTION", 0.0)  # force the pinned-host fallback
     pinned = DeviceVolumes(tiny_cache, rows, [0, 1, 2, 3], device)
     assert resident.on_device and not pinned.on_device and pinned.volumes.is_pinned()
     x = torch.randn(3, 4, 16, 16, 16, device=device)

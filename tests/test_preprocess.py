@@ -164,34 +164,51 @@ def _not_gzip(p):
     p.write_bytes(b"this is not an image")
 
 
-BAD = {
-    "truncated": (_truncate, r"truncated or corrupt|cannot be read"),
-    "not-gzip": (_not_gzip, "cannot be read as NIfTI"),
-    "nan": (_nan, "NaN or Inf voxels"),
-    "all-zero": (_zero, "every voxel is zero"),
-    "4d": (_four_d, r"4D image .*3D volume is expected"),
-    "2d": (_two_d, r"2D image .*3D volume is expected"),
-    "shape": (_other_shape, "must share one voxel grid"),
-    "affine": (_other_affine, "must share one voxel grid"),
-}
+BAD = {  # kind: (spoil, message at preprocessing, message of the scan (None: seen only when the voxels are read))
+    "truncated": (_truncate, r"truncated or corrupt|cannot be read", r"_t2.nii.gz is truncated: \d+ of the \d+ bytes"),
+    "not-gzip": (_not_gzip, "cannot be read as NIfTI", "_t2.nii.gz cannot be read as NIfTI"),
+    "nan": (_nan, "NaN or Inf voxels", None),
+    "all-zero": (_zero, "every voxel is zero", None),
+    "4d": (_four_d, r"4D image .*3D volume is expected", r"4D image .*3D volume is expected"),
+    "2d": (_two_d, r"2D image .*3D volume is expected", r"2D image .*3D volume is expected"),
+    "shape": (_other_shape, r"not on one voxel grid \(shape 240 x 240 x 150 vs 240 x 240 x 155\).*must share one",
+              r"_t2.nii.gz and \S+_t1.nii.gz are not on one voxel grid \(shape 240 x 240 x 150 vs 240 x 240 x 155\)"),
+    "affine": (_other_affine, r"not on one voxel grid \(voxel size 2 x 1 x 1 vs 1 x 1 x 1 mm\).*must share one",
+               r"_t2.nii.gz and \S+_t1.nii.gz are not on one voxel grid \(voxel size 2 x 1 x 1 vs 1 x 1 x 1 mm\)"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", list(BAD))
 def test_bad_file_is_named(sample_root, tmp_path, kind):
-    spoil, message = BAD[kind]
+    """Named by the scan where its header tells (before any case is preprocessed), and by the preprocessing anyway."""
+    spoil, message, scanned = BAD[kind]
     case_dir = copy_case(sample_root, "Brats18_TCIA10_628_1", tmp_path / "data")
+    case = discover_cases(tmp_path / "data").cases[0]
     bad = case_dir / "Brats18_TCIA10_628_1_t2.nii.gz"
     spoil(bad)
-    case = discover_cases(tmp_path / "data").cases[0]
+    if scanned is None:
+        assert discover_cases(tmp_path / "data").cases[0] == case
+    else:
+        with pytest.raises(DataError, match=scanned) as err:
+            discover_cases(tmp_path / "data")
+        text = str(err.value)
+        assert "case Brats18_TCIA10_628_1 " in text and "--skip-incomplete" in text and "\n" not in text
+        assert "[[" not in text and len(text) < 400  # no affine matrices, no wall of text
     with pytest.raises(DataError, match=message) as err:
         preprocess_case(case, size=16)
     assert "Brats18_TCIA10_628_1" in str(err.value) and ("_t2.nii.gz" in str(err.value))
+    assert "[[" not in str(err.value)
 
 
-def test_corrupt_case_fails_prepare_cleanly_or_is_skipped(sample_root, tmp_path, capsys):
+def test_corrupt_case_fails_prepare_cleanly_or_is_skipped(sample_root, tmp_path, capsys, monkeypatch):
     root = _two_case_root(sample_root, tmp_path)
     gz = root / "LGG" / "Brats18_TCIA10_628_1" / "Brats18_TCIA10_628_1_flair.nii.gz"
     gz.write_bytes(gzip.compress(b"\0" * 348))  # a valid gzip with a nonsense header
+    import gliograde.data.cache as cache_module
+
+    preprocessed = []  # the scan names the file: no case is preprocessed before the refusal
+    real_run = cache_module._run_parallel
+    monkeypatch.setattr(cache_module, "_run_parallel", lambda jobs, *a: preprocessed.extend(jobs) or real_run(jobs, *a))
     out = tmp_path / "cache"
     code = main(
         [
@@ -212,12 +229,35 @@ def test_corrupt_case_fails_prepare_cleanly_or_is_skipped(sample_root, tmp_path,
     assert code == 2 and "Brats18_TCIA10_628_1_flair.nii.gz" in err and "Traceback" not in err
     assert "--skip-incomplete" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert preprocessed == []
 
     result = prepare_cache(root, out, size=16, workers=2, skip_incomplete=True, progress=False)
-    assert result.n_cases == 1 and list(result.failed) == ["Brats18_TCIA10_628_1"]
+    assert result.n_cases == 1 and "cannot be read as NIfTI" in result.discovery.skipped["Brats18_TCIA10_628_1"]
+    assert [job[1].id for job in preprocessed] == ["Brats18_2013_3_1"]  # the unreadable case left out by the scan
     cache = open_cache(out)
     assert cache.ids == ["Brats18_2013_3_1"] and cache.volumes.shape[0] == 1
     assert "Brats18_TCIA10_628_1" in cache.manifest["skipped"]
+
+
+def test_a_truncated_file_is_named_by_the_scan_before_any_case_is_preprocessed(sample_root, tmp_path, monkeypatch):
+    """Issue 25: a truncated .nii.gz among the real cases was reported only once every case had been preprocessed.
+    The scan reads each header and the length the gzip stream records in its last four bytes; a complete stream
+    written in two members (whose last member records only its own length) is read through and passes."""
+    import gliograde.data.cache as cache_module
+
+    root = tmp_path / "data"
+    for case in (*SAMPLE_HGG[:2], *SAMPLE_LGG[:2]):
+        copy_case(sample_root, case, root)
+    flair = root / "LGG" / SAMPLE_LGG[1] / f"{SAMPLE_LGG[1]}_flair.nii.gz"
+    raw = flair.read_bytes()
+    flair.write_bytes(raw[: len(raw) - 4096])  # the last 4 KiB lost: the header and most of the data still read
+    monkeypatch.setattr(cache_module, "_run_parallel", lambda *a: pytest.fail("preprocessing started"))
+    with pytest.raises(DataError, match=rf"case {SAMPLE_LGG[1]} .*_flair.nii.gz is truncated.*--skip-incomplete"):
+        prepare_cache(root, tmp_path / "cache", size=16, workers=1, progress=False)
+    assert not (tmp_path / "cache").exists()
+    # a stream in two gzip members (what some tools write): ISIZE disagrees, the data is all there: accepted
+    flair.write_bytes(gzip.compress(gzip.decompress(raw)[:1000]) + gzip.compress(gzip.decompress(raw)[1000:]))
+    assert [c.id for c in discover_cases(root).cases] == [*SAMPLE_HGG[:2], *SAMPLE_LGG[:2]]
 
 
 def test_prepare_refuses_to_overwrite_a_foreign_folder(sample_root, tmp_path):

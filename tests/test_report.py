@@ -11,6 +11,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import fake_run
+from markupsafe import escape
 
 from gliograde.evaluation.metrics import compute_metrics
 from gliograde.evaluation.report import fmt, write_report
@@ -20,24 +22,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 SITES = ("2013", "TCIA01", "TCIA10", "CBICA")  # 2013 mixed; TCIA01 and CBICA HGG only; TCIA10 LGG only
 
 
-def fake_run(results, fold, k, ids, labels, probs, cache, stamp="20260101_000000"):
-    """A run folder as the trainer leaves it, with given validation predictions (as in test_cv.py)."""
-    run = results / "runs" / f"fold_{fold}" / f"run_{stamp}"
-    for sub in ("metrics", "config", "predictions", "checkpoints"):
-        (run / sub).mkdir(parents=True)
-    final = {**compute_metrics(labels, probs), "best_epoch": 3 + fold, "checkpoint": "best.pt"}
-    (run / "metrics" / "metrics.json").write_text(
-        json.dumps({"status": "complete", "fold": fold, "final": final, "history": []})
-    )
-    config = {"fold": fold, "folds": k, "cache_dir": str(cache)}
-    (run / "config" / "config.json").write_text(json.dumps({"config": config}))
-    np.save(run / "predictions" / "val_labels.npy", np.asarray(labels))
-    np.save(run / "predictions" / "val_probs.npy", np.asarray(probs))
-    (run / "predictions" / "val_ids.json").write_text(json.dumps(ids))
-    return run
-
-
-def fake_cv(results, k=3, n=24, seed=0):
+def fake_cv(results, k=3, n=24, seed=0, config=None):
     """K folds over patients of four sites, and the folds.json of their cache (for the site-only baseline)."""
     rng = np.random.default_rng(seed)
     cache = results / "cache"
@@ -52,7 +37,8 @@ def fake_cv(results, k=3, n=24, seed=0):
             labels.append(grade)
         labels = np.array(labels)
         probs = np.clip(labels * 0.35 + rng.random(n) * 0.65, 0, 1)
-        fake_run(results, f, k, ids, labels, probs, cache)
+        final = {**compute_metrics(labels, probs), "best_epoch": 3 + f, "checkpoint": "best.pt"}
+        fake_run(results, f, k, ids, labels, probs, final=final, config={**(config or {}), "cache_dir": str(cache)})
         entries.append({"fold": f, "val": ids})
         all_ids += ids
     for e in entries:
@@ -100,7 +86,7 @@ def test_the_report_is_one_self_contained_page_with_the_results(summary):
     # the protocol, prominent and flagged optimistic; every warning
     assert 'class="banner outer"' in text and "selected on the reported folds (optimistic)" in text
     for w in report["warnings"]:
-        assert w.replace("'", "&#x27;").replace('"', "&quot;") in text
+        assert str(escape(w)) in text  # autoescaped: ' as &#39;, " as &#34;
     assert any("single grade" in w for w in report["warnings"])
     # every fold's AUC, its Newcombe interval, and the mean +- sd row
     for row in report["folds"]:
@@ -141,7 +127,7 @@ def test_every_string_is_escaped(summary):
     out = results / "evil"
     text = write_report(bad, out, {"note": evil, evil: "x"}, {"name": evil}).read_text()
     assert "<script" not in text.lower()
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; more" in text
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; more" in text
     assert_self_contained(text)
 
 
@@ -193,3 +179,119 @@ def test_the_report_renders_in_headless_chromium(summary, tmp_path):
         _skip_or_fail("headless Chromium did not finish in 60 s")
     assert shot.is_file() and shot.read_bytes().startswith(PNG)
     assert shot.stat().st_size > 20_000
+
+
+# ------------------------------------------------------------------------------------- issue 25 §1: what misleads
+# what the cpu-demo preset trains, as a run's config.json records it
+DEMO_CONFIG = {"model": "resnet3d", "depth": 10, "layout": "strided", "modalities": ["t1", "t1ce", "t2", "flair"],
+               "size": 32, "preset": "cpu-demo", "epochs": 12, "batch_size": 8, "grad_accum": 1, "lr": 0.0003,
+               "loss": "ce", "sampler": "weighted", "optimizer": "adam", "selection": "inner"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_summary(tmp_path_factory):
+    results = fake_cv(tmp_path_factory.mktemp("demo") / "results", config=DEMO_CONFIG)
+    return results, summarize(results, bootstrap=100)
+
+
+def test_the_summary_and_the_report_name_the_model_in_their_first_lines(demo_summary):
+    results, report = demo_summary
+    assert report["model"] == {"network": "ResNet10-3D", "model": "resnet3d", "depth": 10, "layout": "strided",
+                               "modalities": DEMO_CONFIG["modalities"], "size": 32, "preset": "cpu-demo"}  # fmt: skip
+    head = "\n".join((results / "summary.md").read_text().splitlines()[:3])
+    for words in ("ResNet10-3D", "depth 10", "t1,t1ce,t2,flair at 32^3", "preset cpu-demo"):
+        assert words in head
+    page = (results / "report.html").read_text()
+    header = page[page.index("<header>") : page.index('<div class="banner')]  # before the protocol banner
+    for words in ("<strong>ResNet10-3D</strong>", "depth <strong>10</strong>", "4 channel(s): t1, t1ce, t2, flair",
+                  "32<sup>3</sup>", "preset <strong>cpu-demo</strong>"):  # fmt: skip
+        assert words in header
+    assert json.loads((results / "summary.json").read_text())["model"]["network"] == "ResNet10-3D"
+
+
+def test_the_summary_has_a_configuration_section(demo_summary):
+    results, _ = demo_summary
+    md = (results / "summary.md").read_text()
+    section = md[md.index("## Configuration") : md.index("## Figures")]
+    rows = ("| network and input | ResNet10-3D", "| epochs (at most) | 12 |", "| batch | 8 x 1 (gradient",
+            "| learning rate (backbone) | 0.0003 |", "| loss | ce |", "| selection protocol | inner |")  # fmt: skip
+    for row in rows:
+        assert row in section
+
+
+def test_runs_that_record_no_model_say_so(summary):
+    results, _ = summary  # fake runs whose config.json holds the split only
+    assert "ResNet" not in (results / "summary.md").read_text().split("## Per fold")[0]
+    assert "not recorded" in (results / "summary.md").read_text().splitlines()[2]
+
+
+def test_one_repeat_is_labelled_all_folds_in_the_reliability_legend(summary):
+    from gliograde.evaluation.summary import reliability_curves
+
+    _, report = summary
+    curve = report["pooled"]["calibration"]["reliability"]
+    one = [{"repeat": 0, "pooled": report["pooled"]}]
+    assert list(reliability_curves(one)) == ["all folds (pooled)"]
+    two = [{"repeat": r, "pooled": {"calibration": {"reliability": curve}}} for r in (0, 1)]
+    assert list(reliability_curves(two)) == ["repeat 0", "repeat 1"]
+
+
+def test_figure_legends_are_readable(summary, tmp_path, monkeypatch):
+    from gliograde.evaluation import plots
+    from gliograde.evaluation.stats import reliability_figure
+    from gliograde.evaluation.summary import cv_figure
+    from gliograde.runs import find_runs
+
+    results, report = summary
+    runs = [r for _, r in sorted(find_runs(results)[0].items())]
+    labels = np.concatenate([r.labels for r in runs])
+    probs = np.concatenate([r.probs for r in runs])
+    figures = [cv_figure("roc", runs, labels, probs), cv_figure("pr", runs, labels, probs)]
+    figures.append(reliability_figure({"all folds (pooled)": report["pooled"]["calibration"]["reliability"]}))
+    history = [{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "lr_backbone": 1e-4, "lr_head": 2e-4,
+                **{f"val_{k}": 0.5 for k in ("auc", "f1", "accuracy", "balanced_accuracy", "sensitivity",
+                                             "specificity")}} for e in (1, 2)]  # fmt: skip
+    seen = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: seen.setdefault(path.name, fig))
+    plots.learning_curves(history, tmp_path / "learning_curves.png", "ce")
+    plots.roc(labels, probs, tmp_path / "roc_curve.png", "fold 0", 0.8)
+    figures += list(seen.values())
+    assert len(figures) == 5
+    for fig in figures:
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert legends, fig
+        sizes = {t.get_fontsize() for legend in legends for t in legend.get_texts()}
+        assert min(sizes) >= 10  # 8 pt was unreadable where report.html shows the figure at half its width
+
+
+# writes the widths that matter into the page, for --dump-dom (a probe copy only: the report itself has no script)
+MEASURE = """<script>window.addEventListener("load", function () {
+  var wrap = document.querySelector("table.compact").parentElement, table = wrap.querySelector("table");
+  var out = document.createElement("pre"); out.id = "widths";
+  out.textContent = [document.documentElement.scrollWidth, wrap.clientWidth, table.scrollWidth].join(" ");
+  document.body.appendChild(out);
+});</script>"""
+
+
+def test_the_per_fold_table_fits_a_1280_px_window(summary, tmp_path):
+    """Issue 25 §1: at 1280 px the per-fold table overflowed its column (Brier and ECE cut off). A wide case:
+    repeats, EMA checkpoints, four-digit patient counts, means that stand on fewer folds."""
+    if CHROMIUM is None:
+        _skip_or_fail("no headless Chromium on PATH")
+    _, report = summary
+    wide = [dict(r, repeat=12, best_epoch=148, checkpoint="best_ema.pt", n=1234, n_hgg=1000, n_lgg=234)
+            for r in report["folds"]]  # fmt: skip
+    worst = {**report, "folds": report["folds"] + wide, "partial": True, "n_folds": dict.fromkeys(report["mean"], 2)}
+    page = write_report(worst, tmp_path, PROVENANCE, CONFIG)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", MEASURE + "</body>"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1280,2000"]
+    cmd += [f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    try:
+        dom = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False).stdout
+    except subprocess.TimeoutExpired:
+        _skip_or_fail("headless Chromium did not finish in 60 s")
+    found = re.search(r'<pre id="widths">(\d+) (\d+) (\d+)</pre>', dom)
+    assert found, dom[-500:]
+    page_width, column, table = map(int, found.groups())
+    assert table <= column and page_width <= 1280

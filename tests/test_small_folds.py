@@ -6,30 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_run
 
 from gliograde.evaluation import stats
 from gliograde.evaluation.metrics import compute_metrics
-from gliograde.evaluation.site_baseline import site_baseline
-from gliograde.evaluation.summary import site_audit, site_warning, summarize
-
-
-def fake_run(results, fold, k, ids, labels, probs, cache, threshold):
-    """A complete run folder with given validation predictions and the fold's decision threshold."""
-    run = results / "runs" / f"fold_{fold}" / "run_20260101_000000"
-    for sub in ("metrics", "config", "predictions", "checkpoints"):
-        (run / sub).mkdir(parents=True)
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    final = {**compute_metrics(labels, probs, threshold), "threshold": threshold, "best_epoch": 2, "checkpoint": "b"}
-    (run / "metrics" / "metrics.json").write_text(
-        json.dumps({"status": "complete", "fold": fold, "final": final, "history": []})
-    )
-    (run / "config" / "config.json").write_text(json.dumps({"config": {"fold": fold, "folds": k, "cache_dir": cache}}))
-    np.save(run / "predictions" / "val_labels.npy", labels)
-    np.save(run / "predictions" / "val_probs.npy", probs)
-    (run / "predictions" / "val_ids.json").write_text(json.dumps(ids))
+from gliograde.evaluation.site_baseline import site_audit, site_baseline, site_warning
+from gliograde.evaluation.summary import summarize
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,8 @@ def cv(tmp_path_factory):
     ]  # fmt: skip
     entries, all_ids = [], []
     for f, (ids, labels, probs, thr) in enumerate(folds):
-        fake_run(results, f, 3, ids, labels, probs, str(cache), thr)
+        final = {**compute_metrics(labels, probs, thr), "threshold": thr, "best_epoch": 2, "checkpoint": "b"}
+        fake_run(results, f, 3, ids, labels, probs, final=final, config={"cache_dir": str(cache)})
         entries.append({"fold": f, "val": ids})
         all_ids += ids
     for e in entries:
@@ -183,3 +170,132 @@ def test_the_site_baseline_does_not_learn_unknown_ids_as_one_site():
     res = site_baseline(ids, labels, folds, protocol="outer")
     p_unknown = dict(zip(res["ids"], res["probs"], strict=True))["p_x"]
     assert p_unknown == pytest.approx(0.5)  # the prior: 8 HGG of 16 training patients
+
+
+# ----------------------------------------------------------------------------------- issue 25 §2: plan before working
+# On the nine real cases (5 HGG, 4 LGG) `prepare` preprocessed everything and then refused 5 folds; `cv --preset
+# cpu-demo` built a second cache and then failed every fold on a batch of 8 for 4 training cases. Now the plan comes
+# first: from the scan (file headers only), before any case is preprocessed and before any run folder is made.
+def _never_preprocess(monkeypatch):
+    import gliograde.data.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_run_parallel", lambda *a: pytest.fail("a case was preprocessed"))
+
+
+def test_prepare_refuses_explicit_folds_before_preprocessing(sample_root, tmp_path, monkeypatch, capsys):
+    from gliograde.cli import main
+
+    _never_preprocess(monkeypatch)
+    out = tmp_path / "cache"
+    assert main(["prepare", "--data-root", str(sample_root), "--out", str(out), "--folds", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--folds 5: LGG has 4 case(s)" in err[0] and err[0].endswith("pass --folds 4")
+    assert not out.exists()
+
+
+def test_prepare_adapts_the_default_folds_to_the_smaller_grade(sample_root, real_cache, tmp_path, caplog):
+    """A copy of the real 128^3 cache, which `prepare` finds up to date: the folds it then writes are the plan's."""
+    import shutil
+
+    from gliograde.cli import main
+
+    out = tmp_path / "cache"
+    shutil.copytree(real_cache.path, out, ignore=shutil.ignore_patterns("folds.json"))
+    with caplog.at_level("INFO", logger="gliograde"):
+        assert main(["prepare", "--data-root", str(sample_root), "--out", str(out)]) == 0
+    folds = json.loads((out / "folds.json").read_text())
+    assert folds["k"] == 4 and sorted(folds["class_counts"].items()) == [("HGG", 5), ("LGG", 4)]
+    assert (
+        "adapted to the cohort: 4 LGG: 4 folds (the default 5 needs at least 5 patients of each grade)" in caplog.text
+    )
+    assert "is up to date" in caplog.text  # nothing preprocessed again
+
+
+def _demo_cfg(sample_root, tmp_path, **kw):
+    from gliograde.config import resolve
+
+    values = {"data_root": str(sample_root), "cache_dir": str(tmp_path / "cache"),
+              "output_dir": str(tmp_path / "res"), **kw}  # fmt: skip
+    return resolve("cpu-demo", **values)
+
+
+def test_cv_plan_adapts_the_preset_batch_and_the_default_folds_without_writing(sample_root, tmp_path, monkeypatch):
+    from gliograde.training.plan import plan_run
+
+    _never_preprocess(monkeypatch)
+    (tmp_path / "cache").mkdir()
+    plan = plan_run(_demo_cfg(sample_root, tmp_path), explicit=set())
+    fits = [len(f["fit"]) for f in plan.split["folds"]]
+    assert plan.cfg.folds == 4 and plan.folds == [0, 1, 2, 3] and min(fits) == 4
+    assert plan.cfg.batch_size == 2 and plan.cfg.grad_accum == 1  # the preset's 8 exceeded the 4 training cases
+    assert plan.cfg.adaptations == [
+        "4 LGG: 4 folds (the default 5 needs at least 5 patients of each grade)",
+        f"4 training cases in fold {fits.index(4)}: batch 2 (not 8)",
+    ]
+    assert list((tmp_path / "cache").iterdir()) == [] and not (tmp_path / "res").exists()
+
+
+def test_cv_refuses_an_explicit_batch_before_any_cache_or_run_folder(sample_root, tmp_path, monkeypatch, capsys):
+    from gliograde.cli import main
+
+    _never_preprocess(monkeypatch)
+    argv = ["cv", "--preset", "cpu-demo", "--data-root", str(sample_root), "--cache-dir", str(tmp_path / "cache"),
+            "--output-dir", str(tmp_path / "res"), "--batch-size", "8"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 8 exceeds the 4 training cases of fold" in err[0]
+    assert err[0].endswith("pass --batch-size 4 or less") and "9 cases in 4 folds" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_cache_at_another_size_is_named_and_its_split_taken_over(sample_root, tmp_path, caplog):
+    from gliograde.data.brats import discover_cases
+    from gliograde.data.splits import make_folds
+    from gliograde.training.plan import plan_run
+
+    cases = discover_cases(sample_root).cases
+    other = tmp_path / "cache" / f"{sample_root.resolve().name}-s128"  # what `prepare` made with its defaults
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text(json.dumps({"data_root": str(sample_root.resolve()), "params": {"size": 128}}))
+    split = make_folds([c.id for c in cases], [c.label for c in cases], 3, 11)
+    (other / "folds.json").write_text(json.dumps(split))
+    with caplog.at_level("WARNING", logger="gliograde"):
+        plan = plan_run(_demo_cfg(sample_root, tmp_path), explicit=set())
+    assert plan.split == split and plan.cfg.folds == 3 and plan.cfg.split_seed == 11
+    line = next(r.getMessage() for r in caplog.records if str(other) in r.getMessage())
+    assert "the cpu-demo preset's size is 32" in line and "with the same split" in line and "--size 128" in line
+    # `prepare --size 32` beside it takes the same split over, unless another one is asked for
+    from gliograde.data.source import plan_prepare
+    from gliograde.data.splits import SplitSpec
+
+    target = tmp_path / "cache" / f"{sample_root.resolve().name}-s32"
+    assert plan_prepare(sample_root, target, 32, False).k == 3
+    assert plan_prepare(sample_root, target, 32, False, SplitSpec(k=4)).k == 4
+    assert not target.exists()
+
+
+def test_a_named_cache_sets_the_size_unless_size_is_given(tiny_cache, tmp_path):
+    from gliograde.config import ConfigError, resolve
+    from gliograde.training.plan import plan_run
+
+    cfg = resolve("cpu-demo", cache_dir=str(tiny_cache.path), output_dir=str(tmp_path / "res"))  # the preset: 32
+    plan = plan_run(cfg, explicit=set())
+    assert plan.cfg.size == 16 and plan.cfg.adaptations[0].endswith("holds 16^3 volumes: size 16 (not 32)")
+    with pytest.raises(ConfigError, match=r"^--size 32, but --cache-dir .* holds 16\^3 volumes: pass --size 16"):
+        plan_run(cfg, explicit={"size"})
+
+
+@pytest.mark.slow
+def test_the_adaptation_is_recorded_in_the_run_config(tiny_cache, tmp_path):
+    """A batch the cohort cannot hold, not set by the user (explicit=set()): trained with the planned one, and the
+    run's config.json says so."""
+    from conftest import tiny
+
+    from gliograde.training.cv import run_cv
+
+    cfg = tiny(tiny_cache, tmp_path, batch_size=64, epochs=1, min_epochs=1)
+    report = run_cv(cfg, [0], explicit=set())
+    run = report["folds"][0]["run"]
+    config = json.loads((Path(run) / "config" / "config.json").read_text())["config"]
+    assert config["batch_size"] < 64 and len(config["adaptations"]) == 1
+    assert config["adaptations"][0].endswith(f"batch {config['batch_size']} (not 64)")

@@ -15,13 +15,14 @@ from gliograde.data.splits import (
     FoldSplit,
     SplitSpec,
     describe,
-    fold_indices,
     fold_split,
     folds_for_cache,
+    largest_k,
     load_folds,
     make_folds,
     needed_per_grade,
     outer_splits,
+    plan_split,
 )
 from gliograde.errors import DataError
 
@@ -89,6 +90,57 @@ def test_too_few_cases_of_a_class_is_an_error():
         make_folds([f"c{i}" for i in range(10)], [1] * 7 + [0] * 3, k=5)
 
 
+# ------------------------------------------------------------------------------- K planned before preprocessing
+def test_largest_k_follows_the_smaller_grade():
+    assert largest_k({"HGG": 5, "LGG": 4}, 5) == 4
+    assert largest_k({"HGG": 210, "LGG": 75}, 5) == 5
+    assert largest_k({"HGG": 9, "LGG": 3}, 5) == 3  # and not 2: two folds need 4 of each grade
+    assert largest_k({"HGG": 9, "LGG": 2}, 5) is None
+    assert [needed_per_grade(k) for k in (2, 3, 4, 5)] == [4, 3, 4, 5]
+
+
+def _sample_like():
+    """The nine real cases' ids and grades (5 HGG, 4 LGG), without reading a volume."""
+    ids = ["Brats18_2013_3_1", "Brats18_CBICA_ABM_1", "Brats18_TCIA01_425_1", "Brats18_TCIA02_370_1",
+           "Brats18_TCIA03_265_1", "Brats18_TCIA10_628_1", "Brats18_TCIA10_637_1", "Brats18_TCIA10_639_1",
+           "Brats18_TCIA13_623_1"]  # fmt: skip
+    return ids, [1] * 5 + [0] * 4, [i.split("_")[1] for i in ids]
+
+
+def test_a_default_k_the_cohort_cannot_hold_is_adapted_and_said():
+    ids, labels, sites = _sample_like()
+    plan = plan_split(ids, labels, sites, SplitSpec())
+    assert (
+        plan.spec.k == 4
+        and plan.folds["k"] == 4
+        and plan.notes == ["4 LGG: 4 folds (the default 5 needs at least 5 patients of each grade)"]
+    )
+    assert plan.folds == make_folds(ids, labels, 4, 42, sites=sites)  # what folds_for_cache will then make
+    assert plan.source.startswith("adapted: 4 LGG: 4 folds")
+
+
+def test_an_explicit_k_the_cohort_cannot_hold_is_refused_saying_what_to_pass():
+    ids, labels, sites = _sample_like()
+    with pytest.raises(DataError, match=r"^--folds 5: LGG has 4 case\(s\), but 5 stratified folds .* pass --folds 4$"):
+        plan_split(ids, labels, sites, SplitSpec(k=5))
+    with pytest.raises(DataError, match=r"LGG has 2 case\(s\): cross-validation .* at least 3 patients of each grade"):
+        plan_split(ids[:7], labels[:7], sites[:7], SplitSpec())
+    assert plan_split(ids, labels, sites, SplitSpec(k=3)).notes == []  # what fits is left alone
+    with pytest.raises(DataError, match=r"--folds 2: LGG has 3 case\(s\).* pass --folds 3$"):  # 2 folds need 4
+        plan_split(ids[:8], labels[:8], sites[:8], SplitSpec(k=2))
+
+
+def test_a_saved_split_is_the_plan(tmp_path):
+    ids, labels, sites = _sample_like()
+    saved = make_folds(ids, labels, 3, 7, sites=sites)
+    plan = plan_split(ids, labels, sites, SplitSpec(), (tmp_path / "folds.json", saved))
+    assert plan.folds is saved and plan.spec.k == 3 and plan.spec.seed == 7 and plan.notes == []
+    with pytest.raises(DataError, match="holds a split with k=3, but k=4 was asked"):
+        plan_split(ids, labels, sites, SplitSpec(k=4), (tmp_path / "folds.json", saved))
+    other = make_folds(ids[1:], labels[1:], 3, 7, sites=sites[1:])  # of other cases: a new split is planned
+    assert plan_split(ids, labels, sites, SplitSpec(), (tmp_path / "folds.json", other)).spec.k == 4
+
+
 @pytest.fixture
 def small_cache(synth_root, tmp_path):
     return open_cache(prepare_cache(synth_root, tmp_path / "cache", size=16, workers=1, progress=False).path)
@@ -99,10 +151,10 @@ def test_folds_saved_beside_the_cache_and_reloaded(small_cache):
     path = small_cache.path / "folds.json"
     assert json.loads(path.read_text()) == first
     assert folds_for_cache(small_cache, 5, 42) == first
-    train, val = fold_indices(small_cache, first, 2)
-    assert sorted(np.concatenate([train, val])) == list(range(len(small_cache.cases)))
+    split = fold_split(small_cache, first, 2)
+    assert sorted(np.concatenate([split.train, split.val])) == list(range(len(small_cache.cases)))
     with pytest.raises(DataError, match=r"--fold 5 is outside 0..4"):
-        fold_indices(small_cache, first, 5)
+        fold_split(small_cache, first, 5)
 
 
 def test_folds_of_other_cases_or_settings_are_refused(small_cache):
@@ -130,8 +182,6 @@ def test_real_cases_two_folds_with_inner_split(real_cache, tmp_path):
         assert set(ids[split.select]).isdisjoint(ids[split.val])  # selection never sees outer validation
         assert set(ids[split.fit]) | set(ids[split.select]) == set(ids[split.train])
         assert sorted(ids[split.train].tolist()) == sorted(entry["train"])
-        train, val = fold_indices(cache, folds, fold)
-        assert np.array_equal(train, split.train) and np.array_equal(val, split.val)
     assert (
         describe(folds) == "2 folds x 1 repeat stratified by grade; inner selection 20% of each training part; seed 42"
     )
@@ -253,7 +303,6 @@ def test_version_1_fold_split_asks_for_upgrade(tmp_path):
     v1 = make_folds(ids, labels, 2, 1)
     v1 = {key: v1[key] for key in ("k", "seed", "case_ids", "folds")}
     cache = _fake(tmp_path, ids, labels)
-    assert len(fold_indices(cache, v1, 1)[1]) == len(v1["folds"][1]["val"])
     v1["folds"] = [{key: f[key] for key in ("fold", "train", "val")} for f in v1["folds"]]
     with pytest.raises(DataError, match="no inner fit/select split"):
         fold_split(cache, v1, 0)
@@ -366,6 +415,7 @@ def test_spec_resolution():
     assert SplitSpec(k=3, seed=1).asked() == {"k": 3, "seed": 1}
 
 
+@pytest.mark.slow
 def test_the_persisted_split_is_the_truth_for_train_and_cv(synth_root, tmp_path, capsys):
     """prepare --folds 3, then train without --folds: K (and the seed, repeats, inner part) come from folds.json;
     only an explicit, different --folds is refused."""

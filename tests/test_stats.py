@@ -11,6 +11,7 @@ from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
 from gliograde.evaluation import stats as st
+from gliograde.evaluation.calibration import OperatingPoint
 
 
 def _separable_noise(n: int, shift: float, seed: int):
@@ -233,15 +234,15 @@ def test_logit_sigmoid_roundtrip():
     assert st.logit([0.0, 1.0]).tolist() == [-np.inf, np.inf]  # no clipping: the ends stay the ends
     assert np.isfinite(st.logit([0.0, 1.0], eps=1e-6)).all()  # clipping on request only
     tiny = np.array([1e-9, 1e-8, 1e-7, 1 - 1e-7, 1 - 1e-8])  # tied by the former clip at 1e-6
-    assert np.all(np.diff(st.logit(tiny)) > 0) and np.all(np.diff(st.logit_adjust(tiny, 0.8)) > 0)
+    assert np.all(np.diff(st.logit(tiny)) > 0) and np.all(np.diff(OperatingPoint(0.8, 0.5).apply(tiny)) > 0)
 
 
-def test_logit_adjust():
+def test_the_prior_shift_of_the_operating_point():
     p = np.array([0.1, 0.5, 0.77])
-    assert st.logit_adjust(p, 0.3, 0.3) == pytest.approx(p)
-    assert st.logit_adjust([0.5], train_prior=0.7) == pytest.approx([0.7])
+    assert OperatingPoint(0.3, 0.3).apply(p) == pytest.approx(p)
+    assert OperatingPoint(0.7, 0.5).apply([0.5]) == pytest.approx([0.7])
     with pytest.raises(ValueError, match="train_prior"):
-        st.logit_adjust(p, 1.0)
+        OperatingPoint(1.0, 0.5).apply(p)
 
 
 def test_fit_temperature_recovers_two():
@@ -252,7 +253,7 @@ def test_fit_temperature_recovers_two():
     t_probs = st.fit_temperature(y, st.sigmoid(z))
     assert t_logits == pytest.approx(2.0, rel=0.15)
     assert t_probs == pytest.approx(2.0, rel=0.15)
-    calibrated = st.apply_temperature(st.sigmoid(z), t_probs)
+    calibrated = OperatingPoint(0.5, 0.5, temperature=t_probs).apply(st.sigmoid(z))  # no prior shift: T only
     assert st.ece(y, calibrated) < st.ece(y, st.sigmoid(z))
 
 

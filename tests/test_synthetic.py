@@ -149,3 +149,32 @@ def test_signal_site_sites_are_single_grade_and_recoverable(tmp_path):
         counts[site_of(cid)] += 1
     for names in SITE_SIGNAL_SITES.values():  # each grade's cases spread evenly over its sites
         assert max(counts[s] for s in names) - min(counts[s] for s in names) <= 1
+
+
+def _gradient_features(imprint: np.ndarray) -> np.ndarray:
+    """What a network can read off an imprint and carry to another site: its mean slope along each axis (a ramp's
+    direction and sign) and its squared slope along each axis (the axis it varies along)."""
+    slopes = np.gradient(np.log(imprint))
+    return np.array([*(s.mean() for s in slopes), *((s**2).mean() for s in slopes)])
+
+
+def test_site_imprints_are_drawn_independently_of_the_grade():
+    """The HGG sites' imprints shared a direction in version 1 (hand-set ramps: every HGG site along axes 0-1, every
+    LGG site along axes 1-2), which a network trained on some sites carried to sites it never saw. Now each site's
+    imprint is drawn from the set's seed and its name: over 40 sets, no slope feature tells the grades apart."""
+    from gliograde.data.synthetic import SITE_SIGNAL_SITES, scanner_imprint
+
+    shape = (16, 16, 16)
+    differences = []
+    for seed in range(40):
+        means = {grade: np.mean([_gradient_features(scanner_imprint(s, shape, seed)) for s in names], axis=0)
+                 for grade, names in SITE_SIGNAL_SITES.items()}  # fmt: skip
+        differences.append(means["HGG"] - means["LGG"])
+    d = np.array(differences)
+    z = d.mean(axis=0) / (d.std(axis=0, ddof=1) / np.sqrt(len(d)))
+    assert np.all(np.abs(z) < 3), z  # a grade-aligned design differs by the same amount in every set (z infinite)
+    one = scanner_imprint("CBICA", shape, 3)
+    assert np.array_equal(one, scanner_imprint("CBICA", shape, 3)) and one.min() > 0  # deterministic, multiplicative
+    assert np.log(one).std() == pytest.approx(0.5, rel=1e-3)  # x e^(+-0.5) at one SD
+    for other in (scanner_imprint("CBICA", shape, 4), scanner_imprint("TCIA09", shape, 3)):  # another set, site
+        assert not np.allclose(one, other)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import REPO, tiny
 
+from gliograde.checkpoints import CheckpointError, select_checkpoint
 from gliograde.cli import build_parser, config_from_args, main
-from gliograde.config import ConfigError, resolve, validate
-from gliograde.data.cache import open_cache, prepare_cache
+from gliograde.config import ConfigError, check_config, resolve
+from gliograde.data.cache import open_cache
 from gliograde.errors import GliogradeError
 from gliograde.files import json_safe
 from gliograde.training import trainer
-from gliograde.training.checkpoints import CheckpointError, select_checkpoint
 from gliograde.training.losses import LDAMLoss, drw_active, drw_weights
 from gliograde.training.run_folder import new_run_dir
 from gliograde.training.selection import improved
@@ -28,14 +28,13 @@ from gliograde.training.trainer import train_fold
 
 # ------------------------------------------------------------------------------------------ learning, folder
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    from gliograde.data.synthetic import synthesize
-
-    tmp = tmp_path_factory.mktemp("learn")
-    data, _ = synthesize(tmp / "data", 60, (64, 64, 48), seed=42, workers=2, progress=False)
-    cache = open_cache(prepare_cache(data, tmp / "cache", size=32, workers=2, progress=False).path)
-    cfg = resolve("cpu-demo", cache_dir=str(cache.path), output_dir=str(tmp / "results"), epochs=12)
-    return train_fold(cfg)
+def learned(demo_run):
+    """A learnable fold: fold 0 of the session's demo (60 phantoms at 32^3, the cpu-demo preset's 12 epochs, trained
+    by train_fold through the cv), read back from its run folder."""
+    run = demo_run.runs[0]
+    assert run.parent.name == "fold_0", demo_run.runs
+    metrics = json.loads((run / "metrics" / "metrics.json").read_text())
+    return trainer.RunResult(run, metrics["final"], metrics["history"])
 
 
 def test_a_learnable_fold_reaches_auc_090(learned):
@@ -131,6 +130,7 @@ def test_drw_weights_and_schedule():
     assert not drw_active("ce", 1, 5) and not drw_active("ldam", None, 5)
 
 
+@pytest.mark.slow
 def test_drw_switches_on_during_a_run(tiny_cache, tmp_path, caplog):
     cfg = tiny(tiny_cache, tmp_path, loss="ldam", sampler="shuffle", drw_start_epoch=2)
     with caplog.at_level("INFO", logger="gliograde"):
@@ -141,9 +141,9 @@ def test_drw_switches_on_during_a_run(tiny_cache, tmp_path, caplog):
 
 def test_config_warns_about_the_seeds_pitfalls(caplog):
     with caplog.at_level("WARNING", logger="gliograde"):
-        validate(resolve("ldam-drw", drw_start_epoch=60, epochs=50))
-        validate(resolve("ldam-drw", drw_start_epoch=25))  # early stopping can end the run at epoch 17
-        validate(resolve("final", loss="LDAM"))
+        check_config(resolve("ldam-drw", drw_start_epoch=60, epochs=50))
+        check_config(resolve("ldam-drw", drw_start_epoch=25))  # early stopping can end the run at epoch 17
+        check_config(resolve("final", loss="LDAM"))
     assert "DRW will never activate" in caplog.text and "DRW may never activate" in caplog.text
     assert "triple balancing" in caplog.text
     for bad in (
@@ -155,7 +155,7 @@ def test_config_warns_about_the_seeds_pitfalls(caplog):
         {"modalities": "pd"},
     ):
         with pytest.raises(ConfigError):
-            validate(resolve("final", **bad))
+            check_config(resolve("final", **bad))
 
 
 # ------------------------------------------------------------------------------------- stopping, policy
@@ -166,6 +166,7 @@ def test_improvement_rule_auc_then_f1():
     assert not improved(float("nan"), 1.0, best, 0.0)
 
 
+@pytest.mark.slow
 def test_early_stopping_respects_patience_and_min_epochs(tiny_cache, tmp_path, monkeypatch, caplog):
     real = trainer.compute_metrics
     monkeypatch.setattr(trainer, "compute_metrics", lambda y, p: {**real(y, p), "auc": 0.7, "f1": 0.5})
@@ -190,6 +191,7 @@ def test_checkpoint_policy_never_uses_last(tmp_path):
         select_checkpoint(d, "last")
 
 
+@pytest.mark.slow
 def test_ema_run_evaluates_best_ema(tiny_cache, tmp_path, caplog):
     with caplog.at_level("INFO", logger="gliograde"):
         result = train_fold(tiny(tiny_cache, tmp_path, ema_decay=0.9))
@@ -207,6 +209,7 @@ def test_ema_run_evaluates_best_ema(tiny_cache, tmp_path, caplog):
     assert other["operating_point"]["fitted_on"].startswith("select (n=")
 
 
+@pytest.mark.slow
 def test_a_run_logs_to_mlflow_when_asked(tiny_cache, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -220,9 +223,16 @@ def test_a_run_logs_to_mlflow_when_asked(tiny_cache, tmp_path):
     assert {"metrics", "config", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_resume_with_another_global_batch_is_refused(tiny_cache, tmp_path):
+@pytest.mark.slow
+def test_resume_with_another_configuration_or_global_batch_is_refused(tiny_cache, tmp_path):
+    """One trained epoch, refused three times: another configuration (its last.pt left as it was), then as a run of
+    2 processes with another global batch would have saved it, with and without a recorded batch plan."""
     run = train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1)).run_dir
     last = run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(GliogradeError, match=r"another configuration \(differs in \['lr'\]\)"):
+        train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1, lr=5e-4, resume=str(run)))
+    assert last.read_bytes() == before
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["world"] == 1 and len(ckpt["rng_state"]["ranks"]) == 1  # each rank's own generators
     assert ckpt["batch_plan"]["global"] == 4
@@ -237,6 +247,7 @@ def test_resume_with_another_global_batch_is_refused(tiny_cache, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(tiny_cache, tmp_path):
     full = train_fold(tiny(tiny_cache, tmp_path / "a", epochs=4, min_epochs=4, ema_decay=0.9))
 
@@ -263,15 +274,8 @@ def test_resume_gives_the_uninterrupted_result(tiny_cache, tmp_path):
     assert resumed.final["auc"] == full.final["auc"]
 
 
-def test_resume_from_another_configuration_is_refused(tiny_cache, tmp_path):
-    run = train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1)).run_dir
-    before = (run / "checkpoints" / "last.pt").read_bytes()
-    with pytest.raises(GliogradeError, match=r"another configuration \(differs in \['lr'\]\)"):
-        train_fold(tiny(tiny_cache, tmp_path, epochs=1, min_epochs=1, lr=5e-4, resume=str(run)))
-    assert (run / "checkpoints" / "last.pt").read_bytes() == before
-
-
 # ----------------------------------------------------------------------------------------------- faults
+@pytest.mark.slow
 def test_nan_loss_stops_with_epoch_and_step(tiny_cache, tmp_path):
     import shutil
 
@@ -296,7 +300,7 @@ def test_a_run_that_fails_in_its_set_up_is_marked_failed_with_the_reason(tiny_ca
     run = next((tmp_path / "res" / "runs" / "fold_0").iterdir())
     metrics = json.loads((run / "metrics" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and str(bad) in metrics["reason"]
-    from gliograde.evaluation.summary import run_status
+    from gliograde.runs import run_status
 
     assert run_status(run).startswith("failed: ")
 
@@ -442,7 +446,7 @@ def test_mil2d_takes_depth_18_unless_a_file_or_the_command_line_gives_one(tmp_pa
     for preset in ("cpu-demo", "final", "ldam-drw"):
         for command in ("train", "cv"):
             args = build_parser().parse_args([command, "--model", "mil2d", "--preset", preset])
-            cfg = validate(config_from_args(args))
+            cfg = check_config(config_from_args(args))
             assert (cfg.model, cfg.depth) == ("mil2d", 18), (preset, command)
     cfg, sources = resolve_with_sources("final", model="mil2d")
     assert (cfg.depth, sources["depth"]) == (18, "default (mil2d)")
@@ -456,9 +460,9 @@ def test_mil2d_takes_depth_18_unless_a_file_or_the_command_line_gives_one(tmp_pa
     assert resolve("cpu-demo", path).depth == 18
     path.write_text("depth: 50\n")  # a depth asked for in a file is validated, not replaced
     with pytest.raises(ConfigError, match="not a 2D ResNet depth"):
-        validate(resolve("cpu-demo", path, model="mil2d"))
+        check_config(resolve("cpu-demo", path, model="mil2d"))
     with pytest.raises(ConfigError, match="not a 2D ResNet depth"):
-        validate(resolve("cpu-demo", model="mil2d", depth=10))
+        check_config(resolve("cpu-demo", model="mil2d", depth=10))
     assert main(["train", "--model", "mil2d", "--preset", "cpu-demo", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "18  (default (mil2d))" in out

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from gliograde.cli import main
 from gliograde.data.synthetic import synthesize
-from gliograde.inference.qc import MemberReference
+from gliograde.inference.qc import NOT_ENOUGH, OOD_ALPHA, MemberReference, TrainingReference, conformal_threshold
 from gliograde.inference.validate import OVERLAP_LABEL, cv_reference
 
 
@@ -167,6 +167,26 @@ def test_a_case_id_seen_in_training_is_refused(cv_run, synth_root, tmp_path, cap
     assert "case id" in err and case.name in err and not (tmp_path / "o").exists()
 
 
+def test_a_large_overlap_is_counted_begun_and_listed_in_a_file(cv_run, synth_root, tmp_path, capsys):
+    """Issue 25 §3: the refusal listed every shared case on one line (285 of them: a wall). Now: the count, the
+    first three, and the file that lists them all."""
+    _, cfg, _ = cv_run
+    data = tmp_path / "all_seen"
+    shared = sorted((synth_root / "HGG").iterdir())[:5]
+    for case in shared:
+        shutil.copytree(case, data / "HGG" / case.name)
+    out = tmp_path / "o"
+    assert main(["validate", "--runs", cfg.output_dir, "--data-root", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    listing = tmp_path / "o.overlap.csv"
+    assert len(err.splitlines()) == 1 and "shares 5 patient(s) with the training folds" in err
+    assert "; and 2 more; all of them in " + str(listing) in err
+    assert sum(case.name in err for case in shared) == 3 and not out.exists()
+    rows = _csv(listing)
+    assert sorted({r["case"] for r in rows}) == sorted(c.name for c in shared)  # a row per match (id, image)
+    assert {r["by"] for r in rows} >= {"case id"} and all(r["training_case"] for r in rows)
+
+
 def test_a_cohort_without_grades_is_refused_in_one_line(cv_run, cohort, tmp_path, capsys):
     _, cfg, _ = cv_run
     flat = tmp_path / "flat"
@@ -207,9 +227,44 @@ def test_the_feature_distance_flags_a_far_case_and_not_a_near_one():
     rng = np.random.default_rng(0)
     train = rng.normal(size=(60, 16))
     ref = MemberReference.fit("m", train, rng.normal(size=(40, 16)))
+    assert len(ref.scores) == 40 and "40 held-out" in ref.calibration  # enough held-out patients: no training ones
     assert ref.distance(rng.normal(size=16)) <= ref.threshold * 1.5
-    assert ref.distance(np.full(16, 8.0)) > ref.threshold
+    assert ref.distance(np.full(16, 8.0)) > ref.threshold and ref.p_value(ref.distance(np.full(16, 8.0))) == 1 / 41
     assert 0.0 <= ref.heldout_flag_rate <= 0.2  # new draws of the training distribution: rarely flagged
+
+
+def test_many_features_and_few_patients_keep_the_stated_false_positive_rate():
+    """Pooled features are 512-2048 wide and a fold fits on a few dozen patients: standardizing each feature by so
+    few made every new patient of the same distribution an outlier (the old rule flagged 58 % of them here)."""
+    rng = np.random.default_rng(0)
+    ref = MemberReference.fit("m", rng.normal(size=(16, 512)), rng.normal(size=(14, 512)))
+    assert len(ref.scores) == 30 and "16 training patient(s), each left out" in ref.calibration
+    new = rng.normal(size=(300, 512))  # new patients of the training distribution
+    far = 1.5 * rng.normal(size=(100, 512)) + 0.5  # another distribution
+    assert np.mean([ref.distance(f) > ref.threshold for f in new]) <= OOD_ALPHA * 2
+    assert np.mean([ref.distance(f) > ref.threshold for f in far]) >= 0.9
+
+
+def test_too_few_training_patients_are_said_so_instead_of_flagged_at_random():
+    """Nine patients (the real sample): no conformal p-value can reach 5 %, so nothing is flagged (the old rule
+    flagged 4 of an ensemble's own 9 training patients) and every output says why."""
+    from gliograde.inference.predict import decision_text
+
+    assert conformal_threshold(np.arange(18.0)) is None and conformal_threshold(np.arange(19.0)) == 18.0
+    assert conformal_threshold(np.arange(39.0)) == 37.0  # the 2nd largest: p <= 2 / 40 above it
+    rng = np.random.default_rng(1)
+    members = [MemberReference.fit(f"fold_{j}", rng.normal(size=(5, 512)), rng.normal(size=(3, 512)))
+               for j in range(3)]  # fmt: skip
+    assert all(m.threshold is None and len(m.scores) == 8 and m.heldout_flag_rate is None for m in members)
+    reference = TrainingReference(None, set(), [], members=members)
+    far = [np.full((1, 512), 10.0)] * 3
+    verdict = reference.ood(far)
+    assert verdict["verdict"] == NOT_ENOUGH and verdict["members_above"] == 0
+    assert all(v["p_value"] == pytest.approx(1 / 9) for v in verdict["per_member"].values())
+    assert json.loads(json.dumps(reference.describe()))["members"][0]["threshold"] is None  # null, never NaN
+    qc = {"flags": [], "ood": verdict}
+    record = {"case": "c", "p_hgg": 0.3, "threshold": 0.5, "predicted_grade": "LGG", "qc": qc}
+    assert decision_text(record).endswith("out of distribution? not enough training patients to judge")
 
 
 def test_the_reference_is_kept_beside_the_cache_and_read_back(cv_run, synth_root):
@@ -251,3 +306,39 @@ def test_runs_of_different_configurations_are_refused_as_predict_refuses_them(cv
     assert main(["validate", "--runs", str(copy), "--data-root", str(cohort), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different configurations" in err and not out.exists()
+
+
+def test_validate_reads_the_folder_of_the_configuration_and_names_the_model(cv_run, cohort, tmp_path, capsys,
+                                                                            monkeypatch):  # fmt: skip
+    """Issue 25 §1: with --preset (or --model/--depth, --config) and no --runs, the folder that configuration's cv
+    wrote; the network, depth, input and preset lead the printed result, validation.md and report.html."""
+    _, cfg, _ = cv_run  # a cpu-demo CV: ResNet10-3D at 16^3
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "ResNet10-3D").symlink_to(Path(cfg.output_dir).resolve())
+    out = tmp_path / "validation"
+    assert main(["validate", "--data-root", str(cohort), "--out", str(out)]) == 2  # results/ResNet50-3D: absent
+    assert "results/ResNet10-3D does" in capsys.readouterr().err and not out.exists()
+    assert main(["validate", "--preset", "cpu-demo", "--data-root", str(cohort), "--out", str(out)]) == 0
+    line = "ResNet10-3D (depth 10, strided layout); input 4 channel(s) t1,t1ce,t2,flair at 16^3; preset cpu-demo"
+    assert capsys.readouterr().out.splitlines()[0] == f"Model: {line}"
+    assert (out / "validation.md").read_text().splitlines()[2] == f"**Model.** {line}."
+    page = (out / "report.html").read_text()
+    header = page[page.index("<header>") : page.index('<div class="banner')]
+    assert "<strong>ResNet10-3D</strong>" in header and "16<sup>3</sup>" in header and "cpu-demo" in header
+    record = json.loads((out / "validation.json").read_text())
+    assert record["runs"] == "results/ResNet10-3D" and record["model"]["network"] == "ResNet10-3D"
+
+
+def test_the_cv_figures_are_found_beside_summary_json_wherever_summarize_ran(cv_run, tmp_path):
+    """summarize run as `gliograde summarize --preset cpu-demo` records its figures relative to where it ran
+    (results/ResNet10-3D/...); validate, run from elsewhere, finds them beside summary.json."""
+    _, cfg, _ = cv_run
+    copy = tmp_path / "res"
+    shutil.copytree(cfg.output_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["figures"] = [f"results/ResNet10-3D/{Path(f).name}" for f in summary["figures"]]
+    (copy / "summary.json").write_text(json.dumps(summary))
+    figures = cv_reference(copy)["figures"]
+    assert [Path(f).name for f in figures] == ["cv_roc_curves.png", "cv_reliability.png"]
+    assert all(Path(f).is_file() for f in figures)

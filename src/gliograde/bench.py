@@ -30,10 +30,11 @@ from gliograde import __version__
 from gliograde.data.augment import AugmentParams
 from gliograde.data.brats import discover_cases
 from gliograde.data.cache import VolumeCache, open_cache, prepare_cache
-from gliograde.data.fast import DeviceStream, DeviceVolumes
-from gliograde.data.loader import CacheDataset, inverse_frequency_weights
+from gliograde.data.device_path import DeviceStream, DeviceVolumes
+from gliograde.data.loader_path import CacheDataset, default_workers, inverse_frequency_weights
 from gliograde.data.preprocess import preprocess_case
 from gliograde.data.synthetic import synthesize
+from gliograde.errors import GliogradeError
 from gliograde.files import write_json
 from gliograde.networks.profile import profile_model
 from gliograde.networks.resnet3d import ResNet3D
@@ -63,6 +64,50 @@ def defaults(device: str) -> dict:
     if device == "cuda":
         return {"depth": 50, "size": 128, "batch_size": 8, "steps": 30, "cases": 64}
     return {"depth": 10, "size": 48, "batch_size": 4, "steps": 10, "cases": 24}
+
+
+def bench_device(asked: str | None) -> str:
+    """--device: the GPU where CUDA works unless one is named; cuda named without CUDA is refused."""
+    device = asked or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GliogradeError("--device cuda: CUDA is not available (CPU build of torch, or no GPU)")
+    return device
+
+
+def bench_config(
+    device: str,
+    depth: int | None = None,
+    layout: str = "strided",
+    size: int | None = None,
+    channels: int = 4,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    warmup: int = 3,
+    cases: int | None = None,
+    workers: int | None = None,
+    preprocess_cases: int = 0,
+    preprocess_shape=(240, 240, 155),
+) -> BenchConfig:
+    """The data-path benchmark's settings: what is not given (None) takes the device's default (`defaults`; workers:
+    `default_workers()`). Too few cases for two batches is refused."""
+    d = defaults(device)
+    cfg = BenchConfig(
+        device=device,
+        depth=depth or d["depth"],
+        layout=layout,
+        size=size or d["size"],
+        channels=channels,
+        batch_size=batch_size or d["batch_size"],
+        steps=steps or d["steps"],
+        warmup=warmup,
+        cases=cases or d["cases"],
+        workers=default_workers() if workers is None else workers,
+        preprocess_cases=preprocess_cases,
+        preprocess_shape=tuple(preprocess_shape),
+    )
+    if cfg.cases < 2 * cfg.batch_size:
+        raise GliogradeError(f"--cases {cfg.cases} is too few for batches of {cfg.batch_size}")
+    return cfg
 
 
 # -------------------------------------------------------------------------------------------- measurement aids
@@ -136,7 +181,7 @@ class MonaiAugmented(Dataset):
 
 # ---------------------------------------------------------------------------------------------------- pipelines
 def baseline_batches(cache: VolumeCache, rows, cfg: BenchConfig, device: torch.device):
-    dataset = MonaiAugmented(CacheDataset(cache, rows, list(range(cfg.channels))), AugmentParams())
+    dataset = MonaiAugmented(CacheDataset(cache, rows, list(range(cfg.channels))), AugmentParams.from_config(cfg))
     sampler = WeightedRandomSampler(inverse_frequency_weights(dataset.base.labels), 10**6, replacement=True)
     extra = {"persistent_workers": True, "prefetch_factor": 4} if cfg.workers > 0 else {}
     loader = DataLoader(
@@ -154,7 +199,8 @@ def baseline_batches(cache: VolumeCache, rows, cfg: BenchConfig, device: torch.d
 
 def fast_batches(cache: VolumeCache, rows, cfg: BenchConfig, device: torch.device):
     volumes = DeviceVolumes(cache, rows, list(range(cfg.channels)), device)
-    stream = DeviceStream(volumes, cfg.batch_size, "weighted", torch.Generator().manual_seed(0), AugmentParams())
+    augment = AugmentParams.from_config(cfg)  # a bench configuration names none: the training defaults
+    stream = DeviceStream(volumes, cfg.batch_size, "weighted", torch.Generator().manual_seed(0), augment)
     while True:
         yield from stream
 
@@ -377,12 +423,12 @@ def _mil_trainer_figures(cfg, size, work: Path, n_val: int, train_rate: float, c
 
 def run_trainer_bench(
     device: str,
-    depth: int,
-    size: int,
-    batch_size: int,
-    channels: int,
-    epochs: int,
-    cases: int,
+    depth: int | None = None,
+    size: int | None = None,
+    batch_size: int | None = None,
+    channels: int = 4,
+    epochs: int | None = None,
+    cases: int | None = None,
     preset: str = "final",
     workdir: Path | None = None,
     log=print,
@@ -395,94 +441,101 @@ def run_trainer_bench(
     epoch (cuDNN autotuning, torch.compile) is reported apart and left out of the steady-state figures, which cover
     at least `min_steps` optimizer steps (epochs are added until they do). Accumulation 1: every micro-batch is a
     step. The activation peak is reported apart from what stays resident (volumes on the device, weights, optimizer
-    state). `mil`: also time the 2D MIL model (ResNet18-2D over min(16, size) slices) on the same cache."""
+    state). `mil`: also time the 2D MIL model (ResNet18-2D over min(16, size) slices) on the same cache. What is not
+    given (None) takes the device's default (`defaults`; epochs: 3)."""
+    d = defaults(device)
+    depth, size, batch_size, cases = (depth or d["depth"], size or d["size"], batch_size or d["batch_size"],
+                                      cases or d["cases"])  # fmt: skip
+    tmp = tempfile.TemporaryDirectory(prefix="gliograde-bench-trainer-") if workdir is None else None
+    work = Path(tmp.name if tmp else workdir)
+    try:
+        cfg, result = _train_timed_fold(work, device, depth, size, batch_size, channels, epochs or 3, cases, preset,
+                                        min_steps, log)  # fmt: skip
+        n_val = len(json.loads((result.run_dir / "predictions" / "val_ids.json").read_text()))
+        figures = _trainer_figures(cfg, result, channels, batch_size, n_val)
+        cv_train, cv_val = CV_CASES * (CV_FOLDS - 1) // CV_FOLDS, CV_CASES // CV_FOLDS
+        train_rate = figures["train_volumes_per_s"]
+        mil_figures = _mil_trainer_figures(cfg, size, work, n_val, train_rate, cv_train, cv_val, log) if mil else None
+        settings = {"depth": depth, "size": size, "batch_size": batch_size, "channels": channels,
+                    "epochs": cfg.epochs, "cases": cases, "preset": preset}  # fmt: skip
+        name = device_name(torch.device("cuda" if device == "cuda" else "cpu"))
+        return {"mil2d": mil_figures, "device": name, "torch": torch.__version__, "gliograde": __version__,
+                "config": settings, **figures}  # fmt: skip
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+def _train_timed_fold(work: Path, device: str, depth: int, size: int, batch_size: int, channels: int, epochs: int,
+                      cases: int, preset: str, min_steps: int, log):  # fmt: skip
+    """Fold 0 of a synthetic cache trained by `train_fold` with early stopping, warm-up and plots out of the way;
+    epochs added until the steady state holds `min_steps` optimizer steps. Returns (configuration, result)."""
     from gliograde import MODALITIES
     from gliograde.config import resolve
     from gliograde.training.trainer import train_fold
 
-    tmp = tempfile.TemporaryDirectory(prefix="gliograde-bench-trainer-") if workdir is None else None
-    work = Path(tmp.name if tmp else workdir)
-    try:
-        shape = (round(size * 1.25), round(size * 1.25), size)
-        log(f"synthesizing {cases} cases of {shape} voxels ...")
-        data, _ = synthesize(work / "data", cases, shape, seed=0, progress=False)
-        cache = open_cache(prepare_cache(data, work / "cache", size=size, progress=False).path)
-        per_epoch = max(1, int(cases * 0.8 * 0.8) // batch_size)  # the fit part of fold 0 (inner selection)
-        epochs = max(epochs, 1 + math.ceil(min_steps / per_epoch))
-        cfg = resolve(
-            preset,
-            device=device,
-            depth=depth,
-            size=size,
-            batch_size=batch_size,
-            grad_accum=1,
-            modalities=list(MODALITIES[-channels:]),
-            epochs=epochs,
-            min_epochs=epochs,
-            patience=epochs + 1,
-            warmup_epochs=0,
-            cache_dir=str(cache.path),
-            output_dir=str(work / "results"),
-            plots_every=epochs + 1,
-            pretrained_path="",
-        )
-        log(f"train_fold: ResNet{depth}-3D, {channels} x {size}^3, batch {batch_size}, {epochs} epochs on {device} ...")
-        result = train_fold(cfg)
-        history = result.history
-        config = json.loads((result.run_dir / "config" / "config.json").read_text())
-        steady = history[1:] or history
-        train_rate = float(np.mean([h["train_volumes_per_s"] for h in steady]))
-        n_val = len(json.loads((result.run_dir / "predictions" / "val_ids.json").read_text()))
-        val_per_case = float(np.mean([h["val_time_s"] for h in steady])) / max(n_val, 1)
-        model = ResNet3D(depth, channels, 2, "B", cfg.layout)
-        gflop = profile_model(model, channels, size).gflop_train
-        dev = torch.device("cuda" if device == "cuda" else "cpu")
-        name = device_name(dev)
-        peak = peak_tflops(name) if dev.type == "cuda" else None
-        tflops = train_rate * gflop / 1e3
-        cv_train, cv_val = CV_CASES * (CV_FOLDS - 1) // CV_FOLDS, CV_CASES // CV_FOLDS
-        projected = CV_FOLDS * CV_EPOCHS * (cv_train / train_rate + cv_val * val_per_case)
-        peaks = [h["peak_gpu_memory_gib"] for h in history if h["peak_gpu_memory_gib"] is not None]
-        resident = [h["resident_gpu_memory_gib"] for h in steady if h.get("resident_gpu_memory_gib") is not None]
-        activation = [h["peak_gpu_memory_gib"] - h["resident_gpu_memory_gib"] for h in steady
-                      if h.get("resident_gpu_memory_gib") is not None]  # fmt: skip
-        steps = sum(round(h["train_volumes_per_s"] * h["train_time_s"]) for h in steady) // batch_size
-        mil_figures = _mil_trainer_figures(cfg, size, work, n_val, train_rate, cv_train, cv_val, log) if mil else None
-        return {
-            "mil2d": mil_figures,
-            "device": name,
-            "torch": torch.__version__,
-            "gliograde": __version__,
-            "config": {
-                "depth": depth,
-                "size": size,
-                "batch_size": batch_size,
-                "channels": channels,
-                "epochs": epochs,
-                "cases": cases,
-                "preset": preset,
-            },
-            "precision": config["environment"]["precision"],
-            "first_epoch_s": history[0]["epoch_time_s"],
-            "train_volumes_per_s": train_rate,
-            "data_wait_fraction": float(np.mean([h["data_wait_fraction"] for h in steady])),
-            "epoch_time_s": float(np.mean([h["epoch_time_s"] for h in steady])),
-            "val_s_per_case": val_per_case,
-            "peak_gpu_memory_gib": max(peaks) if peaks else None,
-            "resident_gpu_memory_gib": max(resident) if resident else None,
-            "activation_peak_gib": max(activation) if activation else None,
-            "steady_optimizer_steps": steps,
-            "gflop_per_volume_train": gflop,
-            "tflops": tflops,
-            "peak_bf16_tflops": peak,
-            "mfu": tflops / peak if peak else None,
-            "projected_cv_s": projected,
-            "projected_cv": f"{CV_FOLDS}-fold x {CV_EPOCHS} epochs on {CV_CASES} cases",
-            "targets": {"train_volumes_per_s": 300, "data_wait_fraction": 0.02, "mfu": 0.30, "activation_peak_gib": 12},
-        }
-    finally:
-        if tmp:
-            tmp.cleanup()
+    shape = (round(size * 1.25), round(size * 1.25), size)
+    log(f"synthesizing {cases} cases of {shape} voxels ...")
+    data, _ = synthesize(work / "data", cases, shape, seed=0, progress=False)
+    cache = open_cache(prepare_cache(data, work / "cache", size=size, progress=False).path)
+    per_epoch = max(1, int(cases * 0.8 * 0.8) // batch_size)  # the fit part of fold 0 (inner selection)
+    epochs = max(epochs, 1 + math.ceil(min_steps / per_epoch))
+    cfg = resolve(
+        preset,
+        device=device,
+        depth=depth,
+        size=size,
+        batch_size=batch_size,
+        grad_accum=1,
+        modalities=list(MODALITIES[-channels:]),
+        epochs=epochs,
+        min_epochs=epochs,
+        patience=epochs + 1,
+        warmup_epochs=0,
+        cache_dir=str(cache.path),
+        output_dir=str(work / "results"),
+        plots_every=epochs + 1,
+        pretrained_path="",
+    )
+    log(f"train_fold: ResNet{depth}-3D, {channels} x {size}^3, batch {batch_size}, {epochs} epochs on {device} ...")
+    return cfg, train_fold(cfg)
+
+
+def _trainer_figures(cfg, result, channels: int, batch_size: int, n_val: int) -> dict:
+    """The figures of a timed fold (`n_val` cases scored each epoch), from its metrics.json history and config.json."""
+    history = result.history
+    config = json.loads((result.run_dir / "config" / "config.json").read_text())
+    steady = history[1:] or history
+    train_rate = float(np.mean([h["train_volumes_per_s"] for h in steady]))
+    val_per_case = float(np.mean([h["val_time_s"] for h in steady])) / max(n_val, 1)
+    gflop = profile_model(ResNet3D(cfg.depth, channels, 2, "B", cfg.layout), channels, cfg.size).gflop_train
+    peak = peak_tflops(device_name(torch.device("cuda"))) if cfg.device == "cuda" else None
+    tflops = train_rate * gflop / 1e3
+    cv_train, cv_val = CV_CASES * (CV_FOLDS - 1) // CV_FOLDS, CV_CASES // CV_FOLDS
+    peaks = [h["peak_gpu_memory_gib"] for h in history if h["peak_gpu_memory_gib"] is not None]
+    resident = [h["resident_gpu_memory_gib"] for h in steady if h.get("resident_gpu_memory_gib") is not None]
+    activation = [h["peak_gpu_memory_gib"] - h["resident_gpu_memory_gib"] for h in steady
+                  if h.get("resident_gpu_memory_gib") is not None]  # fmt: skip
+    return {
+        "precision": config["environment"]["precision"],
+        "first_epoch_s": history[0]["epoch_time_s"],
+        "train_volumes_per_s": train_rate,
+        "data_wait_fraction": float(np.mean([h["data_wait_fraction"] for h in steady])),
+        "epoch_time_s": float(np.mean([h["epoch_time_s"] for h in steady])),
+        "val_s_per_case": val_per_case,
+        "peak_gpu_memory_gib": max(peaks) if peaks else None,
+        "resident_gpu_memory_gib": max(resident) if resident else None,
+        "activation_peak_gib": max(activation) if activation else None,
+        "steady_optimizer_steps": sum(round(h["train_volumes_per_s"] * h["train_time_s"]) for h in steady)
+        // batch_size,
+        "gflop_per_volume_train": gflop,
+        "tflops": tflops,
+        "peak_bf16_tflops": peak,
+        "mfu": tflops / peak if peak else None,
+        "projected_cv_s": CV_FOLDS * CV_EPOCHS * (cv_train / train_rate + cv_val * val_per_case),
+        "projected_cv": f"{CV_FOLDS}-fold x {CV_EPOCHS} epochs on {CV_CASES} cases",
+        "targets": {"train_volumes_per_s": 300, "data_wait_fraction": 0.02, "mfu": 0.30, "activation_peak_gib": 12},
+    }
 
 
 def trainer_table(r: dict) -> str:

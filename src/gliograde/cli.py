@@ -1,4 +1,6 @@
-"""`gliograde <command>`: the one entry point. Each command is a small function over the library.
+"""`gliograde <command>`: the one entry point. Each command parses, calls the library and prints: the logic lives in
+the modules it calls (data/source.py prepares, training/launcher.py submits, bench.py and demo.py run themselves).
+The training flags of `train` and `cv` are built from the TrainConfig fields (config.option).
 
 Each command imports what it needs when it runs, never at the top of this module: `gliograde predict --onnx`
 must not import torch, the networks or the training code (tests/test_export.py runs it under -X importtime)."""
@@ -76,64 +78,24 @@ def _add_prepare(sub):
         action="store_true",
         help="leave out cases with missing or unreadable files (listed in the report) instead of failing",
     )
-    add_split_flags(p, argparse.SUPPRESS)
+    add_split_flags(p)
     p.add_argument("--seed", dest="split_seed", type=int, default=argparse.SUPPRESS, help="alias of --split-seed")
     p.set_defaults(func=cmd_prepare)
 
 
-def add_split_flags(p: argparse.ArgumentParser, default) -> None:
-    """The split, the same flags on prepare, train and cv. Not given: the saved folds.json decides (the defaults
-    when none exists yet: 5 folds, seed 42, 1 repeat, no grouping, a 20 % inner selection part)."""
-    p.add_argument("--folds", "--num-folds", "--k", dest="folds", type=fold_count, default=default,
-                   help="number of folds K (default: the saved split's, else 5)")  # fmt: skip
-    p.add_argument("--split-seed", "--split_seed", dest="split_seed", type=int, default=default,
-                   help="seed of the fold split (default: the saved split's, else 42)")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=default, help="repeated CV: R fold sets, seeds S..S+R-1")
-    p.add_argument("--group-by", "--group_by", dest="group_by", choices=["site"], default=default,
-                   help="no acquisition site in two folds (StratifiedGroupKFold)")  # fmt: skip
-    p.add_argument("--leave-site-out", "--leave_site_out", dest="leave_site_out", action="store_const", const=True,
-                   default=default, help="one fold per site")  # fmt: skip
-    p.add_argument("--inner-fraction", "--inner_fraction", dest="inner_fraction", type=float, default=default,
-                   help="share of each fold's training patients set aside for selection (default 0.2)")  # fmt: skip
+def add_split_flags(p: argparse.ArgumentParser) -> None:
+    """The split, the same flags on prepare, train and cv (TrainConfig's split fields). Not given: the saved
+    folds.json decides (the defaults when none exists yet: 5 folds, seed 42, 1 repeat, no grouping, a 20 % inner
+    selection part)."""
+    from gliograde.config import SPLIT
 
-
-def fold_count(value: str) -> int:
-    """--folds is K in every command; a fold list (cv) is --only."""
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a number of folds: --folds is K in every command; pick folds with --only {value}"
-        ) from None
-
-
-def prepare_and_split(data_root, out, size, workers, skip_incomplete, spec=None):
-    """prepare + folds, logging what happened; returns (cache, folds)."""
-    from gliograde.data.cache import open_cache, prepare_cache
-    from gliograde.data.splits import describe, folds_for_cache
-
-    result = prepare_cache(data_root, out, size=size, workers=workers, skip_incomplete=skip_incomplete)
-    log.info(result.discovery.report())
-    if result.reused:
-        log.info("cache %s is up to date (same parameters, unchanged sources): reused", result.path)
-    else:
-        log.info(
-            "prepared %d cases in %.1f s (%.2f cases/s) -> %s",
-            result.n_cases,
-            result.seconds,
-            result.cases_per_s,
-            result.path,
-        )
-        for cid, why in result.failed.items():
-            log.warning("skipped %s: %s", cid, why)
-    cache = open_cache(result.path)
-    folds = folds_for_cache(cache, spec)
-    log.info("folds: %s -> %s", describe(folds), cache.path / "folds.json")
-    return cache, folds
+    for _, names, kw in config_options(group=SPLIT):
+        p.add_argument(*names, **kw)
 
 
 def cmd_prepare(args) -> None:
     from gliograde.data.brats import resolve_data_root
+    from gliograde.data.source import prepare_and_split
     from gliograde.data.splits import SplitSpec
 
     spec = SplitSpec(*(getattr(args, k, None) for k in SPLIT_FIELDS))
@@ -146,9 +108,9 @@ SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", 
 # ----------------------------------------------------------------------------------------- model-info
 def _add_model_info(sub):
     p = sub.add_parser("model-info", help="parameters, GFLOPs per volume and activation memory of a ResNet-3D")
-    p.add_argument("--depth", type=int, default=50, choices=[10, 18, 34, 50, 101, 152, 200])
-    p.add_argument("--layout", default="strided", choices=["strided", "medicalnet"])
-    p.add_argument("--shortcut", default="B", choices=["A", "B"])
+    p.add_argument("--depth", type=int, default=50, choices=config_choices("depth"))
+    p.add_argument("--layout", default="strided", choices=config_choices("layout"))
+    p.add_argument("--shortcut", default="B", choices=config_choices("shortcut"))
     p.add_argument("--in-channels", type=int, default=4)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--num-classes", type=int, default=2)
@@ -182,17 +144,21 @@ def cmd_model_info(args) -> None:
 
 # ---------------------------------------------------------------------------------------------- train
 def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
-    """Every flag of the seeds, in both spellings where they use both. Flags not given keep the preset's value.
+    """Every training flag, built from the TrainConfig fields (config.option: spellings with the seeds' aliases,
+    help, choices, --help section). A flag not given keeps the preset's value.
 
-    --folds is K everywhere; `cv` picks folds with --only (0-4, 0,2); --fold and --resume do not apply to `cv`."""
-    S = argparse.SUPPRESS
+    --folds is K everywhere; `cv` picks folds with --only (0-4, 0,2); --fold, --repeat and --resume do not apply to
+    `cv`."""
+    from gliograde.config import FLAG_GROUPS, PROTOCOL
 
-    _protocol_flags(_flagger(p.add_argument_group("protocol"), S), for_cv)
-    add_split_flags(p, S)
-    _optimisation_flags(_flagger(p.add_argument_group("optimisation"), S))
-    _model_flags(_flagger(p.add_argument_group("model"), S))
-    _execution_flags(_flagger(p.add_argument_group("execution (device, precision, DDP, speed)"), S))
-    _file_flags(_flagger(p.add_argument_group("files and tracking"), S), for_cv)
+    groups = {title: p.add_argument_group(title) for title in FLAG_GROUPS}
+    groups[PROTOCOL].add_argument("--config", default=argparse.SUPPRESS,
+                                  help="a YAML file of configuration keys: preset < file < flags")  # fmt: skip
+    for f, names, kw in config_options(for_cv):
+        groups[f.metadata["group"]].add_argument(*names, **kw)
+        if f.metadata.get("off"):
+            groups[f.metadata["group"]].add_argument(*f.metadata["off"], dest=f.name, action="store_const",
+                                                     const=False, default=argparse.SUPPRESS)  # fmt: skip
     p.add_argument(
         "--dry-run",
         "--dry_run",
@@ -202,141 +168,68 @@ def add_train_flags(p: argparse.ArgumentParser, for_cv: bool = False) -> None:
     )
 
 
-def _flagger(group, default):
-    """`flag(*names, **kw)`: an option of `group` whose default is `default` (SUPPRESS: a flag not given keeps the
-    preset's value)."""
+def config_options(for_cv: bool = False, group: str | None = None) -> list[tuple]:
+    """(field, spellings, add_argument keywords) of each TrainConfig field with a flag, in field order (only
+    `group`'s, where given). Its type, where the metadata names none, is the field's: a bool is a switch."""
+    import dataclasses
+    import typing
 
-    def flag(*names, **kw):
-        group.add_argument(*names, default=default, **kw)
+    from gliograde.config import TrainConfig
 
-    return flag
-
-
-def _protocol_flags(flag, for_cv: bool = False) -> None:
-    """The preset, the split and the selection protocol."""
-    flag("--preset", choices=["final", "ldam-drw", "cpu-demo"], help="configuration preset (default: final)")
-    flag("--config", help="a YAML file of configuration keys: preset < file < flags")
-    if not for_cv:
-        flag("--fold", type=int, help="fold to train, 0..K-1 (default 0)")
-        flag("--repeat", type=int, help="repeat of the split the fold belongs to (default 0)")
-    flag(
-        "--selection",
-        choices=["inner", "outer"],
-        help="inner (default): early stopping, checkpoint, threshold and calibration chosen on a selection part of "
-        "the training patients, the fold scored once; outer: chosen on the reported fold (the seeds'; optimistic)",
-    )
-    flag(
-        "--threshold-at-specificity",
-        dest="threshold_at_specificity",
-        type=float,
-        help="the lowest threshold reaching this specificity on the selection part (default: Youden's J)",
-    )
-    flag("--temperature", action="store_const", const=True, help="fit a temperature on the selection part")
-    flag(
-        "--modality", "--modalities", dest="modalities", help="one modality, 'all', or a comma list (t1,t1ce,t2,flair)"
-    )
+    hints = typing.get_type_hints(TrainConfig)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        if "group" not in meta or (for_cv and meta.get("train_only")) or group not in (None, meta["group"]):
+            continue
+        names = meta.pop("flags") or [f"--{f.name.replace('_', '-')}"]
+        for key in ("group", "train_only", "off"):
+            meta.pop(key, None)
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, **meta}
+        if isinstance(kw.get("choices"), str):  # the name of an extension table
+            kw["metavar"] = kw.get("metavar", f.name.upper())
+            kw["help"] = "; ".join(filter(None, [kw.get("help"), "one of: %(choices)s"]))
+            kw["choices"] = TableChoices(kw["choices"])
+        base = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        if base is bool:
+            kw = {"action": "store_const", "const": True, **kw}
+        elif "type" not in kw:
+            kw["type"] = base
+        out.append((f, names, kw))
+    return out
 
 
-def _optimisation_flags(flag) -> None:
-    """Epochs, batch, optimizer, schedule, loss, sampling, early stopping."""
-    flag("--epochs", type=int)
-    flag("--batch-size", "--batch_size", dest="batch_size", type=int)
-    flag("--gradient-accumulation-steps", "--gradient_accumulation_steps", "--grad-accum", dest="grad_accum", type=int)
-    flag("--lr", type=float, help="backbone learning rate")
-    flag(
-        "--classifier-lr-mult",
-        "--classifier_lr_mult",
-        dest="classifier_lr_mult",
-        type=float,
-        help="classifier lr = lr x this (final policy: 2)",
-    )
-    flag("--weight-decay", "--weight_decay", dest="weight_decay", type=float)
-    flag("--optimizer", type=str.lower, choices=["adam", "adamw", "sgd"])
-    flag("--scheduler", type=str.lower, choices=["cosine", "step", "none"])
-    flag("--warmup-epochs", "--warmup_epochs", dest="warmup_epochs", type=int)
-    flag("--grad-clip", "--grad_clip", dest="grad_clip", type=float, help="max gradient norm (0 = off)")
-    flag("--loss", type=str.lower, choices=["ce", "ldam"], help="ce or ldam (any case)")
-    flag("--sampler", type=str.lower, choices=["weighted", "shuffle"])
-    flag("--max-m", "--max_m", dest="max_m", type=float, help="LDAM largest margin")
-    flag("--ldam-s", "--ldam_s", "--s", dest="ldam_s", type=float, help="LDAM scale s")
-    flag("--drw-start-epoch", "--drw_start_epoch", dest="drw_start_epoch", type=int)
-    flag("--ema-decay", "--ema_decay", dest="ema_decay", type=float, help="EMA of the weights (0 = off)")
-    flag("--early-stopping", "--early_stopping", "--patience", dest="patience", type=int, help="patience in epochs")
-    flag("--min-epochs", "--min_epochs", dest="min_epochs", type=int)
-    flag("--min-delta", "--min_delta", dest="min_delta", type=float)
-    flag("--dropout", type=float)
+# the extension tables whose names a flag takes: (module, table)
+TABLES = {"losses": ("gliograde.training.losses", "LOSSES"), "architectures": ("gliograde.networks", "ARCHITECTURES")}
 
 
-def _model_flags(flag) -> None:
-    """The network (3D ResNet or 2D MIL), its input and its pretrained weights."""
-    flag("--model", choices=["resnet3d", "mil2d"], help="resnet3d (default) or mil2d: 2D MIL over axial slices")
-    flag("--mil-k", "--mil_k", dest="mil_k", type=int, help="mil2d: entropy-selected axial slices per case (16)")
-    flag("--mil-pooling", dest="mil_pooling", choices=["attention", "mean", "max"], help="mil2d: bag pooling")
-    flag("--mil-min-gap", dest="mil_min_gap", type=int, help="mil2d: minimum distance between selected slices")
-    flag(
-        "--mil-entropy-modality",
-        dest="mil_entropy_modality",
-        choices=["t1", "t1ce", "t2", "flair"],
-        help="mil2d: rank slices on this modality's entropy (default: the mean over the input modalities)",
-    )
-    flag("--depth", type=int, choices=[10, 18, 34, 50, 101, 152, 200], help="ResNet depth (mil2d: 18 or 34)")
-    flag("--layout", choices=["strided", "medicalnet"])
-    flag("--shortcut", choices=["A", "B"])
-    flag("--size", type=int, help="edge of the cubic input volumes (default 128)")
-    flag("--pretrained-path", "--pretrained_path", dest="pretrained_path", help="MedicalNet .pth file")
-    flag("--no-augment", dest="augment", action="store_const", const=False)
+class TableChoices:
+    """The names in an extension point's table (the losses, the architectures), read when first asked: parsing
+    --loss imports the losses; building the parser does not (`predict --onnx` must not import torch)."""
+
+    def __init__(self, table: str):
+        self.table = table
+
+    def names(self) -> list[str]:
+        import importlib
+
+        module, name = TABLES[self.table]
+        return sorted(getattr(importlib.import_module(module), name))
+
+    def __contains__(self, value) -> bool:
+        return value in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
 
 
-def _execution_flags(flag) -> None:
-    """Device, precision, DDP, data path and the other speed options."""
-    flag("--amp", dest="amp", action="store_const", const=True, help="mixed precision (default: on for CUDA)")
-    flag("--no-amp", dest="amp", action="store_const", const=False)
-    flag("--tf32", dest="tf32", action="store_const", const=True)
-    flag("--no-tf32", dest="tf32", action="store_const", const=False)
-    flag("--gpu", action="store_const", const=True, help="train on the GPU (the same as --device cuda)")
-    flag("--device", choices=["auto", "cuda", "cpu"], help="default auto: the GPU where CUDA works, else the CPU")
-    flag(
-        "--precision",
-        choices=["auto", "bf16", "fp16", "fp32"],
-        help="default auto: bf16 autocast on compute capability >= 8.0, fp16 + GradScaler below, fp32 on the CPU",
-    )
-    flag("--multi-gpu", "--multi_gpu", dest="multi_gpu", action="store_const", const=True, help="DDP over all GPUs")
-    flag("--nproc", type=int, help="DDP processes for --multi-gpu (default: one per GPU; gloo on a CPU machine)")
-    flag("--sync-bn", "--sync_bn", dest="sync_bn", action="store_const", const=True, help="SyncBatchNorm under DDP")
-    flag("--batch-per-gpu", "--batch_per_gpu", dest="batch_per_gpu", action="store_const", const=True,
-         help="DDP: --batch-size per process (global batch x processes; lr not rescaled). Default: the global batch "
-         "--batch-size x --gradient-accumulation-steps is split over the processes")  # fmt: skip
-    flag(
-        "--data-path",
-        "--data_path",
-        dest="data_path",
-        choices=["auto", "device", "loader"],
-        help="device: volumes held beside the model, batches gathered by index; loader: the DataLoader "
-        "(default auto: device on a GPU, loader on the CPU)",
-    )
-    flag("--channels-last", dest="channels_last", action="store_const", const=True, help="default on for CUDA")
-    flag("--no-channels-last", dest="channels_last", action="store_const", const=False)
-    flag("--compile", action="store_const", const=True, help="torch.compile the model")
-    flag("--num-workers", "--num_workers", dest="num_workers", type=int)
-    flag("--seed", type=int)
+def config_choices(name: str):
+    """The choices of a TrainConfig field's flag (a tuple, or the extension table's names), for the commands that
+    take the same value outside training."""
+    from gliograde.config import TrainConfig
 
-
-def _file_flags(flag, for_cv: bool = False) -> None:
-    """Data, cache, outputs, tracking, resume."""
-    flag("--data-root", "--data_root", dest="data_root")
-    flag("--cache-dir", "--cache_dir", dest="cache_dir", help="folder of caches, or one cache folder")
-    flag("--output-dir", "--output_dir", dest="output_dir", help="default results/ResNet50-3D")
-    flag("--plots-every", "--plots_every", dest="plots_every", type=int, help="per-epoch plots every N epochs")
-    flag("--no-tensorboard", dest="tensorboard", action="store_const", const=False, help="no TensorBoard event files")
-    flag(
-        "--mlflow",
-        nargs="?",
-        const="default",
-        metavar="URI",
-        help="also log to MLflow (default store: <output-dir>/mlruns; or a tracking server URI)",
-    )
-    if not for_cv:
-        flag("--resume", help="RUN_DIR of an interrupted run to continue from its last.pt")
+    choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
+    return TableChoices(choices) if isinstance(choices, str) else list(choices)
 
 
 def config_from_args(args, with_sources: bool = False):
@@ -346,7 +239,28 @@ def config_from_args(args, with_sources: bool = False):
     names = {f for f in TrainConfig.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in names and k != "preset"}
     cfg, sources = resolve_with_sources(getattr(args, "preset", "final"), getattr(args, "config", None), **overrides)
+    if "preset" in vars(args):  # the flag's default is SUPPRESS: present only where given
+        sources["preset"] = "command line"
     return (cfg, sources) if with_sources else cfg
+
+
+def add_results_config_flags(p: argparse.ArgumentParser, flag: str) -> None:
+    """The configuration whose results folder `flag` defaults to (what `cv` with the same flags writes)."""
+    g = p.add_argument_group(f"the configuration whose results folder {flag} defaults to")
+    g.add_argument("--preset", choices=config_choices("preset"), default=None,
+                   help=f"{flag} defaults to this preset's results folder (cpu-demo: results/ResNet10-3D)")  # fmt: skip
+    g.add_argument("--config", default=None, help="a YAML file of configuration keys (its output_dir, or network)")
+    g.add_argument("--model", choices=config_choices("model"), metavar="MODEL", default=None,
+                   help="the network, one of: %(choices)s")  # fmt: skip
+    g.add_argument("--depth", type=int, choices=config_choices("depth"), default=None, help="ResNet depth")
+
+
+def default_results(args, flag: str) -> Path:
+    """The results folder of the configuration the flags give (results/ResNet50-3D with none), which must exist."""
+    from gliograde.runs import default_results_dir, require_results_dir
+
+    path = default_results_dir(args.preset, args.config, model=args.model, depth=args.depth)
+    return require_results_dir(path, flag)
 
 
 def print_sources(cfg, sources: dict) -> None:
@@ -363,13 +277,13 @@ def _add_train(sub):
 
 
 def cmd_train(args) -> None:
-    import json
-
-    from gliograde.config import validate
+    from gliograde.config import check_config
+    from gliograde.training.plan import explicit_fields, plan_run  # the training package registers its tables of
+    # names (losses, architectures) that check_config reads: a --config file's loss is checked by the dry run too
 
     cfg, sources = config_from_args(args, with_sources=True)
     if args.dry_run:
-        validate(cfg, log)  # train_fold validates (and warns) itself; only the dry run needs it here
+        check_config(cfg, log)  # train_fold checks (and warns) itself; only the dry run needs it here
         print(json.dumps(cfg.to_dict(), indent=2))
         print("where each value comes from:")
         print_sources(cfg, sources)
@@ -384,14 +298,17 @@ def cmd_train(args) -> None:
         return
     from gliograde.training.trainer import train_fold
 
-    train_fold(cfg)
+    # planned before the cache or the run folder is made: device, weights, K, the batch against this fold's part
+    train_fold(plan_run(cfg, explicit_fields(sources), [cfg.fold], warn=False).cfg)
 
 
 # ------------------------------------------------------------------------------------------------- cv
 def _add_cv(sub):
     p = sub.add_parser("cv", help="train every fold with one configuration (resumable), then summarize")
     add_train_flags(p, for_cv=True)
-    p.add_argument("--only", "--fold-list", dest="fold_list", default=None, help="folds to run, e.g. 0-4 or 0,2")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--only", "--fold-list", dest="fold_list", default=None, help="folds to run, e.g. 0-4 or 0,2")
+    which.add_argument("--fold", dest="fold_list", type=one_fold, default=None, help="one fold to run: --only N")
     p.add_argument("--parallel-folds", type=int, default=1, help="folds trained at once (one per GPU; default 1)")
     p.add_argument("--allow-partial", action="store_true", help="summarize even if some folds are missing or failed")
     p.add_argument(
@@ -418,9 +335,11 @@ def _add_cv(sub):
 
 def print_summary(report: dict) -> None:
     from gliograde.evaluation.summary import table_lines
+    from gliograde.runs import model_line
 
     p = report["pooled"]
     lo, hi = p["auc_ci95"]
+    print(f"Model: {model_line(report.get('model') or {})}")
     print("\n".join(table_lines(report)))
     print(
         f"Pooled out-of-fold ({p['n']} patients): AUC {p['auc']:.4f} (95% bootstrap CI {lo:.4f}-{hi:.4f}), "
@@ -432,83 +351,66 @@ def print_summary(report: dict) -> None:
     print(f"Figures: {', '.join(report['figures'])}")
 
 
+def one_fold(value: str) -> list[int]:
+    """cv --fold N: the fold list of one fold (what --only N gives)."""
+    try:
+        return [int(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one fold number; several folds: --only {value}") from None
+
+
 def cmd_cv(args) -> None:
     if args.status:
-        from gliograde.training.launcher import cv_status, status_table
-
-        print(status_table(cv_status(Path(args.status))))
-        return
+        return cv_status_table(Path(args.status))
     cfg, sources = config_from_args(args, with_sources=True)
     if args.dry_run:
-        return dry_run_cv(cfg, sources, args.fold_list)
+        only = args.fold_list
+        return dry_run_cv(cfg, sources, ",".join(map(str, only)) if isinstance(only, list) else only)
+    from gliograde.training.plan import explicit_fields
+
     if args.launcher:
-        return launch_cv(cfg, args)
+        return cmd_cv_launch(cfg, args, explicit_fields(sources))
     from gliograde.training.cv import run_cv
 
-    print_summary(run_cv(cfg, args.fold_list, args.parallel_folds, args.allow_partial))
+    print_summary(run_cv(cfg, args.fold_list, args.parallel_folds, args.allow_partial, explicit_fields(sources)))
+
+
+def cv_status_table(results: Path) -> None:
+    """cv --status: the folds of a results folder; a folder that is not there is an error, not 'no runs found'."""
+    from gliograde.training.launcher import cv_status, status_table
+
+    if not results.is_dir():
+        raise GliogradeError(f"--status {results}: no such folder (give the --output-dir of a cv)")
+    if not (results / "runs").is_dir() and not (results / "jobs").is_dir():
+        raise GliogradeError(f"--status {results}: not the results folder of a cv (no runs/ and no jobs/ in it)")
+    print(status_table(cv_status(results)))
 
 
 def dry_run_cv(cfg, sources: dict, fold_list: str | None) -> None:
-    """What `cv` would train: K and the repeats from the saved folds.json of the cache, as the real run takes them
-    (read only: no cache is prepared and no split is made); the defaults where there is no saved split yet."""
-    import dataclasses
+    """What `cv` would train (training/plan.py: `preview_cv`), with every value and where it came from."""
+    from gliograde.training.plan import explicit_fields, preview_cv
 
-    from gliograde.config import parse_fold_list, validate, with_split
-    from gliograde.data.source import saved_split
-    from gliograde.data.splits import DEFAULTS
-
-    validate(cfg, log)
-    saved = saved_split(cfg)
-    if saved is not None:
-        path, split = saved
-        cfg = with_split(dataclasses.replace(cfg, fold=0, repeat=0), split)
-        k, repeats, where = cfg.folds, cfg.repeats, f"the saved split {path}"
-    else:
-        k, repeats = cfg.folds or DEFAULTS["k"], cfg.repeats or DEFAULTS["repeats"]
-        where = "a new split (no folds.json yet; made when the cache is)"
+    plan = preview_cv(cfg, explicit_fields(sources), fold_list)
+    cfg = plan.cfg
     print_sources(cfg, sources)
-    if saved is None and cfg.leave_site_out and cfg.folds is None:  # K = the number of sites, known once made
-        folds, k = fold_list or "all", "the number of sites"
-    else:
-        folds = parse_fold_list(fold_list, k)
+    adapted = f"; adapted to the cohort: {'; '.join(cfg.adaptations)}" if cfg.adaptations else ""
     print(
-        f"would train folds {folds} of K = {k} x {repeats} repeat(s) of {where} ({cfg.preset} preset, selection "
-        f"{cfg.selection}) into {cfg.output_dir}, then summarize"
+        f"would train folds {plan.folds} of K = {plan.k} x {plan.repeats} repeat(s) of {plan.where} ({cfg.preset} "
+        f"preset, selection {cfg.selection}, batch {cfg.batch_size}) into {cfg.output_dir}, then summarize{adapted}"
     )
 
 
-def launch_cv(cfg, args) -> None:
-    """cv through submitit: the folds as a job array (each task resumes its fold when it finds it unfinished), then
-    the summary: by a dependent job on SLURM, at once locally."""
-    import shutil
+def cmd_cv_launch(cfg, args, explicit: set[str]) -> None:
+    """cv --launcher: the folds as a submitit job array, then the summary (training/launcher.py)."""
+    from gliograde.training.launcher import JobSettings, launch_cv
 
-    from gliograde.training import launcher
-    from gliograde.training.cv import name, plan_cv
-
-    if args.launcher == "slurm" and shutil.which("sbatch") is None:
-        raise GliogradeError(launcher.NO_SBATCH)  # before any cache is prepared
-    cfg, _, todo, _ = plan_cv(cfg, args.fold_list)
-    folder = Path(args.jobs_dir or Path(cfg.output_dir) / "jobs")
-    extra = dict(item.split("=", 1) for item in args.sbatch) if args.sbatch else None
-    options = {"partition": args.partition, "account": args.account}
-    jobs = []
-    if todo:
-        jobs = launcher.submit_folds(
-            todo, args.launcher, folder, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
-            mem_gb=args.mem_gb, timeout_min=args.time_min, extra_sbatch=extra, **options,
-        )  # fmt: skip
-        log.info("submitted %d fold(s) (%s): %s", len(jobs), args.launcher, ", ".join(j.job_id for j in jobs))
+    settings = JobSettings(args.launcher, args.jobs_dir, args.partition, args.account, args.gpus_per_task,
+                           args.cpus_per_task, args.mem_gb, args.time_min, args.sbatch, args.allow_partial)  # fmt: skip
+    jobs, summary = launch_cv(cfg, settings, args.fold_list, explicit)
     if args.launcher == "slurm":
-        summary = launcher.submit_summary(
-            cfg.output_dir, jobs, args.launcher, folder, allow_partial=args.allow_partial, **options
-        )
         print(f"submitted: folds {[j.job_id for j in jobs]}, summary {summary.job_id} (after them)")
         print(f"follow with: gliograde cv --status {cfg.output_dir}")
         return
-    _, failures = launcher.wait_and_collect(jobs) if jobs else ({}, {})
-    for key, why in sorted(failures.items()):
-        log.error("%s failed: %s", name(key), why)
-    summary = launcher.submit_summary(cfg.output_dir, jobs, args.launcher, folder, allow_partial=args.allow_partial)
     print_summary(summary.result())
 
 
@@ -530,8 +432,12 @@ def add_evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, help="the cache, if it moved")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
                    help="where to score (default: the run's own setting)")  # fmt: skip
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: the run's own precision on the same kind of device, else this device's rule")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="auto: the run's own precision on the same kind of device, else this device's rule",
+    )
     p.add_argument(
         "--attention",
         action="store_true",
@@ -556,7 +462,9 @@ def cmd_evaluate(args) -> None:
 # ------------------------------------------------------------------------------------------ summarize
 def _add_summarize(sub):
     p = sub.add_parser("summarize", help="per-fold table, mean ± std, pooled AUC with CI, site audit")
-    p.add_argument("--results", default="results/ResNet50-3D", help="the results folder (with runs/)")
+    p.add_argument("--results", default=None,
+                   help="the results folder (with runs/); default: that of --preset/--config/--model/--depth, "
+                   "else results/ResNet50-3D")  # fmt: skip
     p.add_argument("--runs", nargs="+", default=None, help="use these run folders instead of the newest per fold")
     p.add_argument("--allow-partial", action="store_true", help="summarize fewer than K folds, labelled partial")
     p.add_argument(
@@ -564,13 +472,15 @@ def _add_summarize(sub):
     )
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    add_results_config_flags(p, "--results")
     p.set_defaults(func=cmd_summarize)
 
 
 def cmd_summarize(args) -> None:
     from gliograde.evaluation.summary import summarize
 
-    print_summary(summarize(args.results, args.runs, args.allow_partial, args.bootstrap, args.seed, args.allow_mixed))
+    results = args.results or default_results(args, "--results")
+    print_summary(summarize(results, args.runs, args.allow_partial, args.bootstrap, args.seed, args.allow_mixed))
 
 
 # -------------------------------------------------------------------------------------------- compare
@@ -597,7 +507,9 @@ def cmd_compare(args) -> None:
 # -------------------------------------------------------------------------------------------- predict
 def _add_predict(sub):
     p = sub.add_parser("predict", help="P(HGG) of new cases from the folds' ensemble, with optional saliency")
-    p.add_argument("--runs", nargs="+", default=["results/ResNet50-3D"], help="results folder(s) or run folder(s)")
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="results folder(s) or run folder(s); default: the results folder of --preset/--config/--model/"
+                   "--depth, else results/ResNet50-3D")  # fmt: skip
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--case", nargs="+", help="case folder(s) with the four modality files")
     src.add_argument("--data-root", "--data_root", dest="data_root", help="a folder of case folders")
@@ -622,15 +534,25 @@ def _add_predict(sub):
     p.add_argument(
         "--allow-mixed", action="store_true", help="ensemble folds trained with different configurations anyway"
     )
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="where to run the ensemble (precision: the runs' own on the same kind of device)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="where to run the ensemble (precision: the runs' own on the same kind of device)",
+    )
+    add_results_config_flags(p, "--runs")
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args) -> None:
-    from gliograde.data.brats import cases_to_predict, read_case_folder
+    from gliograde import GRADES
+    from gliograde.data.brats import UNKNOWN_GRADE, cases_to_predict, read_case_folder
 
-    cases = [read_case_folder(c) for c in args.case] if args.case else cases_to_predict(args.data_root)
+    def grade_of(folder: str) -> str:  # a case folder under HGG/ or LGG/ (BraTS 2018/2019 layout) has a known grade
+        parent = Path(folder).expanduser().resolve().parent.name
+        return parent if parent in GRADES else UNKNOWN_GRADE
+
+    cases = [read_case_folder(c, grade_of(c)) for c in args.case] if args.case else cases_to_predict(args.data_root)
     if args.onnx:  # onnxruntime, numpy and nibabel only: neither torch nor the networks nor the training code
         from gliograde.files import new_stamped_dir
         from gliograde.inference.onnx_predict import predict_cases_onnx
@@ -641,7 +563,7 @@ def cmd_predict(args) -> None:
         return
     from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
 
-    members = load_ensemble(args.runs, args.checkpoint, args.allow_mixed)
+    members = load_ensemble(args.runs or [default_results(args, "--runs")], args.checkpoint, args.allow_mixed)
     log.info("ensemble of %d checkpoint(s); %d case(s) to predict", len(members), len(cases))
     out = output_dir(args.out)
     from gliograde.runtime import pick_device
@@ -656,7 +578,9 @@ def cmd_predict(args) -> None:
 # ------------------------------------------------------------------------------------------- validate
 def _add_validate(sub):
     p = sub.add_parser("validate", help="score the CV ensemble on a labelled cohort it never saw (external validation)")
-    p.add_argument("--runs", required=True, help="the results folder of the cross-validation (runs/fold_k/...)")
+    p.add_argument("--runs", default=None,
+                   help="the results folder of the cross-validation (runs/fold_k/...); default: that of --preset/"
+                   "--config/--model/--depth, else results/ResNet50-3D")  # fmt: skip
     p.add_argument(
         "--data-root",
         "--data_root",
@@ -673,18 +597,23 @@ def _add_validate(sub):
     )
     p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "best_ema"])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    add_results_config_flags(p, "--runs")
     p.set_defaults(func=cmd_validate)
 
 
 def cmd_validate(args) -> None:
     from gliograde.inference.validate import validate
+    from gliograde.inference.validate_report import validation_model
+    from gliograde.runs import model_line
 
-    report = validate(args.runs, args.data_root, args.out, args.tta, args.allow_overlap, args.checkpoint, args.device)
+    runs = args.runs or default_results(args, "--runs")
+    report = validate(runs, args.data_root, args.out, args.tta, args.allow_overlap, args.checkpoint, args.device)
     m = report["metrics"]
     ci = m["auc_ci"]
     span = f" (95 % CI {ci['ci_low']:.4f}-{ci['ci_high']:.4f}, Newcombe)" if "ci_low" in ci else ""
     auc = "n/a" if m["auc"] is None or m["auc"] != m["auc"] else f"{m['auc']:.4f}"
     lead = f"{report['label']}: " if report["label"] else ""
+    print(f"Model: {model_line(validation_model(report))}")
     print(f"{lead}AUC {auc}{span} on {m['n']} patients ({m['n_hgg']} HGG, {m['n_lgg']} LGG)")
     for w in report["warnings"]:
         print(f"WARNING: {w}")
@@ -713,8 +642,8 @@ def cmd_export(args) -> None:
 def _add_bench(sub):
     p = sub.add_parser("bench", help="the DataLoader+MONAI pipeline against the fast path; figures and JSON")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
-    p.add_argument("--depth", type=int, choices=[10, 18, 34, 50, 101, 152, 200], default=None)
-    p.add_argument("--layout", choices=["strided", "medicalnet"], default="strided")
+    p.add_argument("--depth", type=int, choices=config_choices("depth"), default=None)
+    p.add_argument("--layout", choices=config_choices("layout"), default="strided")
     p.add_argument("--size", type=int, default=None, help="volume edge (default 128 on a GPU, 48 on the CPU)")
     p.add_argument("--channels", type=int, default=4, choices=[1, 2, 3, 4])
     p.add_argument("--batch-size", type=int, default=None)
@@ -735,62 +664,33 @@ def _add_bench(sub):
     )
     p.add_argument("--epochs", type=int, default=None, help="--trainer: epochs (default 3; the first is warm-up)")
     p.add_argument("--no-mil", dest="mil", action="store_false", help="--trainer: skip the 2D MIL model's figures")
-    p.add_argument("--min-steps", type=int, default=20,
-                   help="--trainer: steady-state optimizer steps at least (epochs are added until reached)")
+    p.add_argument(
+        "--min-steps",
+        type=int,
+        default=20,
+        help="--trainer: steady-state optimizer steps at least (epochs are added until reached)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> None:
-    import torch
+    from gliograde import bench
 
-    from gliograde.bench import BenchConfig, defaults, run_bench, table, write_report
-    from gliograde.data.loader import default_workers
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GliogradeError("--device cuda: CUDA is not available (CPU build of torch, or no GPU)")
-    d = defaults(device)
+    device = bench.bench_device(args.device)
+    workdir = Path(args.workdir) if args.workdir else None
     if args.trainer:
-        from gliograde.bench import run_trainer_bench, trainer_table
-
-        report = run_trainer_bench(
-            device,
-            args.depth or d["depth"],
-            args.size or d["size"],
-            args.batch_size or d["batch_size"],
-            args.channels,
-            args.epochs or 3,
-            args.cases or d["cases"],
-            workdir=Path(args.workdir) if args.workdir else None,
-            log=log.info,
-            mil=args.mil,
-            min_steps=args.min_steps,
-        )
-        print(trainer_table(report))
-        if args.json:
-            write_report(report, args.json)
-            log.info("figures written to %s", args.json)
-        return
-    cfg = BenchConfig(
-        device=device,
-        depth=args.depth or d["depth"],
-        layout=args.layout,
-        size=args.size or d["size"],
-        channels=args.channels,
-        batch_size=args.batch_size or d["batch_size"],
-        steps=args.steps or d["steps"],
-        warmup=args.warmup,
-        cases=args.cases or d["cases"],
-        workers=default_workers() if args.workers is None else args.workers,
-        preprocess_cases=args.preprocess_cases,
-        preprocess_shape=tuple(args.preprocess_shape),
-    )
-    if cfg.cases < 2 * cfg.batch_size:
-        raise GliogradeError(f"--cases {cfg.cases} is too few for batches of {cfg.batch_size}")
-    report = run_bench(cfg, Path(args.workdir) if args.workdir else None, log=log.info)
-    print(table(report))
+        report = bench.run_trainer_bench(device, args.depth, args.size, args.batch_size, args.channels, args.epochs,
+                                         args.cases, workdir=workdir, log=log.info, mil=args.mil,
+                                         min_steps=args.min_steps)  # fmt: skip
+        print(bench.trainer_table(report))
+    else:
+        cfg = bench.bench_config(device, args.depth, args.layout, args.size, args.channels, args.batch_size, args.steps,
+                                 args.warmup, args.cases, args.workers, args.preprocess_cases,
+                                 args.preprocess_shape)  # fmt: skip
+        report = bench.run_bench(cfg, workdir, log=log.info)
+        print(bench.table(report))
     if args.json:
-        write_report(report, args.json)
+        bench.write_report(report, args.json)
         log.info("figures written to %s", args.json)
 
 
@@ -825,42 +725,17 @@ def _add_demo(sub):
 
 
 def cmd_demo(args) -> None:
-    from gliograde.config import resolve
-    from gliograde.data.brats import discover_cases
-    from gliograde.data.synthetic import synthesize
-    from gliograde.inference.predict import decision_text, load_ensemble, output_dir, predict_cases
-    from gliograde.training.cv import run_cv
+    from gliograde.demo import run_demo
+    from gliograde.inference.predict import decision_text
 
-    out = Path(args.out)
-    start = time.perf_counter()
-    log.info("[1/4] synthesizing %d BraTS-like cases (64 x 64 x 48 voxels, NIfTI, BraTS 2018 layout) ...", args.cases)
-    data, reused = synthesize(out / "data", args.cases, (64, 64, 48), seed=42, workers=args.workers)
-    log.info("      %s %s", "reused" if reused else "wrote", data)
-    log.info("[2/4] preprocessing to a 32^3 cache and writing 5 stratified folds ...")
-    from gliograde.data.splits import SplitSpec
-
-    cache, _ = prepare_and_split(data, out / "cache", 32, args.workers, False, SplitSpec(k=5, seed=42))
-    results = out / "results" / "ResNet10-3D"
-    log.info("[3/4] 5-fold cross-validation with the cpu-demo preset (ResNet10-3D, 4 channels, 32^3) ...")
-    cfg = resolve("cpu-demo", cache_dir=str(cache.path), output_dir=str(results))
-    report = run_cv(cfg)
-    log.info("[4/4] two new synthetic patients (never seen in training): 5-fold ensemble, flip TTA, Grad-CAM ...")
-    new, _ = synthesize(out / "new_cases", 2, (64, 64, 48), seed=2024, workers=1, first_index=args.cases)
-    members = load_ensemble([results])
-    pred_dir = output_dir(None, out / "predictions")
-    records = predict_cases(discover_cases(new).cases, members, pred_dir, tta=True, saliency=True)
-    print_summary(report)
-    for r in records:
+    result = run_demo(args.out, args.cases, args.workers)
+    print_summary(result.report)
+    for r in result.records:
         print(f"New case (true {r['true_grade']}) {decision_text(r)}")
-    log.info("demo finished in %.1f s", time.perf_counter() - start)
+    log.info("demo finished in %.1f s", result.seconds)
     log.info("Outputs:")
-    log.info("  synthetic BraTS folder : %s", data)
-    log.info("  volume cache + folds   : %s (volumes.npy, cases.csv, manifest.json, folds.json)", cache.path)
-    log.info("  fold run folders       : %s", results / "runs" / "fold_*")
-    log.info("  CV summary             : %s (.csv, .json), cv_roc_curves.png, cv_pr_curves.png", results / "summary.md")
-    log.info("  new cases              : %s", new)
-    log.info("  predictions            : %s (.json)", pred_dir / "predictions.csv")
-    log.info("  saliency maps          : %s (NIfTI on each case's grid + PNG)", pred_dir / "saliency")
+    for what, where in result.outputs:
+        log.info("  %-22s : %s", what, where)
     log.info("Synthetic phantoms are far easier than real BraTS: this shows the pipeline, not a clinical result.")
 
 

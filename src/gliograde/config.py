@@ -5,9 +5,11 @@ Resolution order: dataclass defaults < preset file < command-line flags.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from gliograde import MODALITIES
-from gliograde.errors import GliogradeError
+from gliograde.errors import GliogradeError, unknown_name
 
 PRESETS = ("final", "ldam-drw", "cpu-demo")
 # Fields that change how a run is executed or reported, not what it computes: a resumed run may differ in these.
@@ -37,6 +39,7 @@ RUNTIME_FIELDS = {
     "preset",
     "tensorboard",
     "mlflow",
+    "adaptations",
 }
 
 
@@ -44,94 +47,181 @@ class ConfigError(GliogradeError):
     """A value that makes no sense, explained."""
 
 
+# The names a field may take where an extension point owns them (training.losses.LOSSES, networks.ARCHITECTURES):
+# config sits on the floor below those tables, so each table registers itself here when its module is imported, and
+# check_config() checks the field against the live table (a loss registered later is accepted too).
+CHOICES: dict[str, tuple[str, Mapping[str, object]]] = {}
+
+
+def register_choices(key: str, what: str, table: Mapping[str, object]) -> None:
+    """`key`: the TrainConfig field; `what`: how messages name one entry ("loss"); `table`: name -> spec."""
+    CHOICES[key] = (what, table)
+
+
+# The --help sections of the training flags, in the order `gliograde train --help` shows them
+PROTOCOL, SPLIT, OPTIMISATION, MODEL = "protocol", "the split (folds.json)", "optimisation", "model"
+EXECUTION, FILES = "execution (device, precision, DDP, speed)", "files and tracking"
+FLAG_GROUPS = (PROTOCOL, SPLIT, OPTIMISATION, MODEL, EXECUTION, FILES)
+
+
+def option(default=dataclasses.MISSING, *flags: str, group: str, factory=None, **flag):
+    """A TrainConfig field and its command-line flag in one line (cli.py builds the flags of `train` and `cv` from
+    these). `flags`: every spelling, the seeds' aliases among them (default: --field-name); `group`: its --help
+    section; `flag`: help, choices (a tuple, or the name of the extension table that owns them: "losses",
+    "architectures"), and where the field's type does not say it: type, const, nargs, metavar, `off` (spellings
+    that set the field False: --no-amp), `train_only` (not a flag of `cv`)."""
+    metadata = {"flags": list(flags), "group": group, **flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def fold_count(value: str) -> int:
+    """--folds is K in every command; a fold list (cv) is --only."""
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of folds: --folds is K in every command; pick folds with --only {value}"
+        ) from None
+
+
 @dataclass
 class TrainConfig:
     # data
-    data_root: str | None = None
-    cache_dir: str = "cache"
-    size: int = 128
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    fold: int = 0
+    data_root: str | None = option(None, "--data-root", "--data_root", group=FILES)
+    cache_dir: str = option("cache", "--cache-dir", "--cache_dir", group=FILES,
+                            help="folder of caches, or one cache folder")  # fmt: skip
+    size: int = option(128, group=MODEL, help="edge of the cubic input volumes (default 128)")
+    modalities: list[str] = option(  # noqa: RUF009 (option() returns a dataclasses.field)
+        dataclasses.MISSING, "--modality", "--modalities", factory=lambda: list(MODALITIES), group=PROTOCOL, type=str,
+        help="one modality, 'all', or a comma list (t1,t1ce,t2,flair)")  # fmt: skip
+    fold: int = option(0, group=PROTOCOL, train_only=True, help="fold to train, 0..K-1 (default 0)")
     # the split (folds.json): None = "not asked", taken from the saved split (defaults when one is made:
     # 5 folds, seed 42, 1 repeat, no grouping, 20 % inner selection part); see data/splits.py
-    folds: int | None = None  # K
-    split_seed: int | None = None  # seed of the fold split; independent of the training seed
-    repeats: int | None = None
-    repeat: int = 0  # the repeat this run's fold belongs to
-    group_by: str | None = None  # site: StratifiedGroupKFold, no site in two folds
-    leave_site_out: bool | None = None
-    inner_fraction: float | None = None
+    folds: int | None = option(None, "--folds", "--num-folds", "--k", group=SPLIT, type=fold_count,
+                               help="number of folds K (default: the saved split's, else 5)")  # fmt: skip
+    split_seed: int | None = option(None, "--split-seed", "--split_seed", group=SPLIT,
+                                    help="seed of the fold split (default: the saved split's, else 42)")  # fmt: skip
+    repeats: int | None = option(None, group=SPLIT, help="repeated CV: R fold sets, seeds S..S+R-1")
+    repeat: int = option(0, group=PROTOCOL, train_only=True,
+                         help="repeat of the split the fold belongs to (default 0)")  # fmt: skip
+    group_by: str | None = option(None, "--group-by", "--group_by", group=SPLIT, choices=("site",),
+                                  help="no acquisition site in two folds (StratifiedGroupKFold)")  # fmt: skip
+    leave_site_out: bool | None = option(None, "--leave-site-out", "--leave_site_out", group=SPLIT,
+                                         help="one fold per site")  # fmt: skip
+    inner_fraction: float | None = option(None, "--inner-fraction", "--inner_fraction", group=SPLIT,
+                                          help="share of each fold's training patients set aside for selection "
+                                          "(default 0.2)")  # fmt: skip
     # the protocol: inner = early stopping, checkpoint, threshold and calibration chosen on the selection part of the
     # training patients, the outer fold scored once at the end; outer = the seeds' (chosen on the reported fold)
-    selection: str = "inner"
-    threshold_at_specificity: float | None = None  # None: Youden's J on the selection part
-    temperature: bool = False  # fit a temperature on the selection part (after the prior correction)
+    selection: str = option("inner", group=PROTOCOL, choices=("inner", "outer"),
+                            help="inner (default): early stopping, checkpoint, threshold and calibration chosen on a "
+                            "selection part of the training patients, the fold scored once; outer: chosen on the "
+                            "reported fold (the seeds'; optimistic)")  # fmt: skip
+    threshold_at_specificity: float | None = option(
+        None, group=PROTOCOL, help="the lowest threshold reaching this specificity on the selection part (default: "
+        "Youden's J)")  # fmt: skip
+    temperature: bool = option(False, group=PROTOCOL, help="fit a temperature on the selection part")
     # model
-    model: str = "resnet3d"  # resnet3d (MedicalNet ResNet-3D) | mil2d (2D MIL over entropy-selected axial slices)
-    mil_k: int = 16  # mil2d: slices per case
-    mil_pooling: str = "attention"  # mil2d: attention (gated, Ilse et al. 2018) | mean | max
-    mil_min_gap: int = 0  # mil2d: minimum distance between selected slices
-    mil_entropy_modality: str | None = None  # mil2d: rank slices on this modality's entropy; None: mean over all
-    depth: int = 50
-    layout: str = "strided"
-    shortcut: str = "B"
-    dropout: float = 0.4
-    pretrained_path: str | None = None
+    model: str = option("resnet3d", group=MODEL, choices="architectures",
+                        help="the network (default resnet3d: MedicalNet ResNet-3D; mil2d: 2D MIL over "
+                        "entropy-selected axial slices)")  # fmt: skip
+    mil_k: int = option(16, "--mil-k", "--mil_k", group=MODEL,
+                        help="mil2d: entropy-selected axial slices per case (16)")  # fmt: skip
+    mil_pooling: str = option("attention", group=MODEL, choices=("attention", "mean", "max"),
+                              help="mil2d: bag pooling (attention: gated, Ilse et al. 2018)")  # fmt: skip
+    mil_min_gap: int = option(0, group=MODEL, help="mil2d: minimum distance between selected slices")
+    mil_entropy_modality: str | None = option(None, group=MODEL, choices=MODALITIES,
+                                              help="mil2d: rank slices on this modality's entropy (default: the mean "
+                                              "over the input modalities)")  # fmt: skip
+    depth: int = option(50, group=MODEL, choices=(10, 18, 34, 50, 101, 152, 200),
+                        help="ResNet depth (mil2d: 18 or 34)")  # fmt: skip
+    layout: str = option("strided", group=MODEL, choices=("strided", "medicalnet"))
+    shortcut: str = option("B", group=MODEL, choices=("A", "B"))
+    dropout: float = option(0.4, group=OPTIMISATION)
+    pretrained_path: str | None = option(None, "--pretrained-path", "--pretrained_path", group=MODEL,
+                                         help="MedicalNet .pth file")  # fmt: skip
     # optimisation
-    epochs: int = 50
-    batch_size: int = 4
-    grad_accum: int = 1
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    classifier_lr_mult: float = 2.0
-    weight_decay: float = 1e-4
+    epochs: int = option(50, group=OPTIMISATION)
+    batch_size: int = option(4, "--batch-size", "--batch_size", group=OPTIMISATION)
+    grad_accum: int = option(1, "--gradient-accumulation-steps", "--gradient_accumulation_steps", "--grad-accum",
+                             group=OPTIMISATION)  # fmt: skip
+    optimizer: str = option("adam", group=OPTIMISATION, type=str.lower, choices=("adam", "adamw", "sgd"))
+    lr: float = option(1e-4, "--lr", "--learning-rate", "--learning_rate", group=OPTIMISATION,
+                       help="backbone learning rate")  # fmt: skip
+    classifier_lr_mult: float = option(2.0, "--classifier-lr-mult", "--classifier_lr_mult", group=OPTIMISATION,
+                                       help="classifier lr = lr x this (final policy: 2)")  # fmt: skip
+    weight_decay: float = option(1e-4, "--weight-decay", "--weight_decay", group=OPTIMISATION)
     momentum: float = 0.9
-    scheduler: str = "cosine"
-    warmup_epochs: int = 3
+    scheduler: str = option("cosine", group=OPTIMISATION, type=str.lower, choices=("cosine", "step", "none"))
+    warmup_epochs: int = option(3, "--warmup-epochs", "--warmup_epochs", group=OPTIMISATION)
     step_size: int = 10
     gamma: float = 0.1
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    grad_clip: float = option(0.0, "--grad-clip", "--grad_clip", group=OPTIMISATION, help="max gradient norm (0 = off)")
     # class imbalance
-    loss: str = "ce"
-    sampler: str = "weighted"  # weighted (inverse class frequency) | shuffle
-    max_m: float = 0.5
-    ldam_s: float = 30.0
-    drw_start_epoch: int | None = None  # 1-based epoch from which DRW weights apply (LDAM only)
+    loss: str = option("ce", group=OPTIMISATION, type=str.lower, choices="losses", help="any case")
+    sampler: str = option("weighted", group=OPTIMISATION, type=str.lower, choices=("weighted", "shuffle"),
+                          help="weighted (inverse class frequency) or shuffle")  # fmt: skip
+    max_m: float = option(0.5, "--max-m", "--max_m", group=OPTIMISATION, help="LDAM largest margin")
+    ldam_s: float = option(30.0, "--ldam-s", "--ldam_s", "--s", group=OPTIMISATION, help="LDAM scale s")
+    drw_start_epoch: int | None = option(None, "--drw-start-epoch", "--drw_start_epoch", group=OPTIMISATION,
+                                         help="1-based epoch from which DRW weights apply (LDAM only)")  # fmt: skip
     # averaging and stopping
-    ema_decay: float = 0.0  # 0 = off
-    patience: int = 10
-    min_epochs: int = 15
-    min_delta: float = 0.0
+    ema_decay: float = option(0.0, "--ema-decay", "--ema_decay", group=OPTIMISATION,
+                              help="EMA of the weights (0 = off)")  # fmt: skip
+    patience: int = option(10, "--early-stopping", "--early_stopping", "--patience", group=OPTIMISATION,
+                           help="patience in epochs")  # fmt: skip
+    min_epochs: int = option(15, "--min-epochs", "--min_epochs", group=OPTIMISATION)
+    min_delta: float = option(0.0, "--min-delta", "--min_delta", group=OPTIMISATION)
     # augmentation (batched, applied identically to all channels)
-    augment: bool = True
+    augment: bool = option(True, "--no-augment", const=False, group=MODEL)
     flip_prob: float = 0.5
     rotate_deg: float = 10.0
     scale_range: float = 0.1
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
     # execution
-    gpu: bool = False  # the seeds' --gpu: the same as --device cuda
-    device: str = "auto"  # auto (the GPU where CUDA works) | cuda | cpu
-    precision: str = "auto"  # auto (bf16 on compute capability >= 8.0, else fp16; fp32 on the CPU) | bf16 | fp16 | fp32
-    multi_gpu: bool = False
-    nproc: int | None = None  # DDP processes for --multi-gpu (default: one per visible GPU)
-    sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only; switched on by itself for a micro-batch of 1)
-    # DDP: batch_size x grad_accum is the global batch, split over the processes; True: batch_size per process
-    # (the global batch grows with the GPUs; the learning rate is not rescaled)
-    batch_per_gpu: bool = False
-    data_path: str = "auto"  # auto (device on a GPU, loader on the CPU) | device | loader
-    channels_last: bool | None = None  # channels_last_3d memory format; None = on for CUDA
-    compile: bool = False  # torch.compile the model
-    amp: bool | None = None  # None = on for CUDA, off on CPU
-    tf32: bool = True
-    num_workers: int | None = None  # None = min(8, cpus)
-    seed: int = 42
-    output_dir: str = "results/ResNet50-3D"
-    plots_every: int = 1
-    tensorboard: bool = True  # event files in run_dir/tensorboard/
-    mlflow: str | None = None  # MLflow tracking URI; "default" = a file store at <output_dir>/mlruns; None = off
-    resume: str | None = None
-    preset: str = "final"
+    gpu: bool = option(False, group=EXECUTION, help="train on the GPU (the same as --device cuda)")
+    device: str = option("auto", group=EXECUTION, choices=("auto", "cuda", "cpu"),
+                         help="default auto: the GPU where CUDA works, else the CPU")  # fmt: skip
+    precision: str = option("auto", group=EXECUTION, choices=("auto", "bf16", "fp16", "fp32"),
+                            help="default auto: bf16 autocast on compute capability >= 8.0, fp16 + GradScaler below, "
+                            "fp32 on the CPU")  # fmt: skip
+    multi_gpu: bool = option(False, "--multi-gpu", "--multi_gpu", group=EXECUTION, help="DDP over all GPUs")
+    nproc: int | None = option(None, group=EXECUTION, help="DDP processes for --multi-gpu (default: one per GPU; gloo "
+                               "on a CPU machine)")  # fmt: skip
+    sync_bn: bool = option(False, "--sync-bn", "--sync_bn", group=EXECUTION, help="SyncBatchNorm under DDP (GPU only; "
+                           "switched on by itself for a micro-batch of 1)")  # fmt: skip
+    batch_per_gpu: bool = option(False, "--batch-per-gpu", "--batch_per_gpu", group=EXECUTION,
+                                 help="DDP: --batch-size per process (global batch x processes; lr not rescaled). "
+                                 "Default: the global batch --batch-size x --gradient-accumulation-steps is split "
+                                 "over the processes")  # fmt: skip
+    data_path: str = option("auto", "--data-path", "--data_path", group=EXECUTION, choices=("auto", "device", "loader"),
+                            help="device: volumes held beside the model, batches gathered by index; loader: the "
+                            "DataLoader (default auto: device on a GPU, loader on the CPU)")  # fmt: skip
+    channels_last: bool | None = option(None, off=["--no-channels-last"], group=EXECUTION,
+                                        help="channels_last_3d memory format (default on for CUDA)")  # fmt: skip
+    compile: bool = option(False, group=EXECUTION, help="torch.compile the model")
+    amp: bool | None = option(None, off=["--no-amp"], group=EXECUTION, help="mixed precision (default: on for CUDA)")
+    tf32: bool = option(True, off=["--no-tf32"], group=EXECUTION)
+    num_workers: int | None = option(None, "--num-workers", "--num_workers", group=EXECUTION,
+                                     help="DataLoader workers (default min(8, cpus))")  # fmt: skip
+    seed: int = option(42, group=EXECUTION)
+    # resolve(): results/<network_name(model, depth)> unless given
+    output_dir: str = option("results/ResNet50-3D", "--output-dir", "--output_dir", group=FILES,
+                             help="default results/<network>: results/ResNet50-3D (final), results/ResNet10-3D "
+                             "(cpu-demo), ...")  # fmt: skip
+    plots_every: int = option(1, "--plots-every", "--plots_every", group=FILES, help="per-epoch plots every N epochs")
+    tensorboard: bool = option(True, "--no-tensorboard", const=False, group=FILES, help="no TensorBoard event files")
+    mlflow: str | None = option(None, group=FILES, nargs="?", const="default", metavar="URI",
+                                help="also log to MLflow (default store: <output-dir>/mlruns; or a tracking server "
+                                "URI)")  # fmt: skip
+    resume: str | None = option(None, group=FILES, train_only=True,
+                                help="RUN_DIR of an interrupted run to continue from its last.pt")  # fmt: skip
+    preset: str = option("final", group=PROTOCOL, choices=PRESETS, help="configuration preset (default: final)")
+    # what the plan changed of a default or preset value the cohort cannot hold, and why (training/plan.py)
+    adaptations: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,6 +229,16 @@ class TrainConfig:
     def identity(self) -> dict:
         """The fields that decide what a run computes (compared when resuming)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def network_name(model: str, depth: int) -> str:
+    """How a network names itself in results folders and report headers: ResNet50-3D, MIL2D-ResNet18."""
+    return f"MIL2D-ResNet{depth}" if model == "mil2d" else f"ResNet{depth}-3D"
+
+
+def default_output_dir(model: str, depth: int) -> str:
+    """The results folder of a configuration that names none: results/<network> (the seeds': results/ResNet50-3D)."""
+    return f"results/{network_name(model, depth)}"
 
 
 def load_preset(name: str) -> dict:
@@ -227,6 +327,10 @@ def resolve_with_sources(
             if not sources[key].startswith(("file ", "command line")):
                 values[key], sources[key] = value, "default (mil2d)"
     values["preset"], sources["preset"] = preset, "--preset" if overrides.get("preset") else "default"
+    if sources["output_dir"] == "default":  # the folder follows the network, never another network's name
+        model, depth = values.get("model", TrainConfig.model), values.get("depth", TrainConfig.depth)
+        values["output_dir"] = default_output_dir(model, depth)
+        sources["output_dir"] = "default for the network"
     cfg = TrainConfig(**values)
     cfg.modalities = parse_modalities(cfg.modalities)
     cfg.loss, cfg.optimizer, cfg.scheduler = cfg.loss.lower(), cfg.optimizer.lower(), cfg.scheduler.lower()
@@ -238,7 +342,7 @@ def resolve(preset: str = "final", config_file: str | Path | None = None, **over
     return resolve_with_sources(preset, config_file, **overrides)[0]
 
 
-def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig:
+def check_config(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig:
     """Errors for values that cannot work, warnings for the seeds' known pitfalls."""
     log = log or logging.getLogger("gliograde")
 
@@ -255,12 +359,13 @@ def validate(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainConfig
     need(0 <= cfg.dropout < 1, f"--dropout must lie in [0, 1), got {cfg.dropout}")
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     need(0 <= cfg.ema_decay < 1, f"--ema-decay must lie in [0, 1) (0 = off), got {cfg.ema_decay}")
-    need(cfg.loss in ("ce", "ldam"), f"--loss {cfg.loss!r} is neither ce nor ldam")
+    for key, (what, table) in CHOICES.items():
+        value = getattr(cfg, key)
+        need(value in table, unknown_name(f"--{key}", value, table, what))
     need(cfg.optimizer in ("adam", "adamw", "sgd"), f"--optimizer {cfg.optimizer!r} is not adam, adamw or sgd")
     need(cfg.scheduler in ("cosine", "step", "none"), f"--scheduler {cfg.scheduler!r} is not cosine, step or none")
     need(cfg.sampler in ("weighted", "shuffle"), f"--sampler {cfg.sampler!r} is neither weighted nor shuffle")
     need(cfg.layout in ("strided", "medicalnet"), f"--layout {cfg.layout!r} is neither strided nor medicalnet")
-    need(cfg.model in ("resnet3d", "mil2d"), f"--model {cfg.model!r} is neither resnet3d nor mil2d")
     if cfg.model == "mil2d":
         need(cfg.depth in (18, 34), f"--model mil2d: --depth {cfg.depth} is not a 2D ResNet depth (18 or 34)")
         need(cfg.mil_k >= 1 and cfg.mil_min_gap >= 0, "--mil-k must be >= 1 and --mil-min-gap >= 0")
@@ -359,15 +464,9 @@ def with_split(cfg: TrainConfig, folds: dict) -> TrainConfig:
     return out
 
 
-def split_spec(cfg: TrainConfig):
-    """What the configuration asks of the split (None: not asked; the saved folds.json decides)."""
-    from gliograde.data.splits import SplitSpec
-
-    return SplitSpec(cfg.folds, cfg.split_seed, cfg.repeats, cfg.group_by, cfg.leave_site_out, cfg.inner_fraction)
-
-
-def parse_fold_list(spec: str | None, k: int) -> list[int]:
-    """'0-4', '0,2,4', '1-3,5' -> sorted fold numbers; None -> all K folds."""
+def parse_fold_list(spec: str | None, k: int, k_from: str = "") -> list[int]:
+    """'0-4', '0,2,4', '1-3,5' -> sorted fold numbers; None -> all K folds. `k_from`: where K came from, for the
+    message (the saved split, --folds, the default)."""
     if spec is None:
         return list(range(k))
     folds: set[int] = set()
@@ -382,5 +481,6 @@ def parse_fold_list(spec: str | None, k: int) -> list[int]:
         raise ConfigError(f"--only {spec!r}: give folds like 0-4, 0,2,4 or 1-3,5 (ranges low-high)") from None
     bad = sorted(f for f in folds if not 0 <= f < k)
     if bad or not folds:
-        raise ConfigError(f"--only {spec!r}: folds {bad} are outside 0..{k - 1} (K = {k}, set by --folds)")
+        where = f"K = {k}, {k_from}" if k_from else f"K = {k}"
+        raise ConfigError(f"--only {spec!r}: folds {bad} are outside 0..{k - 1} ({where})")
     return sorted(folds)

@@ -18,18 +18,22 @@ from gliograde.networks.resnet3d import ResNet3D
 
 
 def _folder(path: Path) -> dict:
-    """Whether the folder (or its first existing parent) is writable, what it holds, and the free disk there."""
+    """Whether the folder (or its first existing parent) is writable, and the free disk there. Its contents are never
+    walked: a shared folder (/tmp) can hold millions of files, and other processes remove theirs during a walk."""
     probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    writable = os.access(probe, os.W_OK)
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    while True:
+        try:
+            free = shutil.disk_usage(probe).free
+            break
+        except FileNotFoundError:  # not made yet, or removed by another process meanwhile: the first existing parent
+            if probe == probe.parent:
+                raise
+            probe = probe.parent
     return {
         "path": str(path),
         "exists": path.is_dir(),
-        "writable": writable,
-        "size_gib": round(size / 2**30, 3),
-        "free_disk_gib": round(shutil.disk_usage(probe).free / 2**30, 1),
+        "writable": os.access(probe, os.W_OK),
+        "free_disk_gib": round(free / 2**30, 1),
     }
 
 
@@ -129,8 +133,7 @@ def table(report: dict) -> str:
         f = report[name]
         lines.append(
             f"{name} folder {f['path']}: {'exists' if f['exists'] else 'not yet made'}, "
-            f"{'writable' if f['writable'] else 'NOT writable'}, {f['size_gib']} GiB held, "
-            f"{f['free_disk_gib']} GiB free"
+            f"{'writable' if f['writable'] else 'NOT writable'}, {f['free_disk_gib']} GiB free on its disk"
         )
     lines.append(f"threads {report['threads']} of {report['cpus']} CPUs")
     return "\n".join(lines)

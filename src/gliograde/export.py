@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from gliograde import GRADES, __version__
+from gliograde.checkpoints import BEST, BEST_EMA, CheckpointError, select_checkpoint
 from gliograde.config import load_run_config
 from gliograde.errors import GliogradeError
 from gliograde.files import write_json
-from gliograde.inference.predict import Member, _member, load_ensemble
+from gliograde.inference.predict import Member, load_ensemble, load_member
 from gliograde.networks import model_kind
-from gliograde.training.checkpoints import BEST, BEST_EMA, CheckpointError, select_checkpoint
 
 log = logging.getLogger("gliograde")
 
@@ -71,7 +71,7 @@ def _run_member(run_dir: Path, policy: str) -> Member:
         raise ExportError(
             f"no selected checkpoint in {run_dir} ({BEST_EMA}/{BEST}); train or finish the run first ({e})"
         ) from e
-    return _member(run_dir, policy)
+    return load_member(run_dir, policy)
 
 
 def _members(target: Path, policy: str) -> list[Member]:

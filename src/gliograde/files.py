@@ -33,13 +33,20 @@ def json_safe(obj):
     return obj
 
 
-def write_json(path: str | Path, obj, indent: int = 2, strict: bool = False) -> None:
-    """`strict`: every non-finite float as null (the reports people and other tools read: summary, compare,
-    validation, gpu-check). The run records (metrics.json, attention.json) keep NaN, which Python's json reads back
-    as the float that the code computing means and intervals expects."""
-    if strict:
-        obj = json_safe(obj)
-    write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=not strict))
+def write_json(path: str | Path, obj, indent: int = 2, strict: bool = True) -> None:
+    """Strict JSON, always: every non-finite float as null (a bare NaN token is not JSON; jq, JavaScript and most
+    parsers refuse it). The run records included (metrics.json, attention.json): a reader that does arithmetic on a
+    recorded figure turns null back into NaN with `number`. Files written before this rule hold NaN tokens, which
+    Python's json reads as the float NaN. `strict` is kept for the callers that name it; False is refused."""
+    if not strict:
+        raise ValueError("write_json writes strict JSON only (NaN and infinities as null)")
+    write_text_atomic(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False))
+
+
+def number(value) -> float:
+    """A recorded figure as a float for arithmetic: null (an undefined metric, written by `write_json`) back to NaN;
+    an old file's NaN token is already the float NaN."""
+    return math.nan if value is None else float(value)
 
 
 def new_stamped_dir(parent: str | Path, prefix: str) -> Path:

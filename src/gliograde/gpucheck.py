@@ -34,7 +34,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 EVALUATE_TOLERANCE = 2e-3  # fp32 on both sides: cuDNN's algorithms and TF32 round differently from the CPU
 PREDICT_TOLERANCE = 0.05  # the GPU in the run's own precision (bf16: 8 mantissa bits) against fp32 on the CPU
-LIMITS = {"doctor": 90, "pytest-gpu": 210, "bench": 240, "ddp-fold": 120, "resume": 150, "evaluate": 90, "predict": 90}
+# each a ceiling, not an estimate: a busy machine may take several times as long. "resume": for the killed run to
+# save its epoch RESUME_AFTER, and again for the resumed run to finish
+LIMITS = {"doctor": 90, "pytest-gpu": 210, "bench": 240, "ddp-fold": 120, "resume": 480, "evaluate": 90, "predict": 90}
+RESUME_AFTER = 2  # the epoch after which the resume step kills the run
 
 
 class StepFailed(Exception):
@@ -174,30 +177,19 @@ def step_ddp_fold(c: Check) -> dict:
 def step_resume(c: Check) -> dict:
     c.ensure_data()
     flags = c.train_flags("resume", 4)
-    log = c.work / "resume-killed.log"
+    log, held = c.work / "resume-killed.log", c.work / "resume-held.txt"
+    code = f"from gliograde.gpucheck import train_and_hold; train_and_hold({flags!r}, {RESUME_AFTER}, {str(held)!r})"
     with open(log, "w") as f:
-        proc = subprocess.Popen(_gliograde("train", *flags), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                                 start_new_session=True)  # fmt: skip
-    deadline, run, epochs = time.monotonic() + LIMITS["resume"] / 2, None, 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        runs = sorted((c.work / "resume" / "runs" / "fold_0").glob("run_*"))
-        if runs:
-            run = runs[-1]
-            try:
-                epochs = len(json.loads((run / "metrics" / "metrics.json").read_text())["history"])
-            except (OSError, ValueError, KeyError):
-                epochs = 0
-            if epochs >= 2:
-                break
-        time.sleep(0.2)
-    if proc.poll() is not None:
-        raise StepFailed(f"the run ended (exit {proc.returncode}) before it could be killed (log {log})")
-    os.killpg(proc.pid, signal.SIGKILL)  # no clean-up: what a pre-emption or a power cut leaves
-    proc.wait()
-    if run is None or epochs < 2:
-        raise StepFailed(f"no second epoch within {LIMITS['resume'] / 2:.0f} s (log {log})")
+    try:
+        run = _wait_until_held(proc, held, log)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # no clean-up: what a pre-emption or a power cut leaves
+        proc.wait()
     before = _last(run)
-    _run(_gliograde("train", *flags, "--resume", str(run)), LIMITS["resume"] / 2, c.work / "resume.log")
+    _run(_gliograde("train", *flags, "--resume", str(run)), LIMITS["resume"], c.work / "resume.log")
     metrics = json.loads((run / "metrics" / "metrics.json").read_text())
     after = _last(run)
     history = [h["epoch"] for h in metrics["history"]]
@@ -209,6 +201,57 @@ def step_resume(c: Check) -> dict:
     c.run_dir = run
     return {"resumed_after_epoch": int(before["epoch"]), "epochs": history, "precision": after["precision"]["name"],
             "auc": metrics["final"]["auc"]}  # fmt: skip
+
+
+def _wait_until_held(proc: subprocess.Popen, held: Path, log: Path) -> Path:
+    """The run folder, once the training holds after its epoch RESUME_AFTER (`held` written); a run that ends first
+    or is not there within the limit is a StepFailed with the end of its log."""
+    deadline = time.monotonic() + LIMITS["resume"]
+    while not held.is_file():
+        if proc.poll() is not None:
+            raise StepFailed(f"the run ended (exit {proc.returncode}) before its epoch {RESUME_AFTER} was saved "
+                             f"(log {log})", _tail(_read(log)))  # fmt: skip
+        if time.monotonic() > deadline:
+            limit = LIMITS["resume"]
+            raise StepFailed(f"no epoch {RESUME_AFTER} saved within {limit} s (log {log})", _tail(_read(log)))
+        time.sleep(0.2)
+    return Path(held.read_text())
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError as e:
+        return f"({path} unreadable: {e})"
+
+
+def train_and_hold(argv: list[str], epoch: int, held: str) -> None:
+    """`gliograde train ARGV` that, once its last.pt holds `epoch`, writes the run folder to `held` and waits there
+    for the resume step's SIGKILL, so that the kill lands after that epoch however fast or slow the machine is (a
+    run left to go on could finish before a poll saw the epoch). Exits on its own if the step is gone."""
+    import functools
+
+    import torch
+
+    from gliograde.cli import main
+    from gliograde.files import write_text_atomic
+    from gliograde.training import trainer
+
+    parent = os.getppid()
+
+    def hold(at: int, run_dir: Path) -> None:
+        if at < epoch:
+            return
+        last = Path(run_dir) / "checkpoints" / "last.pt"
+        while not (last.is_file() and int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) >= epoch):
+            time.sleep(0.1)  # the checkpoint writer's thread is saving it (atomically)
+        write_text_atomic(held, str(run_dir))
+        while os.getppid() == parent:  # held until killed; an orphan (the step gone) exits
+            time.sleep(0.5)
+        os._exit(1)
+
+    trainer.train_fold = functools.partial(trainer.train_fold, on_epoch_end=hold)
+    raise SystemExit(main(["train", *argv]))
 
 
 def _last(run: Path) -> dict:

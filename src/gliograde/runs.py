@@ -1,6 +1,7 @@
-"""The runs of a results folder: finding them (the newest complete run of each fold and repeat), reading one, and
-comparing their configurations. `summarize`, `compare`, `predict`, `validate`, `export` and `cv --status` all read
-runs through here; nothing in here scores or trains."""
+"""The runs of a results folder: finding them (the newest complete run of each fold and repeat), reading one,
+comparing their configurations, and a fold's row (its metrics recomputed from its saved predictions). `summarize`,
+`compare`, `predict`, `validate`, `export` and `cv --status` all read runs through here; nothing in here runs a
+model or trains."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gliograde.config import RUNTIME_FIELDS
+from gliograde.config import RUNTIME_FIELDS, network_name
 from gliograde.errors import GliogradeError
+from gliograde.evaluation import stats
+from gliograde.evaluation.metrics import compute_metrics, summarized_names
 
 
 class SummaryError(GliogradeError):
@@ -162,3 +165,130 @@ def find_runs(results_dir: Path) -> tuple[dict[tuple[int, int], FoldRun], dict[t
 def label(key: tuple[int, int]) -> str:
     repeat, fold = key
     return f"fold {fold}" if repeat == 0 else f"repeat {repeat} fold {fold}"
+
+
+def run_environment(run_dir: Path) -> dict:
+    """The environment a run recorded in its config.json (device, precision, ...); {} for a run without one."""
+    path = Path(run_dir) / "config" / "config.json"
+    try:
+        return json.loads(path.read_text()).get("environment") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ----------------------------------------------------------------------------------------- what a run trained
+def run_model(run_dir: Path) -> dict:
+    """What a run trained, from its config.json: network, depth, layout, input (modalities, size) and preset; {}
+    where the run records no readable configuration."""
+    try:
+        config = json.loads((Path(run_dir) / "config" / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    model, depth = config.get("model", "resnet3d"), config.get("depth")  # runs before --model: the 3D ResNet
+    return {
+        "network": network_name(model, depth) if depth is not None else None,
+        "model": model,
+        "depth": depth,
+        "layout": config.get("layout") if model != "mil2d" else None,
+        "modalities": config.get("modalities"),
+        "size": config.get("size"),
+        "preset": config.get("preset"),
+    }
+
+
+def runs_model(run_dirs: list[Path]) -> dict:
+    """run_model over several runs: a value they share, or "mixed: a / b" where they differ (the preset, a
+    runtime field, may; the rest only under --allow-mixed)."""
+    models = [run_model(r) for r in run_dirs]
+    out = {}
+    for key in dict.fromkeys(k for m in models for k in m):
+        values = list(dict.fromkeys(json.dumps(m.get(key)) for m in models))
+        out[key] = json.loads(values[0]) if len(values) == 1 else "mixed: " + " / ".join(map(_plain, values))
+    return out
+
+
+def _plain(encoded: str) -> str:
+    value = json.loads(encoded)
+    if value is None:
+        return "not recorded"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def model_line(model: dict) -> str:
+    """ "ResNet10-3D (depth 10, strided layout); input 4 channel(s) t1,t1ce,t2,flair at 32^3; preset cpu-demo": the
+    first line of every summary and validation. What the runs did not record reads "not recorded"."""
+    m = model or {}
+    network = m.get("network") or "network not recorded"
+    if m.get("depth") is not None:
+        network += f" (depth {m['depth']}" + (f", {m['layout']} layout)" if m.get("layout") else ")")
+    return f"{network}; input {input_text(m)}; preset {m.get('preset') or 'not recorded'}"
+
+
+def input_text(model: dict) -> str:
+    """ "4 channel(s) t1,t1ce,t2,flair at 32^3", or "not recorded" where a run recorded neither."""
+    mods, size = model.get("modalities"), model.get("size")
+    if mods is None and size is None:
+        return "not recorded"
+    channels = f"{len(mods)} channel(s) {','.join(map(str, mods))}" if isinstance(mods, list) else str(mods)
+    return f"{channels} at {size if size is not None else '?'}^3"
+
+
+# ---------------------------------------------------------------------------------------- the default folder
+def default_results_dir(preset: str | None = None, config_file: str | None = None, **overrides) -> Path:
+    """The results folder of a configuration: its output_dir (given in a config file, else results/<network> of its
+    model and depth). With nothing given, the seeds' results/ResNet50-3D. `cv` and `train` write there; `summarize`,
+    `predict` and `validate` read there when no folder is named."""
+    from gliograde.config import resolve
+
+    return Path(resolve(preset or "final", config_file, **overrides).output_dir)
+
+
+def require_results_dir(path: Path, flag: str) -> Path:
+    """A default results folder that exists, else one line saying which results/<network> folders do."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    others = sorted(d for d in path.parent.glob("*") if d != path and (d / "runs").is_dir())
+    hint = f"train it first (gliograde cv), or name a results folder with {flag}"
+    if len(others) == 1:
+        hint = (f"{others[0]} does: pass {flag} {others[0]}, or the --preset/--model/--depth/--config it was trained "
+                "with")  # fmt: skip
+    elif others:
+        hint = f"{', '.join(map(str, others))} do: name one with {flag}"
+    raise SummaryError(f"{flag} {path} (the default of this configuration) does not exist; {hint}")
+
+
+def threshold_of(runs: list[FoldRun]) -> np.ndarray | float:
+    """Each patient's own fold's decision threshold (fitted on that fold's selection part), in pooled order."""
+    if all("threshold" not in r.final for r in runs):
+        return 0.5
+    return np.concatenate([np.full(len(r.ids), float(r.final.get("threshold", 0.5))) for r in runs])
+
+
+def fold_row(r: FoldRun) -> dict:
+    """One fold's row, its metrics recomputed from its saved predictions at its own threshold (so that a grade the
+    fold lacks reads NaN in runs written before that rule too)."""
+    f = r.final
+    threshold = f.get("threshold", 0.5)
+    m = compute_metrics(r.labels, r.probs, threshold)
+    row = {
+        "repeat": r.repeat,
+        "fold": r.fold,
+        "run": str(r.run_dir),
+        "checkpoint": f.get("checkpoint"),
+        "best_epoch": f.get("best_epoch"),
+        "n": len(r.ids),
+        "n_hgg": int(np.sum(r.labels == 1)),
+        "n_lgg": int(np.sum(r.labels == 0)),
+        "threshold": threshold,
+        **{k: float(m[k]) for k in summarized_names()},  # the table of metrics (evaluation/metrics.py)
+    }
+    c = stats.auc_ci_or_reason(r.labels, r.probs)
+    row["auc_ci95"] = [c["ci_low"], c["ci_high"]] if "ci_low" in c else None
+    row["auc_ci_method"] = "Newcombe (2006) score, method 5" if "ci_low" in c else c.get("error")
+    d = stats.delong_or_reason(r.labels, r.probs)
+    ok = "ci_low" in d and not d.get("degenerate")
+    row["auc_ci95_delong"] = [d["ci_low"], d["ci_high"]] if ok else None  # reference only; null where it collapses
+    row["brier"] = stats.brier(r.labels, r.probs)
+    row["ece"] = stats.ece(r.labels, r.probs)
+    return row

@@ -8,7 +8,7 @@ CPU from an explicit generator, so a run is reproducible (and resumable) whateve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,14 @@ class AugmentParams:
     scale_range: float = 0.1  # zoom factor drawn from [1 - r, 1 + r]
     intensity_scale: float = 0.1  # per channel, multiply by [1 - r, 1 + r]
     intensity_shift: float = 0.1  # per channel, add [-r, r] (in z-score units)
+
+    @classmethod
+    def from_config(cls, cfg) -> AugmentParams | None:
+        """The augmentation a configuration asks for, read field by field (a parameter added here is read from the
+        configuration key of the same name; one it lacks keeps this default); None where `cfg.augment` is off."""
+        if not getattr(cfg, "augment", True):
+            return None
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:

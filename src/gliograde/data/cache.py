@@ -32,6 +32,7 @@ from gliograde import MODALITIES, __version__
 from gliograde.data.brats import Case, Discovery, discover_cases
 from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case
 from gliograde.errors import DataError
+from gliograde.files import json_safe
 
 VOLUMES, CASES, GEOMETRY, MANIFEST = "volumes.npy", "cases.csv", "geometry.json", "manifest.json"
 
@@ -100,6 +101,20 @@ def open_cache(path: str | Path) -> VolumeCache:
 def default_cache_path(data_root: str | Path, size: int, cache_dir: str | Path = "cache") -> Path:
     """Where `prepare` puts a cache when no --out is given: ./cache/<data root name>-s<size>."""
     return Path(cache_dir) / f"{Path(data_root).expanduser().resolve().name}-s{size}"
+
+
+def other_caches(data_root: str | Path, cache_dir: str | Path, size: int) -> list[Path]:
+    """The caches under cache_dir made from data_root at a size other than `size` (by their manifests), by name."""
+    root = Path(data_root).expanduser().resolve()
+    found = []
+    for manifest in sorted(Path(cache_dir).glob(f"{root.name}-s*/{MANIFEST}")):
+        try:
+            made = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if made.get("data_root") == str(root) and (made.get("params") or {}).get("size") != size:
+            found.append(manifest.parent)
+    return found
 
 
 def _sources(cases: list[Case], root: Path) -> list[dict]:
@@ -204,12 +219,13 @@ def prepare_cache(
     """Build (or reuse) the cache of every case under `data_root`.
 
     A case whose files cannot be preprocessed is an error naming the file, or with `skip_incomplete` a
-    skipped case listed in `PrepareResult.failed` and in the manifest.
+    skipped case listed in `PrepareResult.failed` and in the manifest. Files whose headers are unreadable, whose
+    data is truncated or whose grids differ are named by the scan, before any case is preprocessed.
     """
     if size < 8:
         raise DataError(f"--size {size} is too small; use at least 8 (128 is the default)")
     root = Path(data_root).expanduser().resolve()
-    discovery = discover_cases(root, skip_incomplete=skip_incomplete)
+    discovery = discover_cases(root, skip_incomplete=skip_incomplete)  # headers read once a process: cheap again
     out = Path(out) if out is not None else default_cache_path(root, size)
     params, sources = _params(size, margin, skip_incomplete), _sources(discovery.cases, root)
     if out.exists():
@@ -262,7 +278,7 @@ def prepare_cache(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 3),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / MANIFEST).write_text(json.dumps(json_safe(manifest), indent=2, allow_nan=False))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -275,7 +291,7 @@ def _write_tables(folder: Path, cases: list[Case], geometry: dict[str, dict]) ->
         writer = csv.writer(f)
         writer.writerow(["id", "grade", "label", "site"])
         writer.writerows([c.id, c.grade, c.label, c.site] for c in cases)
-    (folder / GEOMETRY).write_text(json.dumps(geometry))
+    (folder / GEOMETRY).write_text(json.dumps(json_safe(geometry), allow_nan=False))
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

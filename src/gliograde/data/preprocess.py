@@ -22,7 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from gliograde.data.brats import Case
+from gliograde.data.brats import Case, grid_difference
 from gliograde.errors import DataError
 
 PREPROCESS_VERSION = 1  # bump whenever the output of `preprocess_case` changes: caches are then rebuilt
@@ -175,12 +175,13 @@ def load_case(case: Case) -> tuple[np.ndarray, nib.Nifti1Image]:
         data, img = load_volume(path)
         if ref is None:
             ref, ref_path = img, path
-        elif img.shape != ref.shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
-            raise DataError(
-                f"case {case.id}: {Path(path).name} ({modality}) has shape {img.shape} and affine "
-                f"{np.round(img.affine, 3).tolist()}, but {Path(ref_path).name} has shape {ref.shape} and affine "
-                f"{np.round(ref.affine, 3).tolist()}; the four modalities must share one voxel grid"
-            )
+        else:
+            diff = grid_difference(img.shape, img.affine, ref.shape, ref.affine)
+            if diff:
+                raise DataError(  # named by its path like every image fault here: callers add the case's name
+                    f"{path} ({modality}) and {Path(ref_path).name} are not on one voxel grid ({diff}); the four "
+                    "modalities must share one voxel grid"
+                )
         volumes.append(data)
     return np.stack(volumes), ref
 

@@ -14,7 +14,7 @@ entropies are averaged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -124,27 +124,6 @@ def select_volume_slices(
     """`select_slices` on one volume, with the slices that contain brain as candidates."""
     counts = brain_slice_counts(volume)
     return select_slices(slice_entropy(volume, channel, bins), k, min_gap, brain=counts > 0)
-
-
-def selection_record(
-    ids: Iterable[str],
-    volumes: Iterable[np.ndarray | torch.Tensor],
-    k: int = 16,
-    min_gap: int = 0,
-    channel: int | None = None,
-    bins: int = 64,
-) -> dict[str, list[int]]:
-    """{case id: sorted slice indices} for persisting and auditing a selection (JSON-ready)."""
-    ids, volumes = list(ids), list(volumes)
-    if len(ids) != len(volumes):
-        raise ValueError(f"{len(ids)} ids for {len(volumes)} volumes")
-    record = {}
-    for case, vol in zip(ids, volumes, strict=True):
-        try:
-            record[str(case)] = [int(i) for i in select_volume_slices(vol, k, min_gap, channel, bins)]
-        except ValueError as e:
-            raise ValueError(f"case {case}: {e}") from e
-    return record
 
 
 def check_bag_sizes(cache, rows, channels: list[int], k: int, log) -> None:

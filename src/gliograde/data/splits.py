@@ -161,6 +161,12 @@ def needed_per_grade(k: int) -> int:
     return n
 
 
+def largest_k(counts: dict[str, int], upto: int) -> int | None:
+    """The largest K <= upto that stratified folds with an inner split can make from these patients per grade (None:
+    none can; `needed_per_grade` is not monotone: 3 folds need 3 of each grade, 2 folds 4)."""
+    return next((k for k in range(upto, 1, -1) if all(n >= needed_per_grade(k) for n in counts.values())), None)
+
+
 def _check_groupable(table: dict, k: int) -> None:
     holding = {g: [s for s, c in table.items() if c[g]] for g in ("LGG", "HGG")}
     largest = min(len(v) for v in holding.values())
@@ -425,6 +431,72 @@ def _upgrade_v1(old: dict, cache: VolumeCache, inner_fraction: float) -> dict:
     )
 
 
+# ----------------------------------------------------------------------------------------------- planning
+@dataclass
+class SplitPlan:
+    """The split a cache will hold, decided from its case list before anything is preprocessed."""
+
+    spec: SplitSpec  # every setting filled in: what to ask of folds_for_cache
+    folds: dict  # the folds document that folds_for_cache will then hold
+    source: str  # where K comes from, for messages: "the saved split PATH", "the default", ...
+    notes: list[str]  # what was adapted, and why (said, and recorded in the runs' config.json)
+
+
+def split_spec(cfg) -> SplitSpec:
+    """What a training configuration asks of the split (None: not asked; the saved folds.json decides)."""
+    return SplitSpec(cfg.folds, cfg.split_seed, cfg.repeats, cfg.group_by, cfg.leave_site_out, cfg.inner_fraction)
+
+
+def spec_of(folds: dict) -> SplitSpec:
+    """Every setting of a saved split, as a SplitSpec."""
+    held = _held(folds)
+    return SplitSpec(held["k"], held["seed"], held["repeats"], held["group_by"], held["leave_site_out"],
+                     held.get("inner_fraction"))  # fmt: skip
+
+
+def plan_split(ids, labels, sites, spec: SplitSpec, saved: tuple[Path, dict] | None = None) -> SplitPlan:
+    """The split of these patients: `saved` (a folds.json of these very cases: the truth, the settings asked checked
+    against it), else a new one. For a new one, K not asked (spec.k None) that the smaller grade cannot hold
+    becomes the largest K it can, said in the notes ("4 LGG: 4 folds"); an asked K that cannot work is a DataError
+    that says what to pass. Cheap (no volume is read): run it before preprocessing."""
+    if saved is not None and sorted(saved[1]["case_ids"]) == sorted(ids):
+        check_asked(saved[1], spec, saved[0])
+        return SplitPlan(spec_of(saved[1]), saved[1], f"the saved split {saved[0]}", [])
+    labels = np.asarray(labels).astype(int)
+    r = spec.resolved(n_sites=len({str(s) for s in sites}))
+    source, notes = ("--folds" if spec.k is not None else "the default"), []
+    if not (r.leave_site_out or r.group_by == "site"):  # grouped splits refuse in make_folds, also before preprocessing
+        counts = {GRADES[c]: int((labels == c).sum()) for c in (1, 0)}
+        k, why = _fit_k(counts, r.k, asked=spec.k is not None)
+        if k != r.k:
+            r = SplitSpec(k, r.seed, r.repeats, r.group_by, r.leave_site_out, r.inner_fraction)
+            source, notes = f"adapted: {why}", [why]
+    folds = make_folds(ids, labels, r.k, r.seed, repeats=r.repeats, group_by=r.group_by,
+                       leave_site_out=r.leave_site_out, inner_fraction=r.inner_fraction, sites=sites)  # fmt: skip
+    return SplitPlan(r, folds, source, notes)
+
+
+def _fit_k(counts: dict[str, int], k: int, asked: bool) -> tuple[int, str]:
+    """(K, why) for stratified folds with an inner split: k itself where every grade holds it; else, where k was not
+    asked, the largest K that fits; else a DataError that says what to pass."""
+    needed = needed_per_grade(k)
+    short = {g: n for g, n in counts.items() if n < needed}
+    if not short:
+        return k, ""
+    g, n = min(short.items(), key=lambda item: item[1])
+    fit = largest_k(counts, max(k, 3))  # 2 folds need more patients than 3 do
+    rule = (f"{k} stratified folds with an inner selection split need at least {needed} patients of each grade "
+            f"(each fold validates one; each training part keeps {MIN_TRAIN_PER_GRADE}: one to select with, one to "
+            "fit)")  # fmt: skip
+    if fit is None:
+        least = min(needed_per_grade(j) for j in (2, 3))
+        raise DataError(f"{g} has {n} case(s): cross-validation with an inner selection split needs at least {least} "
+                        f"patients of each grade; add {g} cases")  # fmt: skip
+    if asked:
+        raise DataError(f"--folds {k}: {g} has {n} case(s), but {rule}; pass --folds {fit}")
+    return fit, f"{n} {g}: {fit} folds (the default {k} needs at least {needed} patients of each grade)"
+
+
 # ----------------------------------------------------------------------------------------------- the file
 def _held(folds: dict) -> dict:
     """The settings a loaded folds file was made with (None: a version 1 file has no inner split yet)."""
@@ -565,12 +637,6 @@ def _rows(cache: VolumeCache, case_ids) -> np.ndarray:
     if missing:
         raise DataError(f"the folds name case(s) the cache {cache.path} does not hold: {missing[:5]}")
     return np.array([row[c] for c in case_ids], dtype=np.int64)
-
-
-def fold_indices(cache: VolumeCache, folds: dict, fold: int, repeat: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of the training and validation patients of `fold` (of `repeat`) in the cache."""
-    split = _entry(folds, fold, repeat)
-    return _rows(cache, split["train"]), _rows(cache, split["val"])
 
 
 def fold_split(cache: VolumeCache, folds: dict, fold: int, repeat: int = 0) -> FoldSplit:

@@ -40,7 +40,7 @@ class OperatingPoint:
     def apply(self, probs) -> np.ndarray:
         """Raw softmax P(HGG) -> corrected, calibrated P(HGG): one shift and one scale of the float64 logit, no
         clipping, so distinct probabilities stay distinct and in order (the AUC is the raw probabilities')."""
-        p = stats._prob_array(np.asarray(probs, dtype=np.float64))
+        p = stats.prob_array(np.asarray(probs, dtype=np.float64))
         for name in ("train_prior", "sampled_prior"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie strictly in (0, 1), got {getattr(self, name)}")

@@ -44,6 +44,7 @@ from gliograde.evaluation import stats
 from gliograde.evaluation.plots import save_figure
 from gliograde.files import json_safe, new_stamped_dir, write_json, write_text_atomic
 from gliograde.runs import FoldRun, SummaryError, find_runs
+from gliograde.templates import fixed, pvalue, render
 
 SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
 # settings that decide which patient lands in which fold; "repeats" only says how many repeats there are, and
@@ -340,15 +341,10 @@ def corrected_ttest(rows: list[dict], n_total: int, n_repeats: int) -> tuple[dic
 
 
 def _fmt(x, digits: int = 3, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+    return fixed(x, digits, sign)
 
 
-def _p(p) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "= n/a"
-    return f"= {p:.2g}" if p >= 0.001 else "< 0.001"
+_p = pvalue  # "= 0.27", "< 0.001"
 
 
 def verdict(d: dict, a: str = "A", b: str = "B") -> str:
@@ -459,88 +455,58 @@ def _auc_cell(d: dict) -> str:
     return f"{_fmt(d['auc'])} ({_fmt(d['ci_low'])}-{_fmt(d['ci_high'])})"
 
 
+def test_rows(pr: dict) -> list[list[str]]:
+    """The "| | value |" table of one pair: the patients, both AUCs and every paired test."""
+    d, bs, mc, t = pr["delong"], pr["bootstrap"], pr["mcnemar"], pr["corrected_ttest"]
+    extra = f" (repeat {pr['headline_repeat']})" if len(pr["repeats"]) > 1 else ""
+    rows = [
+        [f"patients{extra}", f"{pr['n']} ({pr['n_hgg']} HGG, {pr['n_lgg']} LGG), K = {pr['k']}, fold sizes "
+                             f"{pr['fold_sizes']}"],
+        ["protocol A / B", f"{pr['protocol_a']} / {pr['protocol_b']}"],
+        ["AUC A (95 % CI, Newcombe)", _auc_cell(pr["auc_a"])],
+        ["AUC B (95 % CI, Newcombe)", _auc_cell(pr["auc_b"])],
+    ]  # fmt: skip
+    if "error" in d:
+        rows.append(["paired DeLong", d["error"]])
+    else:
+        rows.append(["B - A, paired DeLong", f"{_fmt(d['delta'], sign=True)} (95 % CI {_fmt(d['ci_low'], sign=True)} "
+                     f"to {_fmt(d['ci_high'], sign=True)}), p {pvalue(d['p_value'])}"])  # fmt: skip
+    if "error" in bs:
+        rows.append(["B - A, paired bootstrap", bs["error"]])
+    else:
+        rows.append(["B - A, paired bootstrap", f"95 % CI {_fmt(bs['ci_low'], sign=True)} to "
+                     f"{_fmt(bs['ci_high'], sign=True)}, p {pvalue(bs['p_value'])} ({bs['n_boot']} resamples, seed "
+                     f"{bs['seed']})"])  # fmt: skip
+    rows.append(["McNemar (exact), decisions at each run's threshold", f"A right & B wrong: {mc['b']}, A wrong & B "
+                 f"right: {mc['c']}, p {pvalue(mc['p_value'])}; accuracy A {_fmt(mc['accuracy_a'])}, B "
+                 f"{_fmt(mc['accuracy_b'])}"])  # fmt: skip
+    if t:
+        rows.append([f"corrected resampled t-test over {t['J']} (repeat, fold)", f"mean B - A "
+                     f"{_fmt(t['mean'], sign=True)}, t = {_fmt(t['t'], 2)}, df = {t['df']}, p {pvalue(t['p_value'])} "
+                     f"(n_train {t['n_train']}, n_test {t['n_test']})"])  # fmt: skip
+    else:
+        rows.append(["corrected resampled t-test", pr["corrected_ttest_note"].split(": ", 1)[-1]])
+    return rows
+
+
+def pair_tables(pr: dict) -> dict:
+    """One pair of compare.md: its record and its three tables (the per-repeat one only with two or more)."""
+    repeats = [
+        [r["repeat"], _auc_cell(r["auc_a"]), _auc_cell(r["auc_b"]), _fmt(r["delong"].get("delta"), sign=True),
+         pvalue(r["delong"].get("p_value")).removeprefix("= ")]
+        for r in pr["per_repeat"]
+    ]  # fmt: skip
+    folds = [
+        [r["repeat"], r["fold"], r["n_test"], _fmt(r["auc_a"]), _fmt(r["auc_b"]), _fmt(r["diff"], sign=True)]
+        for r in pr["per_fold"]
+    ]
+    return {**pr, "tests": test_rows(pr), "repeats": repeats if len(pr["per_repeat"]) > 1 else [], "folds": folds}
+
+
 def markdown(report: dict) -> str:
-    md = ["# Paired comparison of cross-validation results", ""]
-    md += [
-        f"- **{s['name']}**: `{s['path']}` (K = {s['k']}, protocol {s['protocol']}, repeats {s['repeats']})"
-        + (f"; not recorded: {', '.join(s['missing'])}" if s["missing"] else "")
-        for s in report["sides"]
-    ]
-    md += ["", "Every test is paired: the same patients, held out by the same folds, scored by both sides.", ""]
-    for pr in report["pairs"]:
-        a, b = pr["name_a"], pr["name_b"]
-        md += [f"## {b} vs {a}", "", f"A: `{pr['a']}`; B: `{pr['b']}`.", ""]
-        for w in pr["warnings"]:
-            md += [f"> **Warning.** {w}", ""]
-        md += [f"**Verdict.** {pr['verdict']}.", ""]
-        d, bs, mc = pr["delong"], pr["bootstrap"], pr["mcnemar"]
-        extra = f" (repeat {pr['headline_repeat']})" if len(pr["repeats"]) > 1 else ""
-        md += [
-            "| | value |",
-            "|---|---|",
-            f"| patients{extra} | {pr['n']} ({pr['n_hgg']} HGG, {pr['n_lgg']} LGG), K = {pr['k']}, fold sizes "
-            f"{pr['fold_sizes']} |",
-            f"| protocol A / B | {pr['protocol_a']} / {pr['protocol_b']} |",
-            f"| AUC A (95 % CI, Newcombe) | {_auc_cell(pr['auc_a'])} |",
-            f"| AUC B (95 % CI, Newcombe) | {_auc_cell(pr['auc_b'])} |",
-        ]
-        if "error" in d:
-            md.append(f"| paired DeLong | {d['error']} |")
-        else:
-            md.append(
-                f"| B - A, paired DeLong | {_fmt(d['delta'], sign=True)} (95 % CI {_fmt(d['ci_low'], sign=True)} to "
-                f"{_fmt(d['ci_high'], sign=True)}), p {_p(d['p_value'])} |"
-            )
-        if "error" in bs:
-            md.append(f"| B - A, paired bootstrap | {bs['error']} |")
-        else:
-            md.append(
-                f"| B - A, paired bootstrap | 95 % CI {_fmt(bs['ci_low'], sign=True)} to "
-                f"{_fmt(bs['ci_high'], sign=True)}, p {_p(bs['p_value'])} ({bs['n_boot']} resamples, seed "
-                f"{bs['seed']}) |"
-            )
-        md.append(
-            f"| McNemar (exact), decisions at each run's threshold | A right & B wrong: {mc['b']}, A wrong & B right: "
-            f"{mc['c']}, p {_p(mc['p_value'])}; accuracy A {_fmt(mc['accuracy_a'])}, B {_fmt(mc['accuracy_b'])} |"
-        )
-        t = pr["corrected_ttest"]
-        if t:
-            md.append(
-                f"| corrected resampled t-test over {t['J']} (repeat, fold) | mean B - A {_fmt(t['mean'], sign=True)}"
-                f", t = {_fmt(t['t'], 2)}, df = {t['df']}, p {_p(t['p_value'])} (n_train {t['n_train']}, n_test "
-                f"{t['n_test']}) |"
-            )
-        else:
-            md.append(f"| corrected resampled t-test | {pr['corrected_ttest_note'].split(': ', 1)[-1]} |")
-        md.append("")
-        if len(pr["per_repeat"]) > 1:
-            md += ["| repeat | AUC A | AUC B | B - A | DeLong p |", "|---|---|---|---|---|"]
-            for r in pr["per_repeat"]:
-                dd = r["delong"]
-                md.append(
-                    f"| {r['repeat']} | {_auc_cell(r['auc_a'])} | {_auc_cell(r['auc_b'])} | "
-                    f"{_fmt(dd.get('delta'), sign=True)} | {_p(dd.get('p_value')).removeprefix('= ')} |"
-                )
-            md.append("")
-        md += ["| repeat | fold | patients | AUC A | AUC B | B - A |", "|---|---|---|---|---|---|"]
-        md += [
-            f"| {r['repeat']} | {r['fold']} | {r['n_test']} | {_fmt(r['auc_a'])} | {_fmt(r['auc_b'])} | "
-            f"{_fmt(r['diff'], sign=True)} |"
-            for r in pr["per_fold"]
-        ]
-        md.append("")
-    md += [
-        "## Tests",
-        "",
-        f"- Each side's AUC interval: {stats.AUC_CI_METHOD}.",
-        "- Paired DeLong: AUC difference with the covariance of the two AUCs over the same patients.",
-        "- Paired stratified bootstrap: the same resampled patients score A and B (percentile interval).",
-        "- Exact McNemar: binomial test on the patients exactly one side classifies correctly.",
-        "- Corrected resampled t-test (Nadeau & Bengio 2003): per-(repeat, fold) AUC differences, variance "
-        "inflated by n_test / n_train because the folds' training sets overlap; only with two or more repeats.",
-        "",
-    ]
-    return "\n".join(md)
+    """compare.md (templates/compare.md.j2) of a comparison record."""
+    pairs = [pair_tables(pr) for pr in report["pairs"]]
+    return render("compare.md.j2", r=report, pairs=pairs, auc_ci_method=stats.AUC_CI_METHOD)
 
 
 def compare(results: list[str | Path], out: str | Path | None = None, n_boot: int = 2000, seed: int = 0) -> dict:

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from gliograde import runtime
+from gliograde.checkpoints import load_checkpoint, select_checkpoint
 from gliograde.config import load_run_config, with_split
-from gliograde.data.loader import CacheDataset, make_val_loader
+from gliograde.data.loader_path import CacheDataset, make_val_loader
 from gliograde.data.source import load_data
 from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
@@ -26,7 +27,7 @@ from gliograde.evaluation import plots
 from gliograde.evaluation.calibration import OperatingPoint, fit_operating_point
 from gliograde.evaluation.scoring import evaluate_checkpoint, model_from_checkpoint
 from gliograde.files import new_stamped_dir, write_json
-from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
+from gliograde.runs import run_environment
 from gliograde.training.losses import make_loss
 
 log = logging.getLogger("gliograde")
@@ -39,7 +40,7 @@ class EvaluationError(GliogradeError):
 def attention_check(run_dir: Path, checkpoint: str, cache, rows, channels, device, layer: str, out: Path) -> dict:
     """Grad-CAM of the evaluated checkpoint against the tumour masks of the reported cases; the summary is returned,
     the per-case figures go to out/attention.json."""
-    from gliograde.inference.attention import attention_report
+    from gliograde.evaluation.attention import attention_report
 
     path = run_dir / "checkpoints" / checkpoint
     model = model_from_checkpoint(load_checkpoint(path), path, "resnet3d").to(device)
@@ -75,15 +76,6 @@ def read_final(run_dir: Path) -> dict:
 class Evaluation:
     out_dir: Path
     metrics: dict
-
-
-def run_environment(run_dir: Path) -> dict:
-    """The environment a run recorded in its config.json (device, precision, ...); {} for a run without one."""
-    path = Path(run_dir) / "config" / "config.json"
-    try:
-        return json.loads(path.read_text()).get("environment") or {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _run_data(cfg, run_dir: Path, cache_dir: str | None):
@@ -191,7 +183,7 @@ def evaluate_run(
     loader = make_val_loader(CacheDataset(cache, val_rows, channels), cfg.batch_size, 0, device.type == "cuda")
     train_rows = split.fit if cfg.selection == "inner" else split.train
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
-    loss_fn = make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device)  # unweighted: DRW weights are not replayed
+    loss_fn = make_loss(cfg, counts, f"{run_dir}: the run's loss").to(device)  # unweighted: DRW is not replayed
     final = evaluate_checkpoint(
         run_dir / "checkpoints",
         cfg.ema_decay > 0,
@@ -200,11 +192,11 @@ def evaluate_run(
         decided,
         loss_fn,
         policy,
-        logit_scale=float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0,
         point=None if refit else point,
         expected=cfg.model,
+        # inner: the checkpoint's stored AUC belongs to the selection part, so it is re-checked there (like with like)
         select_loader=make_val_loader(CacheDataset(cache, split.select, channels), cfg.batch_size, 0, False)
-        if refit
+        if cfg.selection == "inner"
         else None,
         fit_point=(
             lambda labels, raw: fit_operating_point(

@@ -8,11 +8,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from gliograde import GRADES
+from gliograde.evaluation.metrics import METRICS
+
+# legend text in points: report.html shows a figure at about half its pixel width, where 8 pt was unreadable
+LEGEND_FONTSIZE = 11
+
+
+def readable_legend(target: Figure | Axes, **kw) -> Figure | Axes:
+    """(Re)draw the legend of an Axes, or of each labelled Axes of a Figure, at LEGEND_FONTSIZE; returns target."""
+    for ax in target.axes if isinstance(target, Figure) else [target]:
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=LEGEND_FONTSIZE, **kw)
+    return target
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 100, tight: bool = True) -> None:
@@ -35,7 +48,7 @@ def loss_curve(history: list[dict], path: Path, loss_name: str) -> None:
     if drw:
         ax.axvline(drw[0], color="grey", ls="--", label="DRW on")
     ax.set(xlabel="epoch", ylabel=f"{loss_name} loss", title=f"{loss_name} loss")
-    ax.legend()
+    readable_legend(ax)
     save_figure(fig, path)
 
 
@@ -46,19 +59,19 @@ def learning_curves(history: list[dict], path: Path, loss_name: str) -> None:
     axes[0, 0].plot(e, [h["train_loss"] for h in history], label="train")
     axes[0, 0].plot(e, [h["val_loss"] for h in history], label="validation")
     axes[0, 0].set(title=f"{loss_name} loss", xlabel="epoch")
-    for key in ("auc", "f1", "accuracy", "balanced_accuracy"):
-        axes[0, 1].plot(e, [h[f"val_{key}"] for h in history], label=key)
+    panels = {"validation": axes[0, 1], "per class": axes[1, 0]}  # the metrics' own panels (evaluation/metrics.py)
+    for spec in METRICS.values():
+        if spec.panel in panels:
+            panels[spec.panel].plot(e, [h.get(f"val_{spec.name}", np.nan) for h in history],
+                                    label=spec.plot_label or spec.name)  # fmt: skip
     if any("ema_val_auc" in h for h in history):
         axes[0, 1].plot(e, [h.get("ema_val_auc", np.nan) for h in history], "--", label="auc (EMA)")
     axes[0, 1].set(title="validation", xlabel="epoch", ylim=(0, 1.02))
-    axes[1, 0].plot(e, [h["val_sensitivity"] for h in history], label="sensitivity (HGG)")
-    axes[1, 0].plot(e, [h["val_specificity"] for h in history], label="specificity (LGG)")
     axes[1, 0].set(title="validation per class", xlabel="epoch", ylim=(0, 1.02))
     axes[1, 1].plot(e, [h["lr_backbone"] for h in history], label="backbone")
     axes[1, 1].plot(e, [h["lr_head"] for h in history], label="classifier")
     axes[1, 1].set(title="learning rate (end of epoch)", xlabel="epoch")
-    for ax in axes.flat:
-        ax.legend(fontsize=8)
+    readable_legend(fig)
     save_figure(fig, path)
 
 
@@ -92,7 +105,7 @@ def roc(labels, probs, path: Path, title: str, auc: float) -> None:
         ax.plot(fpr, tpr, label=f"AUC = {auc:.4f}")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity (HGG)", title=title)
-    ax.legend(loc="lower right")
+    readable_legend(ax, loc="lower right")
     save_figure(fig, path)
 
 
@@ -104,7 +117,7 @@ def pr(labels, probs, path: Path, title: str) -> None:
         ax.plot(recall, precision)
         ax.axhline(np.mean(labels), color="grey", ls=":", label="prevalence of HGG")
     ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title=title, ylim=(0, 1.02))
-    ax.legend(loc="lower left")
+    readable_legend(ax, loc="lower left")
     save_figure(fig, path)
 
 

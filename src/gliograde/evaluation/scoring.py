@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from contextlib import nullcontext
@@ -12,16 +11,16 @@ import numpy as np
 import torch
 
 from gliograde import GRADES, runtime
+from gliograde.checkpoints import CheckpointError, checkpoint_logit_scale, load_checkpoint, select_checkpoint
 from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.metrics import compute_metrics
-from gliograde.networks.resnet3d import ResNet3D
-from gliograde.training.checkpoints import CheckpointError, load_checkpoint, select_checkpoint
+from gliograde.networks import ArchitectureError, build_from_description
 
 log = logging.getLogger("gliograde")
 
 
 @torch.no_grad()
-def predict(
+def score_loader(
     model, loader, device, dtype, loss_fn, logit_scale: float = 1.0, collect: list | None = None,
     allow_empty: bool = False,
 ) -> tuple[float, np.ndarray, np.ndarray]:
@@ -46,31 +45,24 @@ def predict(
     if not probs:
         if allow_empty:
             return math.nan, np.empty(0, np.float32), np.empty(0, np.int64)
-        raise ValueError("predict: the loader yielded no batches")
+        raise ValueError("score_loader: the loader yielded no batches")
     return float(total) / max(n, 1), torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
-def model_from_checkpoint(ckpt: dict, path: Path, expected: str | None = None) -> ResNet3D:
-    """The network a gliograde checkpoint describes (its `arch` record), with its weights, in eval mode.
-    `expected`: the model kind (resnet3d | mil2d) the caller needs; another kind is an error naming both."""
+def model_from_checkpoint(ckpt: dict, path: Path, expected: str | None = None) -> torch.nn.Module:
+    """The network a gliograde checkpoint describes (its `arch` record, built through the table of architectures),
+    with its weights, in eval mode. `expected`: the architecture (resnet3d | mil2d) the caller needs; another is an
+    error naming both. A description that cannot be rebuilt is one line naming what differs."""
     arch = ckpt.get("arch")
     if not isinstance(arch, dict):
         raise CheckpointError(f"{path} has no architecture record; it was not written by gliograde's trainer")
     kind = arch.get("model", "resnet3d")
     if expected is not None and kind != expected:
         raise CheckpointError(f"{path} holds a {kind} model, but a {expected} model was asked for")
-    if arch.get("model", "resnet3d") == "mil2d":
-        from gliograde.networks.mil import MILResNet2D
-
-        model = MILResNet2D(arch["depth"], arch["in_channels"], arch["num_classes"], arch["k"], arch["pooling"],
-                            arch.get("dropout", 0.0), arch.get("min_gap", 0),
-                            entropy_channel=arch.get("entropy_channel"))  # fmt: skip
-    else:
-        model = ResNet3D(arch["depth"], arch["in_channels"], arch["num_classes"], arch["shortcut"], arch["layout"])
     try:
-        model.load_state_dict(ckpt["model_state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit its own recorded architecture: {e}") from e
+        model = build_from_description(arch, ckpt["model_state_dict"])
+    except ArchitectureError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return model.eval()
 
 
@@ -83,7 +75,6 @@ def evaluate_checkpoint(
     loss_fn,
     policy: str = "auto",
     *,
-    logit_scale: float = 1.0,
     point: OperatingPoint | None = None,
     select_loader=None,
     fit_point=None,
@@ -93,11 +84,12 @@ def evaluate_checkpoint(
 
     `precision` is a decided `runtime.Precision` (training's, or the run's own reused by `evaluate`), or a
     (--precision, --amp) request decided here by `runtime.decide_precision`.
+    `select_loader`: the patients the checkpoint was selected on (the selection part under inner selection; None
+    under outer, where they are the reported fold). The checkpoint's stored AUC is re-checked there, like with like.
     The operating point (prior correction, temperature, threshold) is `point`, or `fit_point(labels, raw_probs)` on
     the predictions of `select_loader` (inner selection: fitted on the selection part, never on the reported fold).
-    The stored AUC of the checkpoint is re-checked on the set it was selected on (the selection part with inner,
-    the reported fold with outer). The result holds every metric at the operating point, the operating point, the
-    precision record, plus `_probs` (calibrated), `_raw_probs` and `_labels` (arrays, for the caller).
+    The result holds every metric at the operating point, the operating point, the precision record,
+    plus `_probs` (calibrated), `_raw_probs` and `_labels` (arrays, for the caller).
     """
     path = select_checkpoint(checkpoints_dir, policy, ema_enabled=ema_enabled)
     ckpt = load_checkpoint(path, map_location="cpu")
@@ -110,24 +102,25 @@ def evaluate_checkpoint(
         stored if stored is not None else math.nan,
     )
     model = model_from_checkpoint(ckpt, path, expected).to(device)
-    batches = iter(val_loader)  # may be one-shot (the device path's generator): the first batch is put back
-    first = next(batches)
+    logit_scale = checkpoint_logit_scale(ckpt)  # the loss's, as the checkpoint recorded it
     # decided already (training's decision, or the run's own reused by `evaluate`), or by the rule for this device
     decided = precision if isinstance(precision, runtime.Precision) else runtime.decide_precision(*precision, device)
     dtype = decided.dtype
     recheck = None
     if select_loader is not None:
-        _, sel_probs, sel_labels = predict(model, select_loader, device, dtype, loss_fn, logit_scale)
+        _, sel_probs, sel_labels = score_loader(model, select_loader, device, dtype, loss_fn, logit_scale)
         recheck = compute_metrics(sel_labels, sel_probs)["auc"]
-        point = fit_point(sel_labels, sel_probs)
+        if point is None and fit_point is not None:
+            point = fit_point(sel_labels, sel_probs)
     bags: list | None = [] if hasattr(model, "last_attention") else None  # MIL: which slices, how much weight
-    loss, raw, labels = predict(model, itertools.chain([first], batches), device, dtype, loss_fn, logit_scale, bags)
+    loss, raw, labels = score_loader(model, val_loader, device, dtype, loss_fn, logit_scale, bags)
     if recheck is None:
         recheck = compute_metrics(labels, raw)["auc"]
     if stored is not None and not math.isnan(stored) and abs(recheck - stored) > 0.01:
         log.warning(
-            "Re-scored AUC %.4f differs from the checkpoint's stored AUC %.4f by more than 0.01", recheck, stored
-        )
+            "Re-scored AUC %.4f on the %s differs from the checkpoint's stored AUC %.4f there by more than 0.01",
+            recheck, "selection part" if select_loader is not None else "reported fold", stored,
+        )  # fmt: skip
     point = point or OperatingPoint(0.5, 0.5)
     probs = point.apply(raw)
     m = compute_metrics(labels, probs, point.threshold)

@@ -13,11 +13,15 @@ Protocols:
 - "outer": fitted on all of the fold's `train` patients, threshold 0.5.
 
 A folds file without inner splits (old schema) makes "inner" fall back to "outer", said so in the result.
+
+The site audit (`site_audit`, `site_warning`): how many patients sit in a site that holds a single grade, for whom
+the site alone predicts the grade (`summarize` and `validate` both report it).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -28,6 +32,7 @@ from gliograde.data.brats import UNKNOWN_SITE, site_of
 from gliograde.errors import DataError
 
 PROTOCOLS = ("inner", "outer")
+MIXED_COHORT = "2013"  # the BraTS 2013 cases: the one site of BraTS 2018 with both grades
 NO_INNER = "outer (no inner split in folds.json)"
 
 
@@ -69,7 +74,7 @@ def _fold_entries(folds: dict, repeat: int) -> list[dict]:
     raise DataError("not a folds dict: neither 'repeat_sets' nor 'folds' is present")
 
 
-def _site_model(sites: list[str], labels: np.ndarray):
+def site_model(sites: list[str], labels: np.ndarray):
     """A predict(sites) -> P(HGG) function fitted on (sites, labels); constant prior when one grade is absent.
     Patients whose id names no site (UNKNOWN_SITE) carry no site information: they are left out of the fit (were
     they kept, as a category or as all-zero rows, the model would learn "no site" as one site) and are predicted
@@ -126,7 +131,7 @@ def site_baseline(ids, labels, folds: dict, repeat: int = 0, protocol: str = "in
         fold = entry.get("fold", k)
         train_ids, train_y = part(entry, "fit" if inner else "train")
         val_ids, val_y = part(entry, "val")
-        predict = _site_model([site_of(c) for c in train_ids], train_y)
+        predict = site_model([site_of(c) for c in train_ids], train_y)
         threshold = 0.5
         if inner:
             select_ids, select_y = part(entry, "select")
@@ -159,3 +164,43 @@ def site_baseline(ids, labels, folds: dict, repeat: int = 0, protocol: str = "in
         "probs": out_p.tolist(),
         "labels": out_y.tolist(),
     }
+
+
+def site_audit(ids: list[str], labels, preds=None) -> dict:
+    """Cases, grades and (given predictions) accuracy per acquisition site, and how many patients sit in a site
+    that holds a single grade -- for them the site alone predicts the grade."""
+    labels = np.asarray(labels, dtype=np.int64)
+    sites = [site_of(i) for i in ids]
+    table = {}
+    for site in sorted(set(sites), key=lambda s: (s == UNKNOWN_SITE, s)):  # the ids without a site last
+        rows = [k for k, s in enumerate(sites) if s == site]
+        counts = Counter(int(labels[k]) for k in rows)
+        entry = {"cases": len(rows), "HGG": counts.get(1, 0), "LGG": counts.get(0, 0)}
+        # ids that name no site are not one site: whether "they" hold one grade says nothing
+        entry["single_grade"] = None if site == UNKNOWN_SITE else entry["HGG"] == 0 or entry["LGG"] == 0
+        if preds is not None:
+            entry["accuracy"] = float(np.mean(np.asarray(preds)[rows] == labels[rows]))
+        table[site] = entry
+    confounded = sum(e["cases"] for s, e in table.items() if e["single_grade"] and s != UNKNOWN_SITE)
+    known = sum(e["cases"] for s, e in table.items() if s != UNKNOWN_SITE)
+    return {
+        "sites": table,
+        "known_sites": sum(s != UNKNOWN_SITE for s in table),
+        "patients_in_single_grade_sites": confounded,
+        "patients_with_known_site": known,
+        "patients_with_unknown_site": len(ids) - known,
+        "patients": len(ids),
+    }
+
+
+def site_warning(audit: dict) -> str | None:
+    n, known = audit["patients_in_single_grade_sites"], audit["patients_with_known_site"]
+    if known == 0 or n == 0:
+        return None
+    unknown = audit.get("patients_with_unknown_site", audit.get("patients", known) - known)
+    apart = f" ({unknown} more patients have ids that name no site: counted apart, not as a site)" if unknown else ""
+    return (
+        f"{n} of {known} patients with a known site come from a site that holds a single grade{apart}: for them the "
+        "acquisition site alone predicts the grade, so a high AUC may partly measure the scanner or institution "
+        f"rather than the tumour. See the site table, and the mixed-grade {MIXED_COHORT} cohort on its own."
+    )

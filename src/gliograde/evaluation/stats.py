@@ -18,7 +18,6 @@ Z95 = 1.959963984540054
 
 __all__ = [
     "AUC_CI_METHOD",
-    "apply_temperature",
     "auc_interval",
     "bootstrap_auc",
     "brier",
@@ -28,7 +27,6 @@ __all__ = [
     "ece",
     "fit_temperature",
     "logit",
-    "logit_adjust",
     "mcnemar_exact",
     "newcombe_auc_ci",
     "paired_bootstrap_delta_auc",
@@ -83,7 +81,7 @@ def _both_classes(y: np.ndarray, minimum: int = 1) -> tuple[int, int]:
     return n_pos, n_neg
 
 
-def _prob_array(x, name: str = "probs") -> np.ndarray:
+def prob_array(x, name: str = "probs") -> np.ndarray:
     """Any-shape probabilities in [0, 1], all finite (for element-wise transforms)."""
     arr = np.asarray(x, dtype=np.float64)
     if arr.size == 0:
@@ -93,13 +91,6 @@ def _prob_array(x, name: str = "probs") -> np.ndarray:
     if arr.min() < 0.0 or arr.max() > 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got range [{arr.min():g}, {arr.max():g}]")
     return arr
-
-
-def _prior(p: float, name: str) -> float:
-    p = float(p)
-    if not (0.0 < p < 1.0):
-        raise ValueError(f"{name} must lie strictly in (0, 1), got {p}")
-    return p
 
 
 # --------------------------------------------------------------------------------------------------- DeLong
@@ -407,6 +398,8 @@ def reliability_figure(curves: dict, title: str = "Reliability"):
     reliability dict (empty bins skipped). Save with ``fig.savefig(path)``."""
     from matplotlib.figure import Figure
 
+    from gliograde.evaluation.plots import readable_legend
+
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
@@ -419,7 +412,7 @@ def reliability_figure(curves: dict, title: str = "Reliability"):
     ax.set_xlabel("mean predicted P(HGG)")
     ax.set_ylabel("fraction HGG")
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    readable_legend(ax, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -487,14 +480,6 @@ def sigmoid(x) -> np.ndarray:
     return special.expit(np.asarray(x, dtype=np.float64))
 
 
-def logit_adjust(probs, train_prior: float, sampled_prior: float = 0.5) -> np.ndarray:
-    """Prior shift for a model trained with a class-balanced sampler: ``sigmoid(logit(p) + logit(train_prior)
-    - logit(sampled_prior))`` maps probabilities learnt under the sampled prevalence back to the training one."""
-    p = _prob_array(probs)
-    shift = special.logit(_prior(train_prior, "train_prior")) - special.logit(_prior(sampled_prior, "sampled_prior"))
-    return sigmoid(logit(p) + shift)
-
-
 T_BOUNDS = (0.05, 20.0)
 
 
@@ -545,14 +530,6 @@ def temperature_fit(labels, probs) -> dict:
     if not (T_BOUNDS[0] * 1.001 < t < T_BOUNDS[1] / 1.001):
         return {"temperature": 1.0, "rule": f"1 (fallback: the fit ended on its bound, T = {t:.3g})"}
     return {"temperature": t, "rule": "fitted (NLL on the selection part)"}
-
-
-def apply_temperature(probs, T: float) -> np.ndarray:
-    """``sigmoid(logit(probs) / T)``."""
-    T = float(T)
-    if not (math.isfinite(T) and T > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {T}")
-    return sigmoid(logit(_prob_array(probs)) / T)
 
 
 # --------------------------------------------------------------------------------------------------- paired tests
@@ -628,3 +605,35 @@ def honest_statistics(labels, probs, threshold=0.5) -> dict:
             **{f"{t:.2f}": sensitivity_at_specificity(labels, probs, t) for t in (0.90, 0.95)},
         }
     return out
+
+
+# --------------------------------------------------------------------------------------------------- over folds
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1) over the folds where the value is defined (NaN ones, e.g. the
+    specificity of a fold without LGG, are left out, never counted as 0; :func:`defined` counts the rest); the mean
+    is NaN with no defined value, the std with fewer than two."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def defined(values) -> int:
+    """How many fold values a mean stands on (the non-NaN ones)."""
+    return int(np.sum(~np.isnan(np.asarray(values, dtype=np.float64))))
+
+
+def delong_or_reason(labels, probs) -> dict:
+    try:
+        return delong_auc(labels, probs)
+    except ValueError as e:
+        return {"error": str(e), "n": len(labels)}
+
+
+def auc_ci_or_reason(labels, probs) -> dict:
+    """The reported AUC interval (Newcombe), or why there is none (a grade absent)."""
+    try:
+        return auc_interval(labels, probs)
+    except ValueError as e:
+        return {"error": str(e), "n": len(labels)}

@@ -26,128 +26,76 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from gliograde import GRADES
 from gliograde.data.brats import UNKNOWN_SITE, site_of
 from gliograde.errors import GliogradeError
-from gliograde.evaluation import stats as honest
-from gliograde.evaluation.metrics import compute_metrics
-from gliograde.evaluation.plots import save_figure
-from gliograde.files import json_safe, write_json, write_text_atomic
-from gliograde.runs import (  # noqa: F401  (FoldRun, find_runs, ...: re-exported for existing imports)
-    OWN_CHECKS,
+from gliograde.evaluation import stats
+from gliograde.evaluation.metrics import compute_metrics, summarized, summarized_names
+from gliograde.evaluation.plots import readable_legend, save_figure
+from gliograde.evaluation.site_baseline import MIXED_COHORT, site_audit, site_warning
+from gliograde.files import json_safe, number, write_json, write_text_atomic
+from gliograde.runs import (
     FoldRun,
     SummaryError,
     config_differences,
     find_runs,
+    fold_row,
     label,
+    model_line,
     read_run,
-    run_order_key,
-    run_status,
+    runs_model,
     shared,
+    threshold_of,
     who_holds,
 )
+from gliograde.templates import dashed, fixed, md_table, render, yes_no
 
 log = logging.getLogger("gliograde")
-METRICS = ("auc", "f1", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
-MIXED_COHORT = "2013"  # the BraTS 2013 cases: the one site of BraTS 2018 with both grades
-
-
-# -------------------------------------------------------------------------------------------------- statistics
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1) over the folds where the value is defined (NaN ones, e.g. the
-    specificity of a fold without LGG, are left out, never counted as 0; :func:`defined` counts the rest); the mean
-    is NaN with no defined value, the std with fewer than two."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    if len(v) == 0:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
-
-
-def defined(values) -> int:
-    """How many fold values a mean stands on (the non-NaN ones)."""
-    return int(np.sum(~np.isnan(np.asarray(values, dtype=np.float64))))
-
-
-def site_audit(ids: list[str], labels, preds=None) -> dict:
-    """Cases, grades and (given predictions) accuracy per acquisition site, and how many patients sit in a site
-    that holds a single grade -- for them the site alone predicts the grade."""
-    labels = np.asarray(labels, dtype=np.int64)
-    sites = [site_of(i) for i in ids]
-    table = {}
-    for site in sorted(set(sites), key=lambda s: (s == UNKNOWN_SITE, s)):  # the ids without a site last
-        rows = [k for k, s in enumerate(sites) if s == site]
-        counts = Counter(int(labels[k]) for k in rows)
-        entry = {"cases": len(rows), "HGG": counts.get(1, 0), "LGG": counts.get(0, 0)}
-        # ids that name no site are not one site: whether "they" hold one grade says nothing
-        entry["single_grade"] = None if site == UNKNOWN_SITE else entry["HGG"] == 0 or entry["LGG"] == 0
-        if preds is not None:
-            entry["accuracy"] = float(np.mean(np.asarray(preds)[rows] == labels[rows]))
-        table[site] = entry
-    confounded = sum(e["cases"] for s, e in table.items() if e["single_grade"] and s != UNKNOWN_SITE)
-    known = sum(e["cases"] for s, e in table.items() if s != UNKNOWN_SITE)
-    return {
-        "sites": table,
-        "known_sites": sum(s != UNKNOWN_SITE for s in table),
-        "patients_in_single_grade_sites": confounded,
-        "patients_with_known_site": known,
-        "patients_with_unknown_site": len(ids) - known,
-        "patients": len(ids),
-    }
-
-
-def site_warning(audit: dict) -> str | None:
-    n, known = audit["patients_in_single_grade_sites"], audit["patients_with_known_site"]
-    if known == 0 or n == 0:
-        return None
-    unknown = audit.get("patients_with_unknown_site", audit.get("patients", known) - known)
-    apart = f" ({unknown} more patients have ids that name no site: counted apart, not as a site)" if unknown else ""
-    return (
-        f"{n} of {known} patients with a known site come from a site that holds a single grade{apart}: for them the "
-        "acquisition site alone predicts the grade, so a high AUC may partly measure the scanner or institution "
-        f"rather than the tumour. See the site table, and the mixed-grade {MIXED_COHORT} cohort on its own."
-    )
 
 
 # ------------------------------------------------------------------------------------------------------ figures
 def cv_curves(runs: list[FoldRun], pooled_labels, pooled_probs, out_dir: Path) -> tuple[Path, Path]:
     """cv_roc_curves.png and cv_pr_curves.png: per fold, mean ± 1 std over folds (interpolated), pooled."""
-    grid = np.linspace(0, 1, 201)
     paths = (out_dir / "cv_roc_curves.png", out_dir / "cv_pr_curves.png")
     for kind, path in zip(("roc", "pr"), paths, strict=True):
-        fig = Figure(figsize=(6, 5))
-        ax = fig.add_subplot()
-        curves = []
-        for r in runs:
-            if len(np.unique(r.labels)) < 2:
-                continue
-            if kind == "roc":
-                x, y, _ = roc_curve(r.labels, r.probs)
-                curves.append(np.interp(grid, x, y))
-                curves[-1][0] = 0.0
-            else:
-                y, x, _ = precision_recall_curve(r.labels, r.probs)
-                x, y = x[::-1], y[::-1]  # recall increasing
-                curves.append(np.interp(grid, x, y))
-            ax.plot(x, y, lw=1, alpha=0.45, label=f"fold {r.fold}")
-        if curves:
-            c = np.array(curves)
-            mean, std = c.mean(0), c.std(0, ddof=1) if len(c) > 1 else np.zeros_like(grid)
-            ax.plot(grid, mean, color="navy", lw=2, label="mean over folds")
-            ax.fill_between(grid, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color="navy", alpha=0.15)
-        if len(np.unique(pooled_labels)) == 2:
-            if kind == "roc":
-                x, y, _ = roc_curve(pooled_labels, pooled_probs)
-            else:
-                y, x, _ = precision_recall_curve(pooled_labels, pooled_probs)
-            ax.plot(x, y, color="darkred", lw=2, ls="--", label="pooled out-of-fold")
-        if kind == "roc":
-            ax.plot([0, 1], [0, 1], "k:", lw=1)
-            ax.set(xlabel="1 - specificity", ylabel="sensitivity (HGG)", title="ROC, cross-validation")
-        else:
-            ax.axhline(np.mean(pooled_labels), color="grey", ls=":", label="prevalence of HGG")
-            ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title="precision-recall, cross-validation")
-        ax.set(xlim=(0, 1), ylim=(0, 1.02))
-        ax.legend(fontsize=8, loc="lower right" if kind == "roc" else "lower left")
-        save_figure(fig, path, dpi=110)
+        save_figure(cv_figure(kind, runs, pooled_labels, pooled_probs), path, dpi=110)
     return paths
+
+
+def cv_figure(kind: str, runs: list[FoldRun], pooled_labels, pooled_probs) -> Figure:
+    """One of the CV figures ("roc" or "pr"), its legend at the readable size of plots.LEGEND_FONTSIZE."""
+    grid = np.linspace(0, 1, 201)
+    fig = Figure(figsize=(6, 5))
+    ax = fig.add_subplot()
+    curves = []
+    for r in runs:
+        if len(np.unique(r.labels)) < 2:
+            continue
+        if kind == "roc":
+            x, y, _ = roc_curve(r.labels, r.probs)
+            curves.append(np.interp(grid, x, y))
+            curves[-1][0] = 0.0
+        else:
+            y, x, _ = precision_recall_curve(r.labels, r.probs)
+            x, y = x[::-1], y[::-1]  # recall increasing
+            curves.append(np.interp(grid, x, y))
+        ax.plot(x, y, lw=1, alpha=0.45, label=f"fold {r.fold}")
+    if curves:
+        c = np.array(curves)
+        mean, std = c.mean(0), c.std(0, ddof=1) if len(c) > 1 else np.zeros_like(grid)
+        ax.plot(grid, mean, color="navy", lw=2, label="mean over folds")
+        ax.fill_between(grid, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color="navy", alpha=0.15)
+    if len(np.unique(pooled_labels)) == 2:
+        if kind == "roc":
+            x, y, _ = roc_curve(pooled_labels, pooled_probs)
+        else:
+            y, x, _ = precision_recall_curve(pooled_labels, pooled_probs)
+        ax.plot(x, y, color="darkred", lw=2, ls="--", label="pooled out-of-fold")
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], "k:", lw=1)
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity (HGG)", title="ROC, cross-validation")
+    else:
+        ax.axhline(np.mean(pooled_labels), color="grey", ls=":", label="prevalence of HGG")
+        ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title="precision-recall, cross-validation")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    return readable_legend(fig, loc="lower right" if kind == "roc" else "lower left")
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -167,7 +115,7 @@ def summarize(
     ordered = [chosen[key] for key in sorted(chosen)]
     first_repeat = [r for r in ordered if r.repeat == repeats[0]]
     rows = [fold_row(r) for r in ordered]
-    stats = {m: mean_std([row[m] for row in rows]) for m in METRICS}
+    spread = {m: stats.mean_std([row[m] for row in rows]) for m in summarized_names()}
     per_repeat = [pool_repeat(ordered, rep, bootstrap, seed) for rep in repeats]
     first = per_repeat[0]
     pooled, labels, probs, all_ids = first["pooled"], first["labels"], first["probs"], first["ids"]
@@ -178,19 +126,20 @@ def summarize(
     if shortcut:
         warnings.append(shortcut)
 
-    n_folds = {m: defined([row[m] for row in rows]) for m in METRICS}
+    n_folds = {m: stats.defined([row[m] for row in rows]) for m in summarized_names()}
     report = {
         "results_dir": str(results_dir),
+        "model": runs_model([r.run_dir for r in ordered]),
         "k": k,
         "protocol": protocol,
         "protocol_label": PROTOCOL_LABELS.get(protocol, protocol),
         "partial": bool(missing),
         "missing_folds": [f for rep, f in missing if rep == repeats[0]],
         "missing": [list(m) for m in missing],
-        "headline": headline(stats, n_folds, len(rows), pooled),
+        "headline": headline(spread, n_folds, len(rows), pooled),
         "folds": rows,
-        "mean": {m: s[0] for m, s in stats.items()},
-        "std": {m: s[1] for m, s in stats.items()},
+        "mean": {m: s[0] for m, s in spread.items()},
+        "std": {m: s[1] for m, s in spread.items()},
         "n_folds": n_folds,
         "std_definition": "sample standard deviation over folds (ddof = 1)",
         "mean_definition": MEAN_DEFINITION,
@@ -210,8 +159,7 @@ def summarize(
     }
     roc_png, pr_png = cv_curves(first_repeat, labels, probs, results_dir)
     rel_png = results_dir / "cv_reliability.png"
-    curves = {f"repeat {r['repeat']}": r["pooled"]["calibration"]["reliability"] for r in per_repeat}
-    save_figure(honest.reliability_figure(curves), rel_png)
+    save_figure(stats.reliability_figure(reliability_curves(per_repeat)), rel_png)
     report["figures"] = [str(roc_png), str(pr_png), str(rel_png)]
     report["report_html"] = str(results_dir / "report.html")
     _write(results_dir, report)
@@ -219,6 +167,13 @@ def summarize(
 
     write_report(report, results_dir, report["provenance"]["shared"], report["configuration"])
     return report
+
+
+def reliability_curves(per_repeat: list[dict]) -> dict:
+    """The pooled reliability curve of each repeat, by legend label: "all folds" for a single repeat."""
+    if len(per_repeat) == 1:
+        return {"all folds (pooled)": per_repeat[0]["pooled"]["calibration"]["reliability"]}
+    return {f"repeat {r['repeat']}": r["pooled"]["calibration"]["reliability"] for r in per_repeat}
 
 
 def choose_runs(results_dir: Path, runs) -> tuple[dict, dict]:
@@ -309,14 +264,14 @@ def pool_repeat(ordered: list[FoldRun], rep: int, bootstrap: int, seed: int) -> 
     labels = np.concatenate([r.labels for r in rruns])
     probs = np.concatenate([r.probs for r in rruns])
     pooled = compute_metrics(labels, probs, threshold_of(rruns))
-    boot = honest.bootstrap_auc(labels, probs, bootstrap, seed)
+    boot = stats.bootstrap_auc(labels, probs, bootstrap, seed)
     pooled.update(
         {
             "auc_ci95": [boot["ci_low"], boot["ci_high"]],
             "bootstrap": {"resamples": bootstrap, "seed": seed, **BOOTSTRAP},
         }
     )
-    pooled.update(honest.honest_statistics(labels, probs, threshold_of(rruns)))
+    pooled.update(stats.honest_statistics(labels, probs, threshold_of(rruns)))
     return {"repeat": rep, "ids": ids, "labels": labels, "probs": probs, "pooled": pooled}
 
 
@@ -344,9 +299,9 @@ def audit_sites(first_repeat: list[FoldRun], all_ids, labels, probs, warnings: l
             "site": MIXED_COHORT,
             **compute_metrics(labels[cohort], probs[cohort], thresholds[cohort]),
             "threshold": "each patient's own fold's threshold (as in the site table)",
-            "auc_ci": auc_ci_or_reason(labels[cohort], probs[cohort]),
-            "auc_delong": delong_or_reason(labels[cohort], probs[cohort]),
-            "rates": honest.rates_with_ci(labels[cohort], probs[cohort], thresholds[cohort]),
+            "auc_ci": stats.auc_ci_or_reason(labels[cohort], probs[cohort]),
+            "auc_delong": stats.delong_or_reason(labels[cohort], probs[cohort]),
+            "rates": stats.rates_with_ci(labels[cohort], probs[cohort], thresholds[cohort]),
         }
     site_warn = site_warning(audit)
     if site_warn:
@@ -383,9 +338,9 @@ MEAN_DEFINITION = (
     "AUC: left out, not counted as 0); n_folds gives how many folds each mean stands on"
 )
 METHODS = {
-    "auc_ci": honest.AUC_CI_METHOD + "; per fold, pooled, per cohort and for the site baseline",
+    "auc_ci": stats.AUC_CI_METHOD + "; per fold, pooled, per cohort and for the site baseline",
     "auc_bootstrap": BOOTSTRAP["method"] + " (pooled AUC only)",
-    "auc_delong": honest.DELONG_METHOD + "; kept in the JSON for reference, flagged degenerate (zero width) at AUC 0 "
+    "auc_delong": stats.DELONG_METHOD + "; kept in the JSON for reference, flagged degenerate (zero width) at AUC 0 "
     "or 1 and never printed",
     "rates_ci": "Wilson score interval (Wilson 1927) for sensitivity, specificity, accuracy, PPV and NPV; balanced "
     "accuracy: a Wilson interval on the effective n with its variance",
@@ -404,12 +359,12 @@ POOLED_VS_FOLDS = (
 )
 
 
-def headline(stats: dict, n_folds: dict, n_runs: int, pooled: dict) -> dict:
+def headline(spread: dict, n_folds: dict, n_runs: int, pooled: dict) -> dict:
     """The figure the protocol supports (the mean of the per-fold AUCs with its spread) beside the pooled AUC."""
     ci = pooled.get("auc_ci") or {}
     return {
-        "auc_mean_of_folds": stats["auc"][0],
-        "auc_std_of_folds": stats["auc"][1],
+        "auc_mean_of_folds": spread["auc"][0],
+        "auc_std_of_folds": spread["auc"][1],
         "auc_folds": n_folds["auc"],
         "fold_runs": n_runs,
         "auc_pooled": pooled.get("auc"),
@@ -417,57 +372,6 @@ def headline(stats: dict, n_folds: dict, n_runs: int, pooled: dict) -> dict:
         "auc_pooled_ci_method": ci.get("method"),
         "explanation": POOLED_VS_FOLDS,
     }
-
-
-def threshold_of(runs: list[FoldRun]) -> np.ndarray | float:
-    """Each patient's own fold's decision threshold (fitted on that fold's selection part), in pooled order."""
-    if all("threshold" not in r.final for r in runs):
-        return 0.5
-    return np.concatenate([np.full(len(r.ids), float(r.final.get("threshold", 0.5))) for r in runs])
-
-
-def delong_or_reason(labels, probs) -> dict:
-    try:
-        return honest.delong_auc(labels, probs)
-    except ValueError as e:
-        return {"error": str(e), "n": len(labels)}
-
-
-def auc_ci_or_reason(labels, probs) -> dict:
-    """The reported AUC interval (Newcombe), or why there is none (a grade absent)."""
-    try:
-        return honest.auc_interval(labels, probs)
-    except ValueError as e:
-        return {"error": str(e), "n": len(labels)}
-
-
-def fold_row(r: FoldRun) -> dict:
-    """One fold's row, its metrics recomputed from its saved predictions at its own threshold (so that a grade the
-    fold lacks reads NaN in runs written before that rule too)."""
-    f = r.final
-    threshold = f.get("threshold", 0.5)
-    m = compute_metrics(r.labels, r.probs, threshold)
-    row = {
-        "repeat": r.repeat,
-        "fold": r.fold,
-        "run": str(r.run_dir),
-        "checkpoint": f.get("checkpoint"),
-        "best_epoch": f.get("best_epoch"),
-        "n": len(r.ids),
-        "n_hgg": int(np.sum(r.labels == 1)),
-        "n_lgg": int(np.sum(r.labels == 0)),
-        "threshold": threshold,
-        **{k: float(m[k]) for k in METRICS},
-    }
-    c = auc_ci_or_reason(r.labels, r.probs)
-    row["auc_ci95"] = [c["ci_low"], c["ci_high"]] if "ci_low" in c else None
-    row["auc_ci_method"] = "Newcombe (2006) score, method 5" if "ci_low" in c else c.get("error")
-    d = delong_or_reason(r.labels, r.probs)
-    ok = "ci_low" in d and not d.get("degenerate")
-    row["auc_ci95_delong"] = [d["ci_low"], d["ci_high"]] if ok else None  # reference only; null where it collapses
-    row["brier"] = honest.brier(r.labels, r.probs)
-    row["ece"] = honest.ece(r.labels, r.probs)
-    return row
 
 
 def attention_of(runs: list[FoldRun], rows: list[dict]) -> dict | None:
@@ -480,8 +384,9 @@ def attention_of(runs: list[FoldRun], rows: list[dict]) -> dict | None:
                 found = json.loads((ev / "metrics.json").read_text())["final"].get("attention")
             except (OSError, ValueError, KeyError):
                 continue
-            if found:
-                per_fold[r.fold] = found
+            if found:  # an undefined figure is null in the file (NaN in files written before): NaN here
+                figures = ("mean_mass_in_mask", "mean_chance", "pointing_game_accuracy")
+                per_fold[r.fold] = {**found, **{k: number(found.get(k)) for k in figures}}
                 break
     if not per_fold:
         return None
@@ -521,194 +426,154 @@ def site_baseline_for(runs: list[FoldRun], ids, labels, repeat: int, protocol: s
     except GliogradeError as e:
         return {"error": str(e)}
     out = {key: result[key] for key in ("protocol", "per_fold", "pooled")}
-    out["pooled"]["auc_ci"] = auc_ci_or_reason(result["labels"], result["probs"])
+    out["pooled"]["auc_ci"] = stats.auc_ci_or_reason(result["labels"], result["probs"])
     try:
-        out["pooled"]["auc_delong"] = honest.delong_auc(result["labels"], result["probs"])
+        out["pooled"]["auc_delong"] = stats.delong_auc(result["labels"], result["probs"])
     except ValueError as e:
         out["pooled"]["auc_delong"] = {"error": str(e)}
     out["folds_file"] = str(path)
     return out
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+# ------------------------------------------------------------------------------------------------------ summary.md
+# the Wilson intervals of the pooled rates that summary.md lists: (key of pooled["rates"], name)
+WILSON = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("balanced_accuracy", "balanced accuracy"))
 
 
 def _mean_cell(report: dict, m: str) -> str:
     """ "mean ± std", with "(n = j of K)" where the metric is undefined in some folds."""
-    cell = f"{_fmt(report['mean'][m])} ± {_fmt(report['std'][m])}"
+    cell = f"{fixed(report['mean'].get(m))} ± {fixed(report['std'].get(m))}"
     n, total = (report.get("n_folds") or {}).get(m), len(report["folds"])
     return cell + (f" (n = {n} of {total})" if n is not None and n < total else "")
 
 
-def table_lines(report: dict) -> list[str]:
-    """The per-fold markdown table with its mean ± std row (printed by the CLI too)."""
+def fold_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The per-fold table with its mean ± std row, as (header, rows) of Markdown cells."""
     many = len({r.get("repeat", 0) for r in report["folds"]}) > 1
+    others = [spec for spec in summarized() if spec.name != "auc"]  # the metrics table's order and labels
     head = ["Repeat"] * many + ["Fold", "Best epoch", "Checkpoint", "HGG/LGG", "Threshold", "AUC"]
-    head += ["AUC 95 % CI (Newcombe)", "F1", "Accuracy", "Sensitivity", "Specificity", "Bal. acc."]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head += ["AUC 95 % CI (Newcombe)", *(spec.label for spec in others)]
+    rows = []
     for r in report["folds"]:
         ci = r.get("auc_ci95")
         cells = [str(r.get("repeat", 0))] * many + [str(r["fold"]), str(r["best_epoch"]), str(r["checkpoint"])]
-        cells += [f"{r.get('n_hgg', '?')}/{r.get('n_lgg', '?')}", _fmt(r.get("threshold", 0.5)), _fmt(r["auc"])]
-        cells += [f"{_fmt(ci[0])}-{_fmt(ci[1])}" if ci else "n/a"]
-        cells += [_fmt(r[m]) for m in METRICS if m != "auc"]
-        lines.append("| " + " | ".join(cells) + " |")
-    ms = {m: _mean_cell(report, m) for m in METRICS}
+        cells += [f"{r.get('n_hgg', '?')}/{r.get('n_lgg', '?')}", fixed(r.get("threshold", 0.5)), fixed(r["auc"])]
+        cells += [dashed(ci) if ci else "n/a"]
+        cells += [spec.format(r.get(spec.name)) for spec in others]
+        rows.append(cells)
     name = "**Mean ± std**" + (" (PARTIAL)" if report["partial"] else "")
-    cells = [name] + [""] * (many + 4) + [ms["auc"], ""] + [ms[m] for m in METRICS if m != "auc"]
-    lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    means = [_mean_cell(report, spec.name) for spec in others]
+    rows.append([name] + [""] * (many + 4) + [_mean_cell(report, "auc"), "", *means])
+    return head, rows
 
 
-def honest_lines(p: dict) -> list[str]:
-    lines = []
-    d = p.get("auc_delong", {})
-    if "ci_low" in d and not d.get("degenerate"):
-        lines.append(f"- DeLong SE of the AUC {_fmt(d['se'])} (its logit-scale 95 % CI "
-                     f"{_fmt(d['ci_low'])}-{_fmt(d['ci_high'])}, for reference)")  # fmt: skip
-    r = p["rates"]
-    cells = [
-        f"{name} {_fmt(r[key]['value'])} ({_fmt(r[key]['ci_low'])}-{_fmt(r[key]['ci_high'])})"
-        for name, key in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("balanced accuracy",
-                          "balanced_accuracy"))
-    ]  # fmt: skip
-    where = "threshold 0.5" if r["threshold"] == 0.5 else "each fold's own threshold"
-    lines.append(f"- at {where}, with 95 % Wilson CIs: " + ", ".join(cells))
-    c = p["calibration"]
-    lines.append(f"- calibration: Brier {_fmt(c['brier'])}, ECE {_fmt(c['ece'])} ({c['n_bins']} equal-width bins)")
-    sas = p.get("sensitivity_at_specificity")
-    if sas:
-        parts = [f"{_fmt(sas[k]['sensitivity'])} at specificity ≥ {k}" for k in ("0.90", "0.95")]
-        lines.append(f"- sensitivity {', '.join(parts)} ({sas['protocol']})")
-    return lines
+def table_lines(report: dict) -> list[str]:
+    """The per-fold Markdown table with its mean ± std row (printed by the CLI too)."""
+    return md_table(*fold_table(report))
 
 
-def _ci(d: dict, lead: str, tail: str = "") -> str:
-    """ "lead LOW-HIGH tail" of an interval record, or nothing where it could not be computed."""
-    return f"{lead}{_fmt(d['ci_low'])}-{_fmt(d['ci_high'])}{tail}" if "ci_low" in d else ""
-
-
-def headline_lines(report: dict) -> list[str]:
-    """The headline (mean of per-fold AUCs ± SD) beside the pooled AUC, with the sentence that tells them apart."""
+def headline_rows(report: dict) -> list[list[str]]:
+    """The headline (mean of per-fold AUCs ± SD) beside the pooled AUC; none in an older summary."""
     h = report.get("headline")
     if not h:
         return []
     n, runs = h["auc_folds"], h.get("fold_runs", h["auc_folds"])
     of = f"{n} of {runs} folds; the others lack a grade" if n < runs else f"{n} fold{'s' * (n != 1)}"
     ci = h.get("auc_pooled_ci95")
-    pooled_ci = f" (95 % CI {_fmt(ci[0])}-{_fmt(ci[1])}, Newcombe)" if ci else ""
+    pooled_ci = f" (95 % CI {dashed(ci)}, Newcombe)" if ci else ""
     return [
-        "## Headline",
-        "",
-        "| | AUC |",
-        "|---|---|",
-        f"| **Mean of the per-fold AUCs** ± SD ({of}) | **{_fmt(h['auc_mean_of_folds'])} ± "
-        f"{_fmt(h['auc_std_of_folds'])}** |",
-        f"| Pooled out-of-fold AUC (all patients ranked together) | {_fmt(h['auc_pooled'])}{pooled_ci} |",
-        "",
-        h["explanation"],
-        "",
-    ]
+        [f"**Mean of the per-fold AUCs** ± SD ({of})",
+         f"**{fixed(h['auc_mean_of_folds'])} ± {fixed(h['auc_std_of_folds'])}**"],
+        ["Pooled out-of-fold AUC (all patients ranked together)", f"{fixed(h['auc_pooled'])}{pooled_ci}"],
+    ]  # fmt: skip
+
+
+def repeat_rows(report: dict) -> list[list[str]] | None:
+    """The pooled AUC of each repeat; None (no section) for a single repeat."""
+    rep = report.get("over_repeats")
+    if not (rep and rep["n_repeats"] > 1):
+        return None
+    rows = []
+    for r in report["repeats"]:
+        pooled, ci = r["pooled"], r["pooled"]["auc_ci"]
+        rows.append([str(r["repeat"]), fixed(pooled["auc"]), f"{fixed(ci.get('ci_low'))}-{fixed(ci.get('ci_high'))}"])
+    return rows
+
+
+def site_rows(audit: dict) -> list[list[str]]:
+    rows = []
+    for site, e in audit["sites"].items():
+        name = f"{site} (ids naming no site; not one site)" if site == UNKNOWN_SITE else site
+        rows.append([name, e["cases"], e["HGG"], e["LGG"], yes_no(e["single_grade"]), fixed(e.get("accuracy"))])
+    return rows
+
+
+# the training configuration values summary.md lists (all of them are in summary.json and report.html)
+KEY_CONFIGURATION = (
+    ("pretrained_path", "pretrained weights"),
+    ("epochs", "epochs (at most)"),
+    ("batch", None),
+    ("optimizer", "optimizer"),
+    ("lr", "learning rate (backbone)"),
+    ("classifier_lr_mult", "classifier learning rate multiplier"),
+    ("weight_decay", "weight decay"),
+    ("scheduler", "scheduler"),
+    ("warmup_epochs", "warm-up epochs"),
+    ("loss", "loss"),
+    ("sampler", "sampler"),
+    ("dropout", "dropout"),
+    ("augment", "augmentation"),
+    ("ema_decay", "EMA decay (0 = off)"),
+    ("patience", "early-stopping patience"),
+    ("min_epochs", "minimum epochs"),
+    ("selection", "selection protocol"),
+    ("seed", "seed"),
+)
+
+
+def configuration_rows(config: dict, model: dict) -> list[list]:
+    """summary.md's configuration table: the network and the key training values the folds share."""
+    rows = [["network and input", model_line(model)]]
+    for key, name in KEY_CONFIGURATION:
+        if key == "batch" and "batch_size" in config:
+            rows.append(["batch", f"{config['batch_size']} x {config.get('grad_accum', 1)} (gradient accumulation)"])
+        elif key in config:
+            rows.append([name, "none" if config[key] is None else config[key]])
+    if len(rows) == 1:
+        rows.append(["training values", "not recorded, or not shared by all folds (see summary.json)"])
+    return rows
+
+
+def summary_markdown(report: dict) -> str:
+    """summary.md (templates/summary.md.j2) of a summary record."""
+    return render(
+        "summary.md.j2",
+        r=report,
+        model=model_line(report.get("model") or {}),
+        headline=headline_rows(report),
+        folds=fold_table(report),
+        repeats=repeat_rows(report),
+        wilson=WILSON,
+        sites=site_rows(report["sites"]),
+        configuration=configuration_rows(report.get("configuration") or {}, report.get("model") or {}),
+        grades=GRADES,
+        figures=[Path(f).name for f in report["figures"]],
+        runs=[f"fold {r['fold']}: {r['run']}" for r in report["folds"]],
+    )
 
 
 def _write(out: Path, report: dict) -> None:
-    p = report["pooled"]
-    lo, hi = p["auc_ci95"]
-    title = f"# Cross-validation summary: {report['k']}-fold" + (" (PARTIAL)" if report["partial"] else "")
-    md = [title, ""]
-    md += [f"> **Warning.** {w}" for w in report["warnings"]] + ([""] if report["warnings"] else [])
-    md += [f"**Protocol.** {report.get('protocol_label', 'not recorded')}.", ""]
-    md += headline_lines(report)
-    md += ["## Per fold", "", *table_lines(report), "", f"Std: {report['std_definition']}."]
-    md += [f"Mean: {report.get('mean_definition', 'mean over folds')}.", ""]
-    rep = report.get("over_repeats")
-    if rep and rep["n_repeats"] > 1:
-        md += [
-            "## Repeats",
-            "",
-            "| Repeat | Pooled AUC | 95 % CI (Newcombe) |",
-            "|---|---|---|",
-            *(
-                f"| {r['repeat']} | {_fmt(r['pooled']['auc'])} | "
-                f"{_fmt(r['pooled']['auc_ci'].get('ci_low'))}-{_fmt(r['pooled']['auc_ci'].get('ci_high'))} |"
-                for r in report["repeats"]
-            ),
-            "",
-            f"Pooled AUC over {rep['n_repeats']} repeats: mean {_fmt(rep['mean'])} ± {_fmt(rep['std'])} (sample std), "
-            f"range {_fmt(rep['min'])}-{_fmt(rep['max'])}. The sections below are repeat 0's.",
-            "",
-        ]
-    md += [
-        "## Pooled out-of-fold",
-        "",
-        f"Each of the {p['n']} patients predicted once, by the fold that held it out. Secondary to the headline: "
-        "these scores come from different models.",
-        "",
-        f"- AUC {_fmt(p['auc'])}{_ci(p.get('auc_ci', {}), ' (95 % CI ', ', Newcombe score method 5;')} "
-        f"95 % bootstrap CI {_fmt(lo)}-{_fmt(hi)}, {p['bootstrap']['resamples']} stratified patient resamples, seed "
-        f"{p['bootstrap']['seed']})",
-        f"- F1 {_fmt(p['f1'])}, accuracy {_fmt(p['accuracy'])}, balanced accuracy {_fmt(p['balanced_accuracy'])}",
-        f"- sensitivity (HGG) {_fmt(p['sensitivity'])}, specificity (LGG) {_fmt(p['specificity'])}",
-        f"- confusion matrix (rows true {GRADES[0]}/{GRADES[1]}, columns predicted): {p['confusion_matrix']}",
-        *honest_lines(p),
-        "",
-        "## Sites",
-        "",
-        "| Site | Cases | HGG | LGG | Single grade | Accuracy |",
-        "|---|---|---|---|---|---|",
-    ]
-    audit = report["sites"]
-    for site, e in audit["sites"].items():
-        single = "n/a" if e["single_grade"] is None else "yes" if e["single_grade"] else "no"
-        name = f"{site} (ids naming no site; not one site)" if site == UNKNOWN_SITE else site
-        md.append(f"| {name} | {e['cases']} | {e['HGG']} | {e['LGG']} | {single} | {_fmt(e.get('accuracy'))} |")
-    md += ["", "Accuracy at each patient's own fold's threshold."]
-    base = report.get("site_baseline") or {}
-    if "pooled" in base:
-        b = base["pooled"]
-        ci = _ci(b.get("auc_ci", {}), " (95 % CI ", ", Newcombe)")
-        md += [
-            "",
-            f"**Site-only baseline** (logistic regression on the site read from the case id, same folds, protocol "
-            f"{base['protocol']}): pooled AUC {_fmt(b['auc'])}{ci}, against the model's {_fmt(p['auc'])}. What the "
-            "site alone predicts is not evidence that the images were read.",
-        ]
-    elif base.get("error"):
-        md += ["", f"Site-only baseline not computed: {base['error']}."]
-    looks = report.get("attention") or {}
-    if looks.get("pooled"):
-        a = looks["pooled"]
-        md += [
-            "",
-            f"**Where the model looks** (Grad-CAM at {', '.join(a['layers'])} against the tumour masks, folds "
-            f"{a['folds_checked']}, {a['n']} cases): {100 * a['mean_mass_in_mask']:.1f} % of the map's mass inside "
-            f"the tumour (a map uniform over the brain: {100 * a['mean_chance']:.1f} %), pointing game "
-            f"{a['pointing_game_accuracy']:.2f}.",
-        ]
-    if "mixed_cohort" in audit:
-        c = audit["mixed_cohort"]
-        ci = _ci(c.get("auc_ci", {}), ", 95 % CI ", " (Newcombe)")
-        md += [
-            "",
-            f"Mixed-grade {c['site']} cohort alone (n = {c['n']}: {c['per_class']['HGG']['support']} HGG, "
-            f"{c['per_class']['LGG']['support']} LGG): AUC {_fmt(c['auc'])}{ci}, "
-            f"accuracy {_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, "
-            f"specificity {_fmt(c['specificity'])}, at each patient's own fold's threshold (as in the site table).",
-        ]
-    md += ["", "## Figures", "", *(f"- {Path(f).name}" for f in report["figures"]), ""]
-    md += ["## Runs", "", *(f"- fold {r['fold']}: {r['run']}" for r in report["folds"]), ""]
-
-    write_text_atomic(out / "summary.md", "\n".join(md))
+    write_text_atomic(out / "summary.md", summary_markdown(report))
     write_json(out / "summary.json", json_safe(report))
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["fold", "best_epoch", "checkpoint", *METRICS, "run", "repeat", "threshold"])
+    names = summarized_names()
+    w.writerow(["fold", "best_epoch", "checkpoint", *names, "run", "repeat", "threshold"])
     for r in report["folds"]:
         w.writerow(
-            [r["fold"], r["best_epoch"], r["checkpoint"], *(r[m] for m in METRICS), r["run"], r.get("repeat", 0),
+            [r["fold"], r["best_epoch"], r["checkpoint"], *(r.get(m) for m in names), r["run"], r.get("repeat", 0),
              r.get("threshold", 0.5)]
         )  # fmt: skip
-    w.writerow(["mean", "", "", *(report["mean"][m] for m in METRICS), "", "", ""])
-    w.writerow(["std", "", "", *(report["std"][m] for m in METRICS), "", "", ""])
+    w.writerow(["mean", "", "", *(report["mean"][m] for m in names), "", "", ""])
+    w.writerow(["std", "", "", *(report["std"][m] for m in names), "", "", ""])
     write_text_atomic(out / "summary.csv", buf.getvalue())

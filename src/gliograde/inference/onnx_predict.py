@@ -25,7 +25,7 @@ import numpy as np
 from gliograde import GRADES, MODALITIES, __version__
 from gliograde.errors import GliogradeError
 from gliograde.files import write_json
-from gliograde.inference.records import write_predictions_csv
+from gliograde.inference.records import decision_text, write_predictions_csv
 
 log = logging.getLogger("gliograde")
 EPS = 1e-6  # probabilities are clipped to [EPS, 1 - EPS] before a logit (gliograde.evaluation.stats.logit)
@@ -246,7 +246,7 @@ def predict_cases_onnx(cases: list, folder: str | Path, out: str | Path) -> list
             "folds": {n: float(res["members"][n][0]) for n in names},
         }
         records.append(record)
-        log.info("%s: P(HGG) = %.4f -> %s", case.id, p, record["predicted_grade"])
+        log.info("%s", decision_text(record))  # with the threshold: it is fitted, rarely 0.5
     write_predictions_csv(out, records, names)
     import onnxruntime
 

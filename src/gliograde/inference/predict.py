@@ -3,7 +3,7 @@
 Each case is preprocessed exactly as the training cache was (the parameters travel in every checkpoint); the
 ensemble's P(HGG) is the mean of the folds' probabilities, each optionally averaged over the 8 axis-flip versions
 of the volume (test-time augmentation). With saliency, a Grad-CAM volume per case is taken back to the case's own
-voxel grid and saved as NIfTI, plus a PNG of three slices through its hottest voxel.
+voxel grid and saved as NIfTI, plus a PNG of three labelled slices through the map's centre of mass in the brain.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from gliograde import GRADES, MODALITIES, __version__, runtime
+from gliograde.checkpoints import checkpoint_logit_scale, load_checkpoint, select_checkpoint
 from gliograde.config import load_run_config
 from gliograde.data.brats import UNKNOWN_GRADE, Case
 from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case, to_original_grid
@@ -29,12 +30,11 @@ from gliograde.evaluation.calibration import OperatingPoint
 from gliograde.evaluation.scoring import model_from_checkpoint
 from gliograde.files import new_stamped_dir, write_json
 from gliograde.inference.qc import TrainingReference, member_features
-from gliograde.inference.records import write_predictions_csv
-from gliograde.inference.saliency import grad_cam, saliency_png
+from gliograde.inference.records import decision_text, write_predictions_csv
+from gliograde.inference.saliency import saliency_png
 from gliograde.networks import model_kind
-from gliograde.networks.resnet3d import ResNet3D
-from gliograde.runs import config_differences, find_runs
-from gliograde.training.checkpoints import load_checkpoint, select_checkpoint
+from gliograde.networks.gradcam import grad_cam
+from gliograde.runs import config_differences, find_runs, run_environment
 
 log = logging.getLogger("gliograde")
 FLIPS = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]  # 8 flip sets, () first
@@ -50,7 +50,7 @@ class Member:
 
     fold: int | None
     checkpoint: Path
-    model: ResNet3D
+    model: torch.nn.Module  # built from the checkpoint's description (networks.ARCHITECTURES)
     modalities: list[str]
     size: int
     preprocess: dict
@@ -58,7 +58,7 @@ class Member:
     logit_scale: float = 1.0
 
 
-def _member(run_dir: Path, policy: str) -> Member:
+def load_member(run_dir: Path, policy: str) -> Member:
     try:
         cfg = load_run_config(run_dir)
         fold, ema = cfg.fold, cfg.ema_decay > 0
@@ -86,9 +86,8 @@ def _member(run_dir: Path, policy: str) -> Member:
             )
     except (OSError, ValueError):
         log.warning("%s: no readable metrics/metrics.json; raw probabilities, threshold 0.5", run_dir)
-    saved = ckpt.get("config") or {}
-    scale = float(saved.get("ldam_s", 30.0)) if saved.get("loss") == "ldam" else 1.0
     model = model_from_checkpoint(ckpt, path)
+    scale = checkpoint_logit_scale(ckpt)
     return Member(fold, path, model, list(ckpt["modalities"]), int(ckpt["size"]), pre, point, scale)
 
 
@@ -111,9 +110,9 @@ def load_ensemble(paths: list[str | Path], policy: str = "auto", allow_mixed: bo
                     f"--runs {p}: the folds were trained with different configurations ({detail}); an ensemble of "
                     "them mixes models. Pass --allow-mixed to use them anyway"
                 )
-            members += [_member(r.run_dir, policy) for r in chosen]
+            members += [load_member(r.run_dir, policy) for r in chosen]
         elif (p / "checkpoints").is_dir():
-            members.append(_member(p, policy))
+            members.append(load_member(p, policy))
         else:
             raise PredictError(f"--runs {p}: not a results folder (with runs/) nor a run folder (with checkpoints/)")
     if not members:
@@ -181,16 +180,6 @@ def attention_strip(volume: np.ndarray, mil: dict, path: Path, title: str, n: in
     save_figure(fig, path)
 
 
-def decision_text(record: dict) -> str:
-    """One case's decision as a person reads it, the threshold beside it: "case: P(HGG) = 0.8320 < threshold 0.8512
-    -> LGG". The threshold is the ensemble's (the mean of the folds' fitted thresholds), rarely 0.5."""
-    p, t = float(record["p_hgg"]), float(record["threshold"])
-    folds = record.get("folds") or {}
-    each = " (folds " + ", ".join(f"{v:.3f}" for v in folds.values()) + ")" if len(folds) > 1 else ""
-    side = ">=" if p >= t else "<"
-    return f"{record['case']}: P(HGG) = {p:.4f} {side} threshold {t:.4f} -> {record['predicted_grade']}{each}"
-
-
 def operating_point_text(members: list[Member], threshold: float) -> str:
     """What P(HGG) and the threshold in predictions.json mean, in words."""
     points = [m.point for m in members]
@@ -228,12 +217,12 @@ def explain(record: dict, members, x: torch.Tensor, volume: np.ndarray, geometry
     """Where the ensemble looked, into `record`: a MIL model's slice attention (and its strip with --saliency), or
     with --saliency the 3D models' mean Grad-CAM on the case's own voxel grid (NIfTI + PNG). `volume`: the case's
     preprocessed input channels."""
-    p = record["p_hgg"]
+    title = decision_text(record, brief=True)  # the decision and its threshold, not P(HGG) alone
     if model_kind(members[0].model) == "mil2d":
         record["mil"] = mil_attention(members, x)
         if saliency:
             png = out / "saliency" / f"{case.id}_slices.png"
-            attention_strip(volume, record["mil"], png, f"{case.id}: P(HGG) = {p:.3f}")
+            attention_strip(volume, record["mil"], png, title)
             record["saliency"] = {"png": str(png), "method": "the most-attended axial slices and their weights"}
     elif saliency:
         cams = [grad_cam(m.model, x, layer=saliency_layer) for m in members]
@@ -246,11 +235,11 @@ def explain(record: dict, members, x: torch.Tensor, volume: np.ndarray, geometry
         nii = out / "saliency" / f"{case.id}_gradcam.nii.gz"
         nib.save(image, str(nii))
         png = out / "saliency" / f"{case.id}_gradcam.png"
-        peak = saliency_png(image, case.paths["flair"], png, f"{case.id}: P(HGG) = {p:.3f}")
+        where = saliency_png(image, case.paths["flair"], png, title)
         record["saliency"] = {
             "nifti": str(nii),
             "png": str(png),
-            "peak_voxel_ras": list(peak),
+            **where,  # the voxel the PNG's slices go through (the map's centre of mass in the brain) and the peak
             "layer": cams[0][1],
             "method": "Grad-CAM of the HGG logit; each fold's map scaled to peak 1, averaged, scaled to peak 1",
         }
@@ -292,8 +281,6 @@ def predict_cases(
         raise PredictError(f"case id(s) {repeated} given twice; their outputs would overwrite each other")
     device = device or runtime.pick_device("auto")
     ref = members[0]
-    from gliograde.evaluation.evaluate import run_environment
-
     recorded = run_environment(ref.checkpoint.parent.parent)  # the run's own decision, where the device kind matches
     precision = runtime.reuse_precision(recorded.get("precision"), recorded.get("device"), device)
     log.info("Precision: %s", precision.reason)
@@ -338,11 +325,14 @@ def predict_cases(
         records.append(record)
         log.info("%s", decision_text(record))
 
+    if not records:  # nothing to show: no empty table presented as an output, and the same --out can be used again
+        raise PredictError(f"none of the {len(cases)} case(s) could be predicted (the reason for each is above); "
+                           f"nothing was written to {out}")  # fmt: skip
     write_predictions_csv(out, records, names)
     write_json(out / "predictions.json", prediction_meta(members, names, threshold, tta, qc, records, failed))
-    if failed:
+    if failed:  # each reason was said once above; here only which cases, and where the others are
         raise PredictError(
-            f"{len(failed)} of {len(cases)} case(s) could not be predicted ({'; '.join(failed.values())}); "
-            f"the other {len(records)} are in {out / 'predictions.csv'}"
+            f"{len(failed)} of {len(cases)} case(s) could not be predicted ({', '.join(failed)}; reasons above and in "
+            f"predictions.json); the other {len(records)} are in {out / 'predictions.csv'}"
         )
     return records

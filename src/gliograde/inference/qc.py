@@ -9,8 +9,11 @@ Flags (each case's `qc.flags`, in predictions.json/csv of `predict` and in every
 - negative_intensities: the raw image holds negative values (not skull-stripped with the BraTS tools, whose
   background is exactly 0, or resampled with an interpolator that overshoots);
 - out_of_distribution: in the ensemble's pooled features (`model.forward_features`) the case lies farther from its
-  fold member's training patients than that member's own training patients lie from each other (their 99th
-  percentile), for the majority of the members (`OOD_METHOD`).
+  fold member's training patients than all but 5 % of the training cohort's patients that member never fitted on
+  (a split-conformal threshold), for the majority of the members (`OOD_METHOD`). With fewer than 19 such patients
+  per member no case can reach 5 %: the check says "not enough training patients to judge" instead of flagging;
+- seen_in_training: the ensemble was trained on this patient (the same case id, BraTS year prefix aside, or the same
+  preprocessed image): its P(HGG) is no prediction on a new patient.
 
 The reference (training ids, image hashes, brain-fraction range, features) is computed from the runs' cache
 (`volumes.npy`) and kept in the cache folder's `qc_reference/` (best effort, one small file for the hashes and
@@ -25,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,8 +45,10 @@ log = logging.getLogger("gliograde")
 
 BRATS_GRID = (240, 240, 155)
 SPACING_TOLERANCE_MM = 0.01
-OOD_PERCENTILE = 99.0
+OOD_ALPHA = 0.05  # the share of new patients of the training distribution a member may flag
 OOD_K = 5
+OOD_MIN_CALIBRATION = int(np.ceil(1 / OOD_ALPHA)) - 1  # below it no p-value reaches OOD_ALPHA
+NOT_ENOUGH = "not enough training patients to judge"
 FLAGS = {
     "spacing_not_1mm": "voxel spacing is not 1 mm",
     "grid_not_brats": "voxel grid is not BraTS-like (240 x 240 x 155)",
@@ -50,14 +56,21 @@ FLAGS = {
     "negative_intensities": "negative intensities in the raw image (not skull-stripped with the BraTS tools, or "
     "resampled)",
     "out_of_distribution": "out of distribution: far from the training patients in the ensemble's features",
+    "seen_in_training": "the ensemble was trained on this patient (same case id or same image): its P(HGG) is no "
+    "prediction on a new patient",
 }
 OOD_METHOD = (
     f"mean Euclidean distance to the {OOD_K} nearest training patients in the pooled features "
-    "(model.forward_features, no test-time augmentation), each feature standardized by the training patients' mean "
-    "and SD; per fold member, the reference is the patients its network fitted on; the member's threshold is the "
-    f"{OOD_PERCENTILE:g}th percentile of the distances of its selection-part patients (same cohort, never trained "
-    "on; with fewer than 5, of the training patients' own leave-one-out distances); a case is out of distribution "
-    "when the majority of the members put it above their threshold"
+    "(model.forward_features, no test-time augmentation), centred on the training patients' mean and divided by one "
+    "scale, their RMS distance from it (not per feature: with few patients a near-constant feature makes every new "
+    "patient an outlier); per fold member, the reference is the patients its network fitted on. Calibration (split "
+    "conformal): the distances of the fold's patients the member never fitted on (selection and validation parts); "
+    f"with fewer than {OOD_MIN_CALIBRATION} of them, also each training patient's distance to the others, left out of "
+    "the mean and scale. The member's p-value is (1 + calibration patients at least as far) / (n + 1), its threshold "
+    f"the distance where that reaches {OOD_ALPHA:g}: a member flags at most {OOD_ALPHA:.0%} of new patients of the "
+    "training distribution. A case is out of distribution when the majority of the members put it above their "
+    f"threshold. With fewer than {OOD_MIN_CALIBRATION} calibration patients per member no p-value reaches "
+    f"{OOD_ALPHA:g}: the check reports '{NOT_ENOUGH}' and flags nothing"
 )
 BRAIN_FRACTION_METHOD = (
     "share of voxels non-zero in any modality in the preprocessed (cropped, cubed, resized) volume; the range is the "
@@ -129,42 +142,74 @@ def header_checks(case: Case) -> dict:
 
 @dataclass
 class MemberReference:
-    """One fold member's training patients in its feature space, standardized, and its distance threshold."""
+    """One fold member's training patients in its feature space, its calibration scores and its distance threshold.
+
+    Features are centred on the training patients' mean and divided by ONE scale (their RMS distance from it), not
+    standardized per feature: with a few dozen patients, a feature almost constant among them turns any new patient
+    into an outlier (measured: thresholds of 60-300 against leave-one-out distances near 30)."""
 
     name: str
     mean: np.ndarray
-    scale: np.ndarray
-    train: np.ndarray  # (n, F) standardized features of the fold's training rows
+    scale: float
+    train: np.ndarray  # (n, F) centred, scaled features of the fold's training rows
     k: int
-    threshold: float
-    heldout_flag_rate: float | None  # share of the fold's own held-out patients above the threshold
+    scores: np.ndarray  # calibration: distances of patients of the cohort, each scored without itself in the reference
+    calibration: str  # which patients `scores` come from
+    threshold: float | None  # None: too few calibration patients to reach OOD_ALPHA
+    heldout_flag_rate: float | None  # share of the fold's held-out patients above the threshold fitted without them
 
     @classmethod
     def fit(
         cls, name: str, train: np.ndarray, heldout: np.ndarray | None, unseen: np.ndarray | None = None
     ) -> MemberReference:
-        """`train`: the patients the network fitted on. `unseen`: patients of the same cohort it never trained on
-        (the inner selection part); where there are at least 5, the threshold is their distances' percentile, since
-        a network's own training patients sit closer to each other in its features than any new patient does."""
-        mean, std = train.mean(0), train.std(0)
-        scale = np.where(std > 1e-6, std, np.inf)  # a constant feature carries no distance
-        z = (train - mean) / scale
-        k = min(OOD_K, len(z) - 1)
-        sq = (z**2).sum(1)
-        d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0))  # (n, n) without an (n, n, F) array
-        np.fill_diagonal(d, np.inf)  # leave-one-out: a patient is not its own neighbour
-        loo = np.sort(d, axis=1)[:, :k].mean(1)
-        ref = cls(name, mean, scale, z, k, float(np.percentile(loo, OOD_PERCENTILE)), None)
-        if unseen is not None and len(unseen) >= 5:
-            ref.threshold = float(np.percentile([ref.distance(f) for f in unseen], OOD_PERCENTILE))
-        if heldout is not None and len(heldout):
-            ref.heldout_flag_rate = float(np.mean([ref.distance(f) > ref.threshold for f in heldout]))
+        """`train`: the patients the network fitted on; `heldout` (the fold's validation part) and `unseen` (its
+        selection part): patients of the same cohort it never trained on, whose distances calibrate the threshold
+        (split conformal). Where they are fewer than OOD_MIN_CALIBRATION, each training patient's distance to the
+        others (its features left out of the mean and scale too) is added."""
+        train = np.asarray(train, dtype=np.float64)
+        parts = [np.asarray(a, dtype=np.float64) for a in (heldout, unseen) if a is not None and len(a)]
+        held = np.concatenate(parts) if parts else np.zeros((0, train.shape[1]))
+        ref = _reference(name, train)
+        scores = np.array([ref.distance(f) for f in held])
+        ref.calibration = f"{len(held)} held-out patient(s) of the training cohort"
+        if len(held) < OOD_MIN_CALIBRATION and len(train) > 2:
+            loo = [_reference(name, np.delete(train, i, axis=0)).distance(train[i]) for i in range(len(train))]
+            scores = np.concatenate([scores, loo])
+            ref.calibration += f" + {len(train)} training patient(s), each left out of the reference"
+        ref.scores, ref.threshold = scores, conformal_threshold(scores)
+        n_heldout = 0 if heldout is None else len(heldout)
+        if n_heldout:  # scores[:n_heldout] are the fold's own validation patients
+            rest = [conformal_threshold(np.delete(scores, i)) for i in range(n_heldout)]
+            if all(t is not None for t in rest):
+                ref.heldout_flag_rate = float(np.mean([scores[i] > rest[i] for i in range(n_heldout)]))
         return ref
 
     def distance(self, features: np.ndarray) -> float:
         z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
         d = np.sqrt(((self.train - z) ** 2).sum(1))
         return float(np.sort(d)[: self.k].mean())
+
+    def p_value(self, distance: float) -> float:
+        """Conformal p-value: the share of calibration patients at least as far, counting the case itself."""
+        return float((1 + np.sum(self.scores >= distance)) / (len(self.scores) + 1))
+
+
+def _reference(name: str, train: np.ndarray) -> MemberReference:
+    """The patients `train` as a reference, without calibration."""
+    mean = train.mean(0)
+    scale = float(np.sqrt(((train - mean) ** 2).sum(1).mean()))
+    scale = scale if scale > 1e-12 else 1.0  # identical patients: any scale
+    k = max(1, min(OOD_K, len(train)))
+    return MemberReference(name, mean, scale, (train - mean) / scale, k, np.zeros(0), "", None, None)
+
+
+def conformal_threshold(scores: np.ndarray, alpha: float = OOD_ALPHA) -> float | None:
+    """The distance above which a case's conformal p-value is at most `alpha`: the m-th largest calibration score,
+    m = floor(alpha (n + 1)); None when n + 1 < 1 / alpha (no case could reach alpha)."""
+    m = int(np.floor(alpha * (len(scores) + 1) + 1e-9))
+    if m < 1:
+        return None
+    return float(np.sort(scores)[::-1][m - 1])
 
 
 @torch.no_grad()
@@ -175,6 +220,11 @@ def member_features(members, x: torch.Tensor) -> list[np.ndarray]:
         m.model.eval()
         out.append(m.model.forward_features(x.float()).float().cpu().numpy().astype(np.float64))
     return out
+
+
+def plain_id(case_id: str) -> str:
+    """A case id without its BraTS year prefix (Brats18_2013_3_1 and BraTS19_2013_3_1 are one patient)."""
+    return re.sub(r"^brats\d{2}_", "", case_id.strip().lower())
 
 
 def _run_record(member) -> dict:
@@ -288,6 +338,13 @@ class TrainingReference:
             out.append(MemberReference.fit(name, feats[j][fit], feats[j][val] if val else None,
                                            feats[j][select] if select else None))  # fmt: skip
         self.members = out
+        short = [r for r in out if r.threshold is None]
+        if short:
+            self.missing["out_of_distribution"] = (
+                f"{NOT_ENOUGH}: {len(short[0].scores)} calibration patient(s) per member ({short[0].calibration}); "
+                f"at least {OOD_MIN_CALIBRATION} are needed before a {OOD_ALPHA:.0%} false-positive rate can be held"
+            )
+            log.warning("out-of-distribution check: %s", self.missing["out_of_distribution"])
         log.info("QC reference: %d training volumes x %d model(s) in %.1f s", len(cache.ids), len(members),
                  time.perf_counter() - start)  # fmt: skip
 
@@ -308,6 +365,8 @@ class TrainingReference:
                     "k": r.k,
                     "threshold": r.threshold,
                     "training_patients": len(r.train),
+                    "calibration_patients": len(r.scores),
+                    "calibration": r.calibration,
                     "heldout_flag_rate": r.heldout_flag_rate,
                 }
                 for r in self.members or []
@@ -315,6 +374,27 @@ class TrainingReference:
             "not_checked": dict(self.missing),
             "cache": str(self.cache.path) if self.cache is not None else None,
         }
+
+    def training_id(self, case_id: str) -> str | None:
+        """The training case with this id (the BraTS year prefix aside), or None."""
+        if case_id in self.ids:
+            return case_id
+        return next((i for i in sorted(self.ids) if plain_id(i) == plain_id(case_id)), None)
+
+    def ood(self, features: list[np.ndarray]) -> dict:
+        """Each member's distance, threshold and conformal p-value of one case (features: (1, F) per member), and
+        the verdict: "out of distribution", "in distribution" or NOT_ENOUGH."""
+        per = {}
+        for r, f in zip(self.members, features, strict=True):
+            d = r.distance(f[0])
+            per[r.name] = {"distance": d, "threshold": r.threshold, "p_value": r.p_value(d)}
+        above = sum(v["threshold"] is not None and v["distance"] > v["threshold"] for v in per.values())
+        if any(v["threshold"] is None for v in per.values()):
+            verdict = NOT_ENOUGH
+        else:
+            verdict = "out of distribution" if above > len(per) / 2 else "in distribution"
+        return {"verdict": verdict, "members_above": above, "members": len(per), "alpha": OOD_ALPHA,
+                "per_member": per}  # fmt: skip
 
     def check(self, case: Case, volume: np.ndarray, features: list[np.ndarray] | None, params: dict | None) -> dict:
         """The QC record of one case: its flags (names of FLAGS) and the figures behind them. `volume`: the case
@@ -335,15 +415,18 @@ class TrainingReference:
         cp = self.cache_params()
         if self.hashes is not None and cp and params and all(cp.get(k) == params.get(k) for k in ("size", "margin")):
             record["same_image_as_training_case"] = self.hashes.get(volume_hash(volume))
+        record["same_id_as_training_case"] = self.training_id(case.id)
+        seen = record["same_id_as_training_case"] or record.get("same_image_as_training_case")
+        if seen:
+            flags.append("seen_in_training")
+            log.warning("case %s: the ensemble was trained on this patient (training case %s); its P(HGG) is no "
+                        "prediction on a new patient", case.id, seen)  # fmt: skip
         if self.members and features is not None:
-            per = {r.name: {"distance": r.distance(f[0]), "threshold": r.threshold}
-                   for r, f in zip(self.members, features, strict=True)}  # fmt: skip
-            above = sum(v["distance"] > v["threshold"] for v in per.values())
-            record["ood"] = {"members_above": above, "members": len(per), "per_member": per}
-            if above > len(per) / 2:
+            record["ood"] = self.ood(features)
+            if record["ood"]["verdict"] == "out of distribution":
                 flags.append("out_of_distribution")
-                log.warning("case %s: out of distribution (%d of %d ensemble members put it farther from their "
-                            "training patients than their 99th percentile)", case.id, above, len(per))  # fmt: skip
+                log.warning("case %s: out of distribution (%d of %d ensemble members put it above their threshold)",
+                            case.id, record["ood"]["members_above"], record["ood"]["members"])  # fmt: skip
         record["flags"] = flags
         return record
 

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -34,13 +33,15 @@ from gliograde import GRADES, __version__, runtime
 from gliograde.data.brats import MAPPING_FILE, UNKNOWN_SITE, Case, Discovery, discover_cases
 from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case
 from gliograde.errors import GliogradeError
-from gliograde.evaluation import stats as honest
-from gliograde.evaluation.metrics import compute_metrics
+from gliograde.evaluation import stats
+from gliograde.evaluation.metrics import added, compute_metrics
 from gliograde.evaluation.plots import pr, roc, save_figure
-from gliograde.evaluation.summary import MIXED_COHORT, auc_ci_or_reason, site_warning
+from gliograde.evaluation.site_baseline import MIXED_COHORT, site_warning
 from gliograde.files import new_stamped_dir, write_json, write_text_atomic
 from gliograde.inference.predict import load_ensemble, operating_point_text, predict_cases
 from gliograde.inference.qc import TrainingReference, flag_summary, volume_hash
+from gliograde.inference.qc import plain_id as _plain_id  # one rule for predict's flag and the leakage check
+from gliograde.runs import runs_model
 
 log = logging.getLogger("gliograde")
 OVERLAP_LABEL = "OVERLAPS THE TRAINING DATA"
@@ -50,7 +51,7 @@ METHODS = {
     "the members, as `predict` computes it",
     "operating_point": "a case is called HGG when P(HGG) >= the ensemble threshold, the mean of the members' "
     "thresholds (each fitted on its fold's selection part): the threshold `predict` uses, not re-fitted here",
-    "auc_ci": honest.AUC_CI_METHOD,
+    "auc_ci": stats.AUC_CI_METHOD,
     "rates_ci": "Wilson score interval for sensitivity, specificity, accuracy, PPV and NPV; balanced accuracy: a "
     "Wilson interval on its effective n; a rate whose grade is absent is null (n/a), never 0",
     "brier": "mean squared difference between P(HGG) and the 0/1 grade",
@@ -98,11 +99,6 @@ def check_out(out: str | Path | None) -> Path | None:
     return path
 
 
-def _plain_id(case_id: str) -> str:
-    """A case id without its BraTS year prefix (Brats18_2013_3_1 and BraTS19_2013_3_1 are one patient)."""
-    return re.sub(r"^brats\d{2}_", "", case_id.strip().lower())
-
-
 def find_overlap(cases: list[Case], reference: TrainingReference) -> list[dict]:
     """The validation cases that share a patient with the training folds, and how (case id, image)."""
     plain = {}
@@ -132,11 +128,27 @@ def find_overlap(cases: list[Case], reference: TrainingReference) -> list[dict]:
     return shared
 
 
-def overlap_text(shared: list[dict]) -> str:
-    return "; ".join(
+def overlap_text(shared: list[dict], first: int = 3) -> str:
+    """The first few shared cases, and how many more: one readable line whatever the size of the overlap."""
+    text = "; ".join(
         f"{s['case']} = training case " + " and ".join(f"{m['training_case']} (by {m['by']})" for m in s["matches"])
-        for s in shared
+        for s in shared[:first]
     )
+    return text + (f"; and {len(shared) - first} more" if len(shared) > first else "")
+
+
+def write_overlap(shared: list[dict], out: Path | None) -> Path:
+    """Every shared case in a CSV (case, training_case, by) beside where the outputs would go: <out>.overlap.csv, or
+    validation/overlap_<time>.csv. The one file a refused validation writes: the list the message can only begin."""
+    parent = out.parent if out is not None else Path("validation")
+    name = f"{out.name}.overlap.csv" if out is not None else f"overlap_{datetime.now():%Y%m%d_%H%M%S}.csv"
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case", "training_case", "by"])
+    w.writerows([s["case"], m["training_case"], m["by"]] for s in shared for m in s["matches"])
+    parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(parent / name, buf.getvalue())
+    return parent / name
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -165,16 +177,16 @@ def site_table(sites: list[str], y: np.ndarray, p: np.ndarray, threshold: float)
 
 def site_baseline_external(reference: TrainingReference, sites: list[str], y: np.ndarray) -> dict:
     """How well the site alone, learnt on the training patients, predicts the validation grades."""
-    from gliograde.evaluation.site_baseline import _site_model
+    from gliograde.evaluation.site_baseline import site_model
 
     if reference.cache is None:
         return {"error": "the runs' cache (the training patients' sites and grades) was not found"}
     train_sites = [c.site for c in reference.cache.cases]
-    probs = _site_model(train_sites, reference.cache.labels)(sites)
+    probs = site_model(train_sites, reference.cache.labels)(sites)
     known = set(train_sites)
     return {
-        "auc": auc_ci_or_reason(y, probs).get("auc", math.nan),
-        "auc_ci": auc_ci_or_reason(y, probs),
+        "auc": stats.auc_ci_or_reason(y, probs).get("auc", math.nan),
+        "auc_ci": stats.auc_ci_or_reason(y, probs),
         "sites_unseen_in_training": sorted({s for s in sites if s not in known and s != UNKNOWN_SITE}),
         "probs": [float(v) for v in probs],
     }
@@ -182,8 +194,7 @@ def site_baseline_external(reference: TrainingReference, sites: list[str], y: np
 
 def cv_reference(results: Path) -> dict:
     """The CV's own figures: from summary.json when present, else computed from the runs as summarize does."""
-    from gliograde.evaluation.summary import fold_row, mean_std, threshold_of
-    from gliograde.runs import find_runs
+    from gliograde.runs import find_runs, fold_row, threshold_of
 
     path = results / "summary.json"
     if path.is_file():
@@ -205,8 +216,10 @@ def cv_reference(results: Path) -> dict:
                 "brier": cal.get("brier"),
                 "ece": cal.get("ece"),
                 "threshold": "each fold's own threshold",
-                "figures": [
-                    f for f in s.get("figures") or [] if Path(f).name in ("cv_roc_curves.png", "cv_reliability.png")
+                "figures": [  # beside summary.json: its paths may be relative to where summarize ran
+                    str(results / Path(f).name)
+                    for f in s.get("figures") or []
+                    if Path(f).name in ("cv_roc_curves.png", "cv_reliability.png")
                 ],
             }
         except (OSError, ValueError, AttributeError) as e:
@@ -221,11 +234,11 @@ def cv_reference(results: Path) -> dict:
     if not chosen:
         return {"error": f"no complete run under {results}"}
     rows = [fold_row(r) for r in chosen]
-    mean, sd = mean_std([row["auc"] for row in rows])
+    mean, sd = stats.mean_std([row["auc"] for row in rows])
     labels = np.concatenate([r.labels for r in chosen])
     probs = np.concatenate([r.probs for r in chosen])
     pooled = compute_metrics(labels, probs, threshold_of(chosen))
-    ci = auc_ci_or_reason(labels, probs)
+    ci = stats.auc_ci_or_reason(labels, probs)
     return {
         "source": f"computed from the runs under {results} as summarize does (no summary.json)",
         "k": chosen[0].folds,
@@ -237,8 +250,8 @@ def cv_reference(results: Path) -> dict:
         "auc_pooled_ci95": [ci["ci_low"], ci["ci_high"]] if "ci_low" in ci else None,
         "n": len(labels),
         **{k: pooled[k] for k in ("sensitivity", "specificity", "balanced_accuracy")},
-        "brier": honest.brier(labels, probs),
-        "ece": honest.ece(labels, probs, 10),
+        "brier": stats.brier(labels, probs),
+        "ece": stats.ece(labels, probs, 10),
         "threshold": "each fold's own threshold",
         "figures": [str(results / n) for n in ("cv_roc_curves.png", "cv_reliability.png") if (results / n).is_file()],
     }
@@ -246,7 +259,7 @@ def cv_reference(results: Path) -> dict:
 
 def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     m = compute_metrics(y, p, threshold)
-    rates = honest.rates_with_ci(y, p, threshold)
+    rates = stats.rates_with_ci(y, p, threshold)
     rates["method"] = "Wilson score interval; balanced accuracy: Wilson on its effective n"
     return {
         "n": len(y),
@@ -254,21 +267,22 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
         "n_lgg": int(np.sum(y == 0)),
         "threshold": threshold,
         "auc": m["auc"],
-        "auc_ci": auc_ci_or_reason(y, p),
+        "auc_ci": stats.auc_ci_or_reason(y, p),
         "accuracy": m["accuracy"],
         "sensitivity": m["sensitivity"],
         "specificity": m["specificity"],
         "balanced_accuracy": m["balanced_accuracy"],
+        **added(m),  # the registered metrics of the table (evaluation/metrics.py)
         "ppv": rates["ppv"]["value"],
         "npv": rates["npv"]["value"],
         "rates": rates,
         "confusion_matrix": m["confusion_matrix"],
         "calibration": {
-            "brier": honest.brier(y, p),
-            "ece": honest.ece(y, p, 10),
+            "brier": stats.brier(y, p),
+            "ece": stats.ece(y, p, 10),
             "n_bins": 10,
             "binning": "10 equal-width bins of [0, 1], weighted by their counts",
-            "reliability": {k: np.asarray(v).tolist() for k, v in honest.reliability(y, p, 10).items()},
+            "reliability": {k: np.asarray(v).tolist() for k, v in stats.reliability(y, p, 10).items()},
         },
     }
 
@@ -293,9 +307,9 @@ def _figures(out: Path, y: np.ndarray, p: np.ndarray, auc: float, label: str) ->
         filterwarnings("ignore", "No artists with labels found", UserWarning)
         roc(y, p, out / "validation_roc.png", "ROC, validation cohort" + tail, auc)
         pr(y, p, out / "validation_pr.png", "precision-recall, validation cohort" + tail)
-    curve = {"validation": honest.reliability(y, p, 10)}
+    curve = {"validation": stats.reliability(y, p, 10)}
     save_figure(
-        honest.reliability_figure(curve, "Reliability, validation cohort" + tail), out / "validation_reliability.png"
+        stats.reliability_figure(curve, "Reliability, validation cohort" + tail), out / "validation_reliability.png"
     )
     return [str(out / name) for name in FIGURES]
 
@@ -322,9 +336,8 @@ def validate(
     device: str = "auto",
 ) -> dict:
     """Score the ensemble of `runs` on the labelled cohort under `data_root`; write the outputs into a new folder
-    and return the validation record (validation.json). Every refusal raises before anything is written."""
-    from gliograde.inference.validate_report import write_html, write_markdown
-
+    and return the validation record (validation.json). Every refusal raises before anything is written (but the
+    list of the cases it shares with the training folds, which the refusal names: `write_overlap`)."""
     out_path = check_out(out)
     discovery = labelled_cohort(data_root)
     cases = discovery.cases
@@ -336,11 +349,11 @@ def validate(
     reference.ensure_hashes()
     shared = find_overlap(cases, reference)
     if shared and not allow_overlap:
+        listing = write_overlap(shared, out_path)
         raise ValidateError(
-            f"the cohort shares {len(shared)} patient(s) with the training folds: {overlap_text(shared)}; remove "
-            "them, or pass --allow-overlap for results labelled OVERLAPS THE TRAINING DATA"
+            f"the cohort shares {len(shared)} patient(s) with the training folds ({overlap_text(shared)}; all of them "
+            f"in {listing}); remove them, or pass --allow-overlap for results labelled OVERLAPS THE TRAINING DATA"
         )
-    label = OVERLAP_LABEL if shared else ""
     reference.ensure_features(members, dev)
     with tempfile.TemporaryDirectory(prefix="gliograde-validate-") as tmp:
         records = predict_cases(cases, members, Path(tmp), tta, device=dev, qc=reference)
@@ -350,20 +363,80 @@ def validate(
     for r in records:
         r["site"] = by_id[r["case"]].site
         r["shared_with_training"] = shared_of.get(r["case"], [])
-    names = list(records[0]["folds"])
+    report = validation_record(runs, discovery, members, reference, records, predicted, shared, allow_overlap)
+    return write_outputs(report, records, out_path)
+
+
+def validation_record(runs, discovery: Discovery, members, reference: TrainingReference, records: list[dict],
+                      predicted: dict, shared: list[dict], allow_overlap: bool) -> dict:  # fmt: skip
+    """The validation record (validation.json, less its output paths) from the ensemble's predictions."""
+    label = OVERLAP_LABEL if shared else ""
     y = np.array([GRADES.index(r["true_grade"]) for r in records], dtype=np.int64)
     p = np.array([r["p_hgg"] for r in records], dtype=np.float64)
     threshold = float(predicted["threshold"])
     metrics = _metrics(y, p, threshold)
     sites = [r["site"] for r in records]
     audit = site_table(sites, y, p, threshold)
-    cv = cv_reference(Path(runs))
     qc_summary = flag_summary(records)
+    return {
+        "title": "External validation" + (f" ({OVERLAP_LABEL})" if label else ""),
+        "label": label or None,
+        "gliograde": __version__,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "runs": str(runs),
+        "model": runs_model([m.checkpoint.parent.parent for m in members]),  # run_dir/checkpoints/x.pt
+        "data_root": str(discovery.root),
+        "layout": discovery.layout,
+        "tta": predicted.get("tta"),
+        "cohort": {
+            "n": len(records),
+            "n_hgg": metrics["n_hgg"],
+            "n_lgg": metrics["n_lgg"],
+            "sites": audit["known_sites"],
+            "patients_with_unknown_site": audit["patients_with_unknown_site"],
+            "excluded_ungraded": discovery.ungraded,
+            "skipped": discovery.skipped,
+            "qc": qc_summary,
+            "qc_flagged_cases": sum(bool(r["qc"]["flags"]) for r in records),
+        },
+        "leakage": {
+            "checked_by": ["case id (BraTS year prefix ignored)"]
+            + (["image hash of the preprocessed volume"] if "image_hash" not in reference.missing else []),
+            "training_cases": len(reference.ids),
+            "shared": shared,
+            "allowed": bool(allow_overlap),
+            "not_checked": {k: v for k, v in reference.missing.items() if k == "image_hash"},
+        },
+        "ensemble": {
+            "members": predicted["ensemble"],
+            "threshold": threshold,
+            "threshold_rule": predicted["threshold_rule"],
+            "operating_point_explained": operating_point_text(members, threshold),
+            "operating_points": predicted["operating_points"],
+            "modalities": predicted["modalities"],
+            "preprocess": predicted["preprocess"],
+        },
+        "metrics": metrics,
+        "sites": audit,
+        "site_baseline": site_baseline_external(reference, sites, y),
+        "cv": cv_reference(Path(runs)),
+        "qc_methods": predicted.get("qc") or reference.describe(),
+        "predictions": records,
+        "figures": [],
+        "methods": METHODS,
+        "warnings": cohort_warnings(shared, reference, metrics, audit, qc_summary, len(records)),
+    }
 
+
+def cohort_warnings(shared: list[dict], reference: TrainingReference, metrics: dict, audit: dict, qc_summary: dict,
+                    n: int) -> list[str]:  # fmt: skip
+    """What the reader of the figures must know: an overlap, checks not made, one grade only, single-grade sites,
+    cases the input checks flagged."""
     warnings = []
     if shared:
         warnings.append(f"{OVERLAP_LABEL}: {len(shared)} case(s) share a patient with the training folds "
-                        f"({overlap_text(shared)}); the figures are not an external validation")  # fmt: skip
+                        f"({overlap_text(shared)}; all of them in the shared_with_training column of "
+                        "predictions.csv); the figures are not an external validation")  # fmt: skip
     for check, why in reference.missing.items():
         warnings.append(f"not checked: {check} ({why})")
     if metrics["n_hgg"] == 0 or metrics["n_lgg"] == 0:
@@ -373,64 +446,28 @@ def validate(
         warnings.append(w.replace(f" See the site table, and the mixed-grade {MIXED_COHORT} cohort on its own.", ""))
     for name, entry in qc_summary.items():
         if entry["n"]:
-            warnings.append(f"QC {name}: {entry['n']} of {len(records)} case(s) ({', '.join(entry['cases'][:10])}"
+            warnings.append(f"QC {name}: {entry['n']} of {n} case(s) ({', '.join(entry['cases'][:10])}"
                             f"{', ...' if entry['n'] > 10 else ''}): {entry['meaning']}")  # fmt: skip
+    return warnings
 
+
+def write_outputs(report: dict, records: list[dict], out_path: Path | None) -> dict:
+    """The figures, validation.json, predictions.csv, validation.md and report.html, written into a staging folder
+    that is renamed into place once complete (a failure leaves nothing behind); returns the record, its paths
+    naming the final folder."""
+    from gliograde.inference.validate_report import write_html, write_markdown
+
+    label = report["label"] or ""
+    y = np.array([GRADES.index(r["true_grade"]) for r in records], dtype=np.int64)
+    p = np.array([r["p_hgg"] for r in records], dtype=np.float64)
     parent = out_path.parent if out_path is not None else Path("validation")
     parent.mkdir(parents=True, exist_ok=True)
     stage = parent / f".{(out_path or Path('validate')).name}.tmp-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        figures = _figures(stage, y, p, metrics["auc"], label)
-        report = {
-            "title": "External validation" + (f" ({OVERLAP_LABEL})" if label else ""),
-            "label": label or None,
-            "gliograde": __version__,
-            "created": datetime.now().isoformat(timespec="seconds"),
-            "runs": str(runs),
-            "data_root": str(discovery.root),
-            "layout": discovery.layout,
-            "tta": predicted.get("tta"),
-            "cohort": {
-                "n": len(records),
-                "n_hgg": metrics["n_hgg"],
-                "n_lgg": metrics["n_lgg"],
-                "sites": audit["known_sites"],
-                "patients_with_unknown_site": audit["patients_with_unknown_site"],
-                "excluded_ungraded": discovery.ungraded,
-                "skipped": discovery.skipped,
-                "qc": qc_summary,
-                "qc_flagged_cases": sum(bool(r["qc"]["flags"]) for r in records),
-            },
-            "leakage": {
-                "checked_by": ["case id (BraTS year prefix ignored)"]
-                + (["image hash of the preprocessed volume"] if "image_hash" not in reference.missing else []),
-                "training_cases": len(reference.ids),
-                "shared": shared,
-                "allowed": bool(allow_overlap),
-                "not_checked": {k: v for k, v in reference.missing.items() if k == "image_hash"},
-            },
-            "ensemble": {
-                "members": predicted["ensemble"],
-                "threshold": threshold,
-                "threshold_rule": predicted["threshold_rule"],
-                "operating_point_explained": operating_point_text(members, threshold),
-                "operating_points": predicted["operating_points"],
-                "modalities": predicted["modalities"],
-                "preprocess": predicted["preprocess"],
-            },
-            "metrics": metrics,
-            "sites": audit,
-            "site_baseline": site_baseline_external(reference, sites, y),
-            "cv": cv,
-            "qc_methods": predicted.get("qc") or reference.describe(),
-            "predictions": records,
-            "figures": figures,
-            "methods": METHODS,
-            "warnings": warnings,
-        }
+        report["figures"] = figures = _figures(stage, y, p, report["metrics"]["auc"], label)
         write_json(stage / "validation.json", report, strict=True)
-        _predictions_csv(stage / "predictions.csv", records, names, label)
+        _predictions_csv(stage / "predictions.csv", records, list(records[0]["folds"]), label)
         write_markdown(stage / "validation.md", report)
         write_html(stage / "report.html", report)
         final = _place(stage, out_path)

@@ -11,17 +11,18 @@ import dataclasses
 import logging
 import os
 import queue
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
-from gliograde.config import TrainConfig, load_run_config, parse_fold_list, validate, with_split
+from gliograde.checkpoints import LAST
+from gliograde.config import TrainConfig, load_run_config, with_split
 from gliograde.data.splits import describe
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.summary import summarize
 from gliograde.runs import run_order_key, run_status
-from gliograde.training.checkpoints import LAST
 
 log = logging.getLogger("gliograde")
 
@@ -134,17 +135,22 @@ def _train_parallel(todo: list[TrainConfig], workers: int, gpus: list[str], thre
     return runs, failures
 
 
-def plan_cv(cfg: TrainConfig, only: str | list[int] | None = None) -> tuple[TrainConfig, list[int], list, dict]:
+def plan_cv(
+    cfg: TrainConfig, only: str | list[int] | None = None, explicit: set[str] | None = None
+) -> tuple[TrainConfig, list[int], list, dict]:
     """The CV to run: (cfg with the saved split filled in, the folds, the configs still to train (resume set for an
-    interrupted one), the complete runs kept). The cache and folds.json are made here, once, never by folds racing
-    each other in parallel processes or cluster jobs."""
-    validate(cfg, log)
+    interrupted one), the complete runs kept). Planned first (training/plan.py: device, folds against the grades,
+    batch against the training parts; `explicit`: the keys the user set, the others may be adapted), before any
+    case is preprocessed; then the cache and folds.json are made here, once, never by folds racing each other in
+    parallel processes or cluster jobs."""
     from gliograde.data.source import load_data
+    from gliograde.training.plan import plan_run
 
-    cache, split = load_data(cfg)
-    cfg = with_split(dataclasses.replace(cfg, cache_dir=str(cache.path.resolve()), fold=0, repeat=0), split)
+    plan = plan_run(dataclasses.replace(cfg, fold=0, repeat=0), explicit, only)
+    cache, split = load_data(plan.cfg)
+    cfg = with_split(dataclasses.replace(plan.cfg, cache_dir=str(cache.path.resolve())), split)
     log.info("split: %s", describe(split))
-    folds = list(only) if isinstance(only, list) else parse_fold_list(only, cfg.folds)
+    folds = plan.folds
     todo, runs = [], {}
     for repeat in range(cfg.repeats):
         for fold in folds:
@@ -163,13 +169,54 @@ def plan_cv(cfg: TrainConfig, only: str | list[int] | None = None) -> tuple[Trai
 
 
 def run_cv(
-    cfg: TrainConfig, only: str | list[int] | None = None, parallel: int = 1, allow_partial: bool = False
+    cfg: TrainConfig,
+    only: str | list[int] | None = None,
+    parallel: int = 1,
+    allow_partial: bool = False,
+    explicit: set[str] | None = None,
 ) -> dict:
     """Train (or skip, or resume) each fold of each repeat, then summarize the results folder; returns the summary.
-    `only`: the folds to run ("0-4", "0,2" or a list; default all K), in every repeat."""
+    `only`: the folds to run ("0-4", "0,2" or a list; default all K), in every repeat. `explicit`: the configuration
+    keys the user set (training/plan.py adapts the others where the cohort cannot hold them; None: adapt none)."""
+    cfg, folds, todo, runs = plan_cv(cfg, only, explicit)
+    with resume_hint(RERUN_CV):
+        failures = _train_folds(todo, folds, runs, parallel)
+    if failures and not allow_partial:
+        detail = "; ".join(f"{name(key)}: {why}" for key, why in sorted(failures.items()))
+        raise CVError(
+            f"{len(failures)} fold(s) failed ({detail}). Completed folds are kept: once the cause is fixed, run the "
+            "same cv command again (complete folds are skipped)."
+        )
+    # the runs of this configuration, by name: a newer run made with other settings must not slip in
+    subset = folds != list(range(cfg.folds))
+    if subset:
+        log.warning("--only %s is a subset of the %d folds: the summary is labelled partial", folds, cfg.folds)
+    return summarize(cfg.output_dir, runs=[runs[k] for k in sorted(runs)], allow_partial=allow_partial or subset)
+
+
+RERUN_CV = "re-run the same gliograde cv command to resume (complete folds are skipped, this one goes on from last.pt)"
+
+
+@contextmanager
+def resume_hint(text: str):
+    """What an interrupted fold suggests (the trainer reads GLIOGRADE_RESUME_HINT, as do the fold processes this one
+    starts): under cv, the cv command, not `gliograde train --resume`."""
+    before = os.environ.get("GLIOGRADE_RESUME_HINT")
+    os.environ["GLIOGRADE_RESUME_HINT"] = text
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GLIOGRADE_RESUME_HINT", None)
+        else:
+            os.environ["GLIOGRADE_RESUME_HINT"] = before
+
+
+def _train_folds(todo: list[TrainConfig], folds: list[int], runs: dict, parallel: int) -> dict:
+    """Train the configurations of `todo` (one by one, or `parallel` at a time), adding their runs to `runs`;
+    returns the failures."""
     from gliograde.training.trainer import train_fold
 
-    cfg, folds, todo, runs = plan_cv(cfg, only)
     failures: dict[tuple[int, int], str] = {}
     if parallel <= 1 or len(todo) <= 1:
         for fcfg in todo:
@@ -188,14 +235,7 @@ def run_cv(
         done, failed = _train_parallel(todo, workers, gpus, threads)
         runs.update(done)
         failures.update(failed)
-    if failures and not allow_partial:
-        detail = "; ".join(f"{name(key)}: {why}" for key, why in sorted(failures.items()))
-        raise CVError(f"{len(failures)} fold(s) failed ({detail}). Completed folds are kept; run cv again to resume.")
-    # the runs of this configuration, by name: a newer run made with other settings must not slip in
-    subset = folds != list(range(cfg.folds))
-    if subset:
-        log.warning("--only %s is a subset of the %d folds: the summary is labelled partial", folds, cfg.folds)
-    return summarize(cfg.output_dir, runs=[runs[k] for k in sorted(runs)], allow_partial=allow_partial or subset)
+    return failures
 
 
 def fold_failure(key: tuple[int, int], error: Exception) -> str:

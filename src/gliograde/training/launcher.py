@@ -24,10 +24,12 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gliograde.config import TrainConfig
 from gliograde.errors import GliogradeError
+from gliograde.files import number
 
 log = logging.getLogger("gliograde")
 
@@ -96,7 +98,7 @@ def _run_fold_task(values: dict, threads: int | None) -> tuple[int, int, str, fl
     if state == "done":
         log.info("%s: complete run %s with this configuration; skipped", name(key), run)
         final = json.loads((run / "metrics" / "metrics.json").read_text())["final"]
-        return cfg.repeat, cfg.fold, str(run), float(final["auc"])
+        return cfg.repeat, cfg.fold, str(run), number(final["auc"])  # null (undefined AUC) back to NaN
     if state == "resume":
         log.info("%s: resuming the interrupted run %s", name(key), run)
         cfg = dataclasses.replace(cfg, resume=str(run))
@@ -104,7 +106,7 @@ def _run_fold_task(values: dict, threads: int | None) -> tuple[int, int, str, fl
         result = train_fold(cfg)
     except torch.cuda.OutOfMemoryError as e:
         raise LauncherError(f"{name(key)}: {runtime.oom_message(e, cfg.batch_size, cfg.grad_accum)}") from e
-    return cfg.repeat, cfg.fold, str(result.run_dir), float(result.final["auc"])
+    return cfg.repeat, cfg.fold, str(result.run_dir), number(result.final["auc"])  # read back from JSON under DDP
 
 
 def _requeue(values: dict, threads: int | None = None, gpus: str | None = None, lock_dir: str | None = None):
@@ -277,6 +279,60 @@ def submit_summary(
     _tidy(folder)
     log.info("summary: %s job %s (log %s)", launcher, job.job_id, job.paths.stderr)
     return job
+
+
+@dataclass
+class JobSettings:
+    """What `cv --launcher` asks of the scheduler, per fold task (and the summary's partition and account)."""
+
+    launcher: str  # slurm | local
+    jobs_dir: str | None = None  # submitit logs; default <output_dir>/jobs
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_task: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    time_min: int = 720
+    sbatch: list[str] = field(default_factory=list)  # KEY=VALUE: further #SBATCH settings
+    allow_partial: bool = False  # summarize even if folds are missing
+
+
+def sbatch_options(items: list[str]) -> dict[str, str] | None:
+    """--sbatch KEY=VALUE ... as a dict; an item without '=' is refused, named."""
+    bad = [item for item in items if "=" not in item or not item.split("=", 1)[0]]
+    if bad:
+        raise LauncherError(f"--sbatch {bad[0]!r}: give KEY=VALUE, e.g. --sbatch qos=high constraint=a100")
+    return dict(item.split("=", 1) for item in items) or None
+
+
+def launch_cv(cfg: TrainConfig, jobs: JobSettings, fold_list: str | list[int] | None = None,
+              explicit: set[str] | None = None) -> tuple[list, object]:  # fmt: skip
+    """cv through submitit: the folds still to train as a job array (each task resumes its fold when it finds it
+    unfinished), then the summary: by a dependent job on SLURM, at once locally (waiting for the folds, failures
+    logged). `explicit`: the configuration keys the user set. Returns (fold jobs, summary job)."""
+    from gliograde.training.cv import RERUN_CV, name, plan_cv, resume_hint
+
+    if jobs.launcher == "slurm" and shutil.which("sbatch") is None:
+        raise LauncherError(NO_SBATCH)  # before any cache is prepared
+    extra = sbatch_options(jobs.sbatch)
+    cfg, _, todo, _ = plan_cv(cfg, fold_list, explicit)
+    folder = Path(jobs.jobs_dir or Path(cfg.output_dir) / "jobs")
+    options = {"partition": jobs.partition, "account": jobs.account}
+    with resume_hint(RERUN_CV):  # the local tasks inherit it
+        submitted = submit_folds(todo, jobs.launcher, folder, gpus_per_task=jobs.gpus_per_task,
+                                 cpus_per_task=jobs.cpus_per_task, mem_gb=jobs.mem_gb, timeout_min=jobs.time_min,
+                                 extra_sbatch=extra, **options)  # fmt: skip
+        if submitted:
+            log.info("submitted %d fold(s) (%s): %s", len(submitted), jobs.launcher,
+                     ", ".join(j.job_id for j in submitted))  # fmt: skip
+        if jobs.launcher == "local":
+            _, failures = wait_and_collect(submitted) if submitted else ({}, {})
+            for key, why in sorted(failures.items()):
+                log.error("%s failed: %s", name(key), why)
+            options = {}  # the local summary job takes no scheduler options
+        summary = submit_summary(cfg.output_dir, submitted, jobs.launcher, folder, allow_partial=jobs.allow_partial,
+                                 **options)  # fmt: skip
+    return submitted, summary
 
 
 # ------------------------------------------------------------------------------------------------ status

@@ -1,11 +1,23 @@
-"""Losses: cross-entropy, LDAM (Cao et al., NeurIPS 2019) and its deferred re-weighting (DRW) schedule."""
+"""Losses: cross-entropy, LDAM (Cao et al., NeurIPS 2019) and its deferred re-weighting (DRW) schedule, and the
+table of losses (`LOSSES`) that everything else asks: the config check, the command line, the trainer (the module,
+the plot label, DRW), the checkpoint (the logit scale that `evaluate` and `predict` then read back).
+
+A new loss is one `register_loss(LossSpec(...))`, in this file or in the researcher's own (nnU-Net's `_build_loss`,
+timm's registries)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gliograde.config import ConfigError, register_choices
+from gliograde.errors import unknown_name
 
 
 class LDAMLoss(nn.Module):
@@ -50,12 +62,54 @@ def drw_weights(cls_num_list) -> torch.Tensor:
     return torch.tensor(w * len(w) / w.sum(), dtype=torch.float32)
 
 
-def make_loss(name: str, cls_num_list, max_m: float = 0.5, s: float = 30.0) -> nn.Module:
-    if name == "ldam":
-        return LDAMLoss(cls_num_list, max_m=max_m, s=s)
-    return CrossEntropy()
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss: `build(class_counts, cfg)` -> the nn.Module (logits, targets) -> loss; `logit_scale(cfg)` -> s, where
+    P(HGG) = softmax(s x logits) (the scale the loss itself applied to the logits; 1 for plain logits), recorded in
+    every checkpoint; `drw`: deferred re-weighting applies (the module then has a `weight` buffer that the trainer
+    sets from --drw-start-epoch on)."""
+
+    name: str
+    display: str  # how plots and logs name it
+    build: Callable[[list[int], Any], nn.Module]
+    logit_scale: Callable[[Any], float] = lambda cfg: 1.0
+    drw: bool = False
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(spec: LossSpec) -> LossSpec:
+    """Add (or replace) a loss in the table; `--loss NAME` and configuration files may then name it."""
+    LOSSES[spec.name] = spec
+    return spec
+
+
+def get_loss(name: str, where: str = "--loss") -> LossSpec:
+    """The spec of a registered loss; `where`: what gave the name, for the one-line error."""
+    if name not in LOSSES:
+        raise ConfigError(unknown_name(where, name, LOSSES, "loss"))
+    return LOSSES[name]
+
+
+register_loss(LossSpec("ce", "cross-entropy", lambda counts, cfg: CrossEntropy()))
+register_loss(
+    LossSpec(
+        "ldam",
+        "LDAM",
+        lambda counts, cfg: LDAMLoss(counts, max_m=cfg.max_m, s=cfg.ldam_s),
+        logit_scale=lambda cfg: float(cfg.ldam_s),  # its probabilities come from the scaled logits s x z it used
+        drw=True,
+    )
+)
+register_choices("loss", "loss", LOSSES)
+
+
+def make_loss(cfg, cls_num_list, where: str = "--loss") -> nn.Module:
+    """The loss module `cfg.loss` names, for a training set of `cls_num_list` cases per class."""
+    return get_loss(cfg.loss, where).build(list(cls_num_list), cfg)
 
 
 def drw_active(loss: str, drw_start_epoch: int | None, epoch: int) -> bool:
-    """DRW applies to LDAM from the 1-based epoch `drw_start_epoch` on."""
-    return loss == "ldam" and drw_start_epoch is not None and epoch >= drw_start_epoch
+    """DRW applies to a loss whose spec says so (LDAM) from the 1-based epoch `drw_start_epoch` on."""
+    return get_loss(loss).drw and drw_start_epoch is not None and epoch >= drw_start_epoch

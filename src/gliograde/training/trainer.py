@@ -28,25 +28,25 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from gliograde import runtime
-from gliograde.config import TrainConfig, validate, with_split
+from gliograde.checkpoints import LAST, CheckpointWriter, load_checkpoint, save_epoch
+from gliograde.config import TrainConfig, check_config, with_split
 from gliograde.data.augment import AugmentParams
-from gliograde.data.delivery import make_delivery, use_device_path
+from gliograde.data.data_path import make_fold_data, use_device_path
 from gliograde.data.slices import check_bag_sizes
 from gliograde.data.source import load_data
 from gliograde.data.splits import fold_split
 from gliograde.errors import GliogradeError
 from gliograde.evaluation.calibration import fit_operating_point, seeds_point
-from gliograde.evaluation.metrics import compute_metrics
+from gliograde.evaluation.metrics import compute_metrics, monitored
 from gliograde.evaluation.plots import PlotWriter, save_figure
-from gliograde.evaluation.scoring import evaluate_checkpoint, predict
+from gliograde.evaluation.scoring import evaluate_checkpoint, score_loader
 from gliograde.evaluation.stats import honest_statistics, reliability_figure
 from gliograde.files import write_json
-from gliograde.networks import build_for
+from gliograde.networks import build_for, describe_model
 from gliograde.training import distributed
-from gliograde.training.checkpoints import LAST, CheckpointWriter, load_checkpoint, save_epoch
 from gliograde.training.distributed import Dist
 from gliograde.training.ema import EMA
-from gliograde.training.losses import drw_active, drw_weights, make_loss
+from gliograde.training.losses import drw_active, drw_weights, get_loss, make_loss
 from gliograde.training.optim import make_optimizer, make_scheduler
 from gliograde.training.rng import rng_state, set_rng_state
 from gliograde.training.run_folder import (
@@ -97,7 +97,7 @@ def summary(values) -> dict:
 def train_fold(cfg: TrainConfig, on_epoch_end=None, run_dir: Path | None = None) -> RunResult:
     """Train one fold. With --multi-gpu (and no torchrun around it) the fold goes to `distributed.launch`, which
     runs this function once per GPU (or per --nproc gloo process); `run_dir` is then the folder it made."""
-    validate(cfg, log)
+    check_config(cfg, log)
     request = "cuda" if cfg.gpu else cfg.device
     if cfg.multi_gpu and "WORLD_SIZE" not in os.environ:
         nproc = distributed.processes(cfg.nproc, request)
@@ -162,7 +162,7 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
         log.addHandler(handler)
         if log.getEffectiveLevel() > logging.INFO:  # the run's log file gets INFO whatever the caller configured
             log.setLevel(logging.INFO)
-        plots = PlotWriter(run_dir / "plots", "LDAM" if cfg.loss == "ldam" else "cross-entropy")
+        plots = PlotWriter(run_dir / "plots", get_loss(cfg.loss).display)
         name = f"fold_{cfg.fold}" + (f"_repeat_{cfg.repeat}" if cfg.repeat else "") + f"_{run_dir.name}"
         tracking = RunLogger(run_dir, cfg.tensorboard, cfg.mlflow, name, cfg.identity())
     status = "FAILED"
@@ -179,7 +179,8 @@ def _fold(cfg: TrainConfig, d: Dist, on_epoch_end, run_dir: Path | None) -> RunR
         raise
     except KeyboardInterrupt:
         status = "KILLED"
-        log.warning("interrupted; resume with: gliograde train --fold %d --resume %s", cfg.fold, run_dir)
+        hint = os.environ.get("GLIOGRADE_RESUME_HINT")  # set by cv: re-run the cv command (training/cv.py)
+        log.warning("interrupted; %s", hint or f"resume with: gliograde train --fold {cfg.fold} --resume {run_dir}")
         raise
     finally:
         if tracking is not None:
@@ -207,7 +208,9 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
     if resume is None and d.main:
         write_run_config(run_dir, cfg, cache, device, p.precision, plan, data.path, split, folds_doc)
     writer = CheckpointWriter() if d.main else None
-    arch = {"in_channels": len(channels), "preprocess": cache.manifest["params"]}
+    # what every checkpoint records to be rebuilt and read: the network's description, the loss's logit scale
+    described = {"arch": describe_model(cfg, len(channels)), "logit_scale": p.scale,
+                 "preprocess": cache.manifest["params"]}  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ the epochs
     try:
@@ -239,7 +242,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
                     "batch_plan": plan.to_dict(),
                     "precision": p.precision.to_dict(),  # reused by --resume, whatever the stack decides then
                 }
-                save_epoch(writer, run_dir / "checkpoints", cfg, arch, epoch, p.model, p.ema, (m, em),
+                save_epoch(writer, run_dir / "checkpoints", cfg, described, epoch, p.model, p.ema, (m, em),
                            (is_best, ema_best), resume_state)  # fmt: skip
                 write_json(
                     run_dir / "metrics" / "metrics.json",
@@ -263,9 +266,9 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
 
     if not d.main:
         return RunResult(run_dir, {}, history)  # rank 0 evaluates and writes the results
-    p.loss_fn.weight = None  # the final loss unweighted, as `evaluate` computes it (DRW weights are a training device)
-    return finish(cfg, cache, split, data, device, p.precision, p.loss_fn, p.scale, counts, history, run_dir, plots,
-                  tracking)  # fmt: skip
+    if get_loss(cfg.loss).drw:  # the final loss unweighted, as `evaluate` computes it (DRW is a training device)
+        p.loss_fn.weight = None
+    return finish(cfg, cache, split, data, device, p.precision, p.loss_fn, counts, history, run_dir, plots, tracking)
 
 
 # ------------------------------------------------------------------------------------------- set-up, in steps
@@ -287,18 +290,14 @@ class Parts:
 
 
 def deliver(cfg, d, cache, split, train_rows, monitor_rows, channels, device, generator, plan, counts):
-    """The fold's data delivery (data/delivery.py), after the MIL bag check; logs what the fold trains on."""
+    """The fold's data (data/data_path.py), after the MIL bag check; logs what the fold trains on."""
     if cfg.model == "mil2d":
         try:
             check_bag_sizes(cache, np.concatenate([split.train, split.val]), channels, cfg.mil_k, log)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-    augment = (
-        AugmentParams(cfg.flip_prob, cfg.rotate_deg, cfg.scale_range, cfg.intensity_scale, cfg.intensity_shift)
-        if cfg.augment
-        else None
-    )
-    data = make_delivery(
+    augment = AugmentParams.from_config(cfg)  # None with --no-augment
+    data = make_fold_data(
         cache, train_rows, {"monitor": monitor_rows, "final": split.val}, channels, device,
         on_device=use_device_path(cfg.data_path, device, d.active), batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum, sampler=cfg.sampler, generator=generator, augment=augment,
@@ -341,10 +340,13 @@ def build_parts(cfg, d, device, channels, plan, steps_per_epoch, counts, resume)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
+    loss = get_loss(cfg.loss)  # the table of losses (training/losses.py)
+    scale = float(loss.logit_scale(cfg))
+    log.info("Loss: %s; P(HGG) = softmax(%g x logits)", loss.display, scale)
     return Parts(
         model, net, ema, precision, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
-        torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
-        make_loss(cfg.loss, counts, cfg.max_m, cfg.ldam_s).to(device), logit_scale(cfg), channels_last,
+        torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), make_loss(cfg, counts).to(device), scale,
+        channels_last,
     )  # fmt: skip
 
 
@@ -376,9 +378,11 @@ def restore(cfg, d, p: Parts, resume, generator, device, run_dir) -> tuple[list[
 
 
 def set_drw(cfg, loss_fn, counts, epoch: int, device) -> bool:
-    """LDAM's deferred re-weighting: the class weights of this epoch (None before --drw-start-epoch)."""
+    """Deferred re-weighting of a loss whose spec takes it (LDAM): the class weights of this epoch (None before
+    --drw-start-epoch). Another loss's module is left as it is."""
     drw = drw_active(cfg.loss, cfg.drw_start_epoch, epoch)
-    loss_fn.weight = drw_weights(counts).to(device) if drw else None
+    if get_loss(cfg.loss).drw:
+        loss_fn.weight = drw_weights(counts).to(device) if drw else None
     if drw and not drw_active(cfg.loss, cfg.drw_start_epoch, epoch - 1):
         log.info("DRW activated at epoch %d: class weights %s", epoch, loss_fn.weight.tolist())
     return drw
@@ -392,7 +396,7 @@ def monitor(d, p: Parts, data, device):
         distributed.sync_buffers(d, p.ema)
 
     def scored(m):
-        loss, probs, labels = predict(m, data.batches("monitor"), device, p.precision.dtype, p.loss_fn, p.scale,
+        loss, probs, labels = score_loader(m, data.batches("monitor"), device, p.precision.dtype, p.loss_fn, p.scale,
                                       allow_empty=d.active)  # fmt: skip
         return distributed.gather_predictions(d, loss, probs, labels)
 
@@ -469,27 +473,13 @@ def train_epoch(
     return distributed.mean(d, float(total) / max(seen, 1)), throughput
 
 
-MONITORED = (
-    "auc",
-    "f1",
-    "accuracy",
-    "precision",
-    "recall",
-    "balanced_accuracy",
-    "sensitivity",
-    "specificity",
-    "fn",
-    "fp",
-)
-
-
 def epoch_record(epoch, train_loss, val_loss, m, em, optimizer, drw, throughput) -> dict:
     """One epoch of metrics.json's history. `val_*` are the monitored set's (the selection part with inner)."""
     record = {
         "epoch": epoch,
         "train_loss": train_loss,
         "val_loss": val_loss,
-        **{f"val_{k}": m[k] for k in MONITORED},
+        **{f"val_{k}": m[k] for k in monitored()},  # the table of metrics (evaluation/metrics.py)
         "lr_backbone": optimizer.param_groups[0]["lr"],
         "lr_head": optimizer.param_groups[1]["lr"],
         "drw_active": drw,
@@ -523,7 +513,7 @@ def log_epoch(cfg, r: dict, m: dict, is_best: bool, ema: bool) -> None:
 
 
 def finish(
-    cfg, cache, split, data, device, precision, loss_fn, scale, counts, history, run_dir, plots, tracking
+    cfg, cache, split, data, device, precision, loss_fn, counts, history, run_dir, plots, tracking
 ) -> RunResult:
     """The reported fold scored once with the selected checkpoint at the operating point (fitted on the selection
     part with inner), its predictions, figures and metrics.json."""
@@ -541,7 +531,6 @@ def finish(
         device,
         precision,  # training's decision, taken once
         loss_fn,
-        logit_scale=scale,
         point=None if inner else seeds_point(counts),
         select_loader=data.batches("monitor", shard=False) if inner else None,
         fit_point=fit_point if inner else None,
@@ -596,11 +585,6 @@ def finish(
         run_dir,
     )
     return RunResult(run_dir, final, history)
-
-
-def logit_scale(cfg) -> float:
-    """LDAM's probabilities come from the scaled logits s x z its loss used; cross-entropy's from z."""
-    return float(cfg.ldam_s) if cfg.loss == "ldam" else 1.0
 
 
 def batch_plan(cfg, d: Dist, device: torch.device, n_train: int, resume: dict | None) -> distributed.BatchPlan:

@@ -34,10 +34,11 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def checkpoint_payload(cfg, arch: dict, epoch: int, state_dict: dict, metrics: dict, is_ema: bool = False) -> dict:
+def checkpoint_payload(cfg, record: dict, epoch: int, state_dict: dict, metrics: dict, is_ema: bool = False) -> dict:
     """What every gliograde checkpoint holds: the weights, the epoch and its monitored metrics, the configuration,
-    and what `evaluate` / `predict` need to rebuild the network and prepare a new case (`arch`: in_channels and the
-    cache's preprocessing parameters)."""
+    and what `evaluate` / `predict` need to rebuild the network and prepare a new case, from `record`: "arch" (the
+    network's description, networks.describe_model), "logit_scale" (the loss's: P(HGG) = softmax(s x logits)) and
+    "preprocess" (the cache's preprocessing parameters)."""
     return {
         "model_state_dict": state_dict,
         "epoch": epoch,
@@ -47,40 +48,30 @@ def checkpoint_payload(cfg, arch: dict, epoch: int, state_dict: dict, metrics: d
         "config_identity": cfg.identity(),
         "modalities": cfg.modalities,
         "size": cfg.size,
-        "preprocess": arch["preprocess"],
-        "arch": {
-            "model": cfg.model,
-            "depth": cfg.depth,
-            "layout": cfg.layout,
-            "shortcut": cfg.shortcut,
-            "in_channels": arch["in_channels"],
-            "num_classes": 2,
-            **(
-                {
-                    "k": cfg.mil_k,
-                    "pooling": cfg.mil_pooling,
-                    "min_gap": cfg.mil_min_gap,
-                    "dropout": cfg.dropout,
-                    "entropy_channel": cfg.modalities.index(cfg.mil_entropy_modality)
-                    if cfg.mil_entropy_modality
-                    else None,
-                }
-                if cfg.model == "mil2d"
-                else {}
-            ),
-        },
+        "preprocess": record["preprocess"],
+        "arch": record["arch"],
+        "logit_scale": float(record["logit_scale"]),
     }
 
 
-def save_epoch(writer, folder: Path, cfg, arch, epoch, model, ema, metrics, improved, resume_state: dict) -> None:
+def checkpoint_logit_scale(ckpt: dict) -> float:
+    """The scale s of P(HGG) = softmax(s x logits) a checkpoint was trained with: its recorded `logit_scale`; for a
+    checkpoint written before it was recorded, the rule of then from its run configuration (LDAM: its s; else 1)."""
+    if "logit_scale" in ckpt:
+        return float(ckpt["logit_scale"])
+    saved = ckpt.get("config") or {}
+    return float(saved.get("ldam_s", 30.0)) if saved.get("loss") == "ldam" else 1.0
+
+
+def save_epoch(writer, folder: Path, cfg, record, epoch, model, ema, metrics, improved, resume_state: dict) -> None:
     """The checkpoint policy of an epoch: best.pt when the raw weights improved, best_ema.pt when the EMA weights did
     (each with the metrics it was selected on), and last.pt (everything a resume needs) every epoch."""
     (m, em), (is_best, ema_best) = metrics, improved
     if is_best:
-        writer.submit(checkpoint_payload(cfg, arch, epoch, model.state_dict(), m), folder / BEST)
+        writer.submit(checkpoint_payload(cfg, record, epoch, model.state_dict(), m), folder / BEST)
     if ema_best:
-        writer.submit(checkpoint_payload(cfg, arch, epoch, ema.module.state_dict(), em, True), folder / BEST_EMA)
-    writer.submit({**checkpoint_payload(cfg, arch, epoch, model.state_dict(), m), **resume_state}, folder / LAST)
+        writer.submit(checkpoint_payload(cfg, record, epoch, ema.module.state_dict(), em, True), folder / BEST_EMA)
+    writer.submit({**checkpoint_payload(cfg, record, epoch, model.state_dict(), m), **resume_state}, folder / LAST)
 
 
 def cpu_copy(obj):

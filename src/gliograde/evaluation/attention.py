@@ -30,7 +30,7 @@ from gliograde.data.brats import discover_cases
 from gliograde.data.cache import GEOMETRY, VolumeCache
 from gliograde.data.preprocess import Geometry, load_segmentation
 from gliograde.errors import DataError, GliogradeError
-from gliograde.inference.saliency import grad_cam
+from gliograde.networks.gradcam import grad_cam
 from gliograde.networks.resnet3d import ResNet3D
 
 HGG = GRADES.index("HGG")

@@ -1,4 +1,5 @@
-"""Delivering cached volumes to the training loop: a Dataset over the memory-mapped cache and its DataLoaders.
+"""The DataLoader data path (`--data-path loader`, the seeds'): a Dataset over the memory-mapped cache, its
+DataLoaders, and `LoaderStream`, the training stream of the device path's interface (data/device_path.py).
 
 Augmentation is not done here but on the batch (gliograde.data.augment), on whatever device it lives on.
 """
@@ -6,11 +7,13 @@ Augmentation is not done here but on the batch (gliograde.data.augment), on what
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
+from gliograde.data.augment import AugmentParams, augment_batch
 from gliograde.data.cache import VolumeCache
 
 
@@ -78,3 +81,22 @@ def make_val_loader(val: CacheDataset, batch_size: int, workers: int, pin_memory
     return DataLoader(
         val, batch_size=max(2 * batch_size, 8), shuffle=False, num_workers=workers, pin_memory=pin_memory, **extra
     )
+
+
+class LoaderStream:
+    """The DataLoader path behind the same interface: batches moved to the device, then augmented there."""
+
+    def __init__(self, loader, device: torch.device, generator: torch.Generator, augment: AugmentParams | None, n: int):
+        self.loader, self.device, self.generator, self.augment, self.n = loader, device, generator, augment, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, (x, y) in enumerate(self.loader):
+            if i >= self.n:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.augment:
+                x = augment_batch(x, self.augment, self.generator)
+            yield x, y

@@ -1,9 +1,11 @@
-"""How a fold's volumes reach the model: the training stream and the scoring sets, on either data path.
+"""How a fold's volumes reach the model (`--data-path auto|device|loader`): the training stream and the scoring
+sets, on either data path.
 
-device: the volumes of each set held beside the model (`DeviceVolumes`), batches gathered by index, augmented on the
-device. loader: the seeds' DataLoader over the memory-mapped cache. Both give the trainer the same two things: a
-training stream of micro-batches and, per named scoring set ("monitor": what early stopping watches every epoch;
-"final": the patients scored once at the end), an iterable of (x, y) batches, each rank's share under DDP or all.
+device (data/device_path.py): the volumes of each set held beside the model (`DeviceVolumes`), batches gathered by
+index, augmented on the device. loader (data/loader_path.py): the seeds' DataLoader over the memory-mapped cache.
+Both give the trainer the same two things: a training stream of micro-batches and, per named scoring set
+("monitor": what early stopping watches every epoch; "final": the patients scored once at the end), an iterable of
+(x, y) batches, each rank's share under DDP or all.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import torch
 
 from gliograde.data.augment import AugmentParams
 from gliograde.data.cache import VolumeCache
-from gliograde.data.fast import DeviceStream, DeviceVolumes, LoaderStream
-from gliograde.data.loader import CacheDataset, make_loaders, make_val_loader
+from gliograde.data.device_path import DeviceStream, DeviceVolumes
+from gliograde.data.loader_path import CacheDataset, LoaderStream, make_loaders, make_val_loader
 
 log = logging.getLogger("gliograde")
 
 
-class Delivery:
+class FoldData:
     """The training stream (`stream`, `steps_per_epoch`) and the scoring sets (`batches(name, shard)`)."""
 
     def __init__(self, stream, steps_per_epoch: int, sets: dict[str, Callable[[bool], Iterable]], path: str):
@@ -40,7 +42,7 @@ def use_device_path(data_path: str, device: torch.device, distributed: bool) -> 
     return data_path == "device" or (data_path == "auto" and device.type == "cuda") or distributed
 
 
-def make_delivery(
+def make_fold_data(
     cache: VolumeCache,
     train_rows,
     scoring_rows: dict[str, np.ndarray],
@@ -58,8 +60,8 @@ def make_delivery(
     world: int = 1,
     micro_batch: int | None = None,
     per_gpu: bool = False,
-) -> Delivery:
-    """The delivery of one fold. `scoring_rows` names the scored sets; sets with the same rows share their data.
+) -> FoldData:
+    """The data of one fold. `scoring_rows` names the scored sets; sets with the same rows share their data.
     Under DDP the global batch of a step is batch_size x grad_accum (x world with `per_gpu`), each rank's share in
     micro-batches of `micro_batch` (the trainer's batch plan)."""
     if on_device:
@@ -81,7 +83,7 @@ def make_delivery(
                               per_gpu)  # fmt: skip
         where = f"on {device}" if train.on_device else "in pinned host memory"
         log.info("Data path: %.2f GB of training volumes held %s, batches gathered by index", train.nbytes / 1e9, where)
-        return Delivery(stream, stream.steps, sets, "DeviceStream")
+        return FoldData(stream, stream.steps, sets, "DeviceStream")
 
     first, *others = scoring_rows.items()
     train_loader, first_loader = make_loaders(
@@ -105,4 +107,4 @@ def make_delivery(
     steps = len(train_loader) // grad_accum
     stream = LoaderStream(train_loader, device, generator, augment, steps * grad_accum)
     sets = {name: (lambda shard, loader=loader: loader) for name, loader in loaders.items()}
-    return Delivery(stream, steps, sets, "LoaderStream")
+    return FoldData(stream, steps, sets, "LoaderStream")

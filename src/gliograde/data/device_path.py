@@ -1,4 +1,5 @@
-"""The fast data path: training volumes held where the model is, micro-batches drawn by index.
+"""The device data path (`--data-path device`): training volumes held where the model is, micro-batches drawn by
+index.
 
 `DeviceVolumes` holds the cache rows of a fold as one float16 tensor: on the GPU when it fits (the whole BraTS 2018
 set at 128^3 is 4.8 GB), else in pinned host memory, copied a batch ahead on a side stream; on the CPU, in RAM.
@@ -7,7 +8,7 @@ set at 128^3 is 4.8 GB), else in pinned host memory, copied a batch ahead on a s
 incomplete batch dropped), augments each batch in one grid_sample call, and under DDP hands every rank its share.
 All random numbers come from one CPU generator that every rank advances identically, so W ranks see together exactly
 the volumes of each optimizer step that one process with the same global batch sees.
-`LoaderStream` is the seeds' DataLoader path behind the same interface.
+The DataLoader path behind the same interface is `loader_path.LoaderStream`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from gliograde.data.augment import AugmentParams, apply_params, augment_batch, draw_params, to_device
+from gliograde.data.augment import AugmentParams, apply_params, draw_params, to_device
 from gliograde.data.cache import VolumeCache
-from gliograde.data.loader import inverse_frequency_weights
+from gliograde.data.loader_path import inverse_frequency_weights
 
 DEVICE_MEMORY_FRACTION = 0.5  # at most this share of the free GPU memory is used for volumes
 
@@ -161,22 +162,3 @@ class DeviceStream:
     def _ready(self, started, params) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.volumes.finish(*started)
         return (apply_params(x, params) if params else x), y
-
-
-class LoaderStream:
-    """The DataLoader path behind the same interface: batches moved to the device, then augmented there."""
-
-    def __init__(self, loader, device: torch.device, generator: torch.Generator, augment: AugmentParams | None, n: int):
-        self.loader, self.device, self.generator, self.augment, self.n = loader, device, generator, augment, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i, (x, y) in enumerate(self.loader):
-            if i >= self.n:
-                break
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.augment:
-                x = augment_batch(x, self.augment, self.generator)
-            yield x, y
