@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny
+from conftest import REPO, logged, tiny
 
 from gliograde.checkpoints import CheckpointError, select_checkpoint
 from gliograde.cli import build_parser, config_from_args, main
@@ -130,13 +130,23 @@ def test_drw_weights_and_schedule():
     assert not drw_active("ce", 1, 5) and not drw_active("ldam", None, 5)
 
 
-@pytest.mark.slow
-def test_drw_switches_on_during_a_run(tiny_cache, tmp_path, caplog):
-    cfg = tiny(tiny_cache, tmp_path, loss="ldam", sampler="shuffle", drw_start_epoch=2)
-    with caplog.at_level("INFO", logger="gliograde"):
+@pytest.fixture(scope="module")
+def featured_run(tiny_cache, tmp_path_factory):
+    """One 3-epoch run holding what three tests read (one training, not three): LDAM with DRW from epoch 2 (shuffled
+    batches), EMA weights, MLflow instead of TensorBoard. (result, its results folder, what it logged at INFO)."""
+    out = tmp_path_factory.mktemp("featured")
+    cfg = tiny(tiny_cache, out, loss="ldam", sampler="shuffle", drw_start_epoch=2, ema_decay=0.9, mlflow="default",
+               tensorboard=False)  # fmt: skip
+    with logged() as log:
         result = train_fold(cfg)
+    return result, out / "res", log.getvalue()
+
+
+@pytest.mark.slow
+def test_drw_switches_on_during_a_run(featured_run):
+    result, _, logs = featured_run
     assert [h["drw_active"] for h in result.history] == [False, True, True]
-    assert "DRW activated at epoch 2" in caplog.text
+    assert "DRW activated at epoch 2" in logs
 
 
 def test_config_warns_about_the_seeds_pitfalls(caplog):
@@ -192,12 +202,11 @@ def test_checkpoint_policy_never_uses_last(tmp_path):
 
 
 @pytest.mark.slow
-def test_ema_run_evaluates_best_ema(tiny_cache, tmp_path, caplog):
-    with caplog.at_level("INFO", logger="gliograde"):
-        result = train_fold(tiny(tiny_cache, tmp_path, ema_decay=0.9))
+def test_ema_run_evaluates_best_ema(featured_run):
+    result, _, logs = featured_run
     assert (result.run_dir / "checkpoints" / "best_ema.pt").is_file()
     assert result.final["checkpoint"] == "best_ema.pt" and result.final["used_ema"]
-    assert "Using EMA best checkpoint: best_ema.pt" in caplog.text
+    assert "Using EMA best checkpoint: best_ema.pt" in logs
     assert all("ema_val_auc" in h for h in result.history)
     # the stored operating point belongs to best_ema.pt: re-scoring best.pt fits its own on the selection part
     from gliograde.evaluation.evaluate import evaluate_run
@@ -210,12 +219,12 @@ def test_ema_run_evaluates_best_ema(tiny_cache, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_a_run_logs_to_mlflow_when_asked(tiny_cache, tmp_path):
+def test_a_run_logs_to_mlflow_when_asked(featured_run):
     from mlflow.tracking import MlflowClient
 
-    result = train_fold(tiny(tiny_cache, tmp_path, epochs=2, min_epochs=2, mlflow="default", tensorboard=False))
+    result, results, _ = featured_run
     assert not (result.run_dir / "tensorboard").exists()
-    client = MlflowClient((tmp_path / "res" / "mlruns").as_uri())
+    client = MlflowClient((results / "mlruns").as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("gliograde").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["depth"] == "10"
     history = client.get_metric_history(run.info.run_id, "val/auc")
