@@ -18,12 +18,14 @@ $(STAMP): requirements/cpu.txt requirements/dev.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gliograde demo
 
+# two pytest-xdist workers (one per core of a CI machine); the tests of each shared trained fixture share a worker
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The inner loop: every test that trains nothing (no fold, no CV, no demo) and needs no GPU. CI runs `make test`.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not gpu"
 
 # The GPU path, proven in one command (<= 8 min on one GPU; writes gpu-check.json; exit 1 with one line without
 # CUDA). It runs with the Python that holds the CUDA build of torch ($(GPU_PYTHON)), not the CPU .venv; packages that

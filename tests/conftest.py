@@ -48,6 +48,24 @@ TRAINING_FIXTURES = {"cv_run", "demo_run", "one_process_run", "mil_cv", "focal_r
 DEMO_TIMEOUT_S = 1800
 
 
+# Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`) a session fixture is built once per worker that
+# asks for it: the tests of each shared trained fixture go to one worker, so that each trains once per session.
+SHARED_GROUPS = ("demo_run", "cv_run", "one_process_run", "mil_cv")
+
+
+def pytest_configure(config):
+    """Each xdist worker gets its share of the cores, for torch here and for the processes it starts: two workers
+    with two threads each on two cores would thrash."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         trains = TRAINING_FIXTURES.intersection(item.fixturenames)
@@ -55,6 +73,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
         if "demo_run" in trains:
             item.add_marker(pytest.mark.timeout(DEMO_TIMEOUT_S))
+        group = next((name for name in SHARED_GROUPS if name in item.fixturenames), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @contextlib.contextmanager

@@ -44,6 +44,9 @@ def _add_synth(sub):
         help="what predicts the grade: the tumour's look (default), nothing (permuted grades), or the site only "
         "(single-grade sites with a scanner imprint): sets whose honest answer is known",
     )
+    p.add_argument("--target", default=None, metavar="NAME",
+                   help="also write cohort.csv with a second binary column NAME (positive/negative, following the "
+                   "tumour's look with 15 %% flipped): a non-grade question for --cohort")  # fmt: skip
     p.set_defaults(func=cmd_synth)
 
 
@@ -52,7 +55,8 @@ def cmd_synth(args) -> None:
 
     start = time.perf_counter()
     out, reused = synthesize(
-        args.out, args.cases, args.shape, args.seed, args.hgg_fraction, args.workers, signal=args.signal
+        args.out, args.cases, args.shape, args.seed, args.hgg_fraction, args.workers, signal=args.signal,
+        target=args.target,
     )
     if reused:
         log.info("%s already holds this synthetic set; nothing written", out)
@@ -79,8 +83,20 @@ def _add_prepare(sub):
         help="leave out cases with missing or unreadable files (listed in the report) instead of failing",
     )
     add_split_flags(p)
+    add_cohort_flags(p)
     p.add_argument("--seed", dest="split_seed", type=int, default=argparse.SUPPRESS, help="alias of --split-seed")
     p.set_defaults(func=cmd_prepare)
+
+
+COHORT_FIELDS = ("cohort", "target", "positive", "negative", "id_column", "patient_column", "site_column")
+
+
+def add_cohort_flags(p: argparse.ArgumentParser) -> None:
+    """--cohort TABLE and its columns and target: the same flags on prepare, train, cv, validate and predict."""
+    g = p.add_argument_group("a cohort table instead of a BraTS folder (docs/your-own-cohort.md)")
+    for f, names, kw in config_options():
+        if f.name in COHORT_FIELDS:
+            g.add_argument(*names, **kw)
 
 
 def add_split_flags(p: argparse.ArgumentParser) -> None:
@@ -94,50 +110,86 @@ def add_split_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from gliograde.data.brats import resolve_data_root
+    from gliograde.data.cohort import CohortSource
     from gliograde.data.source import prepare_and_split
     from gliograde.data.splits import SplitSpec
 
     spec = SplitSpec(*(getattr(args, k, None) for k in SPLIT_FIELDS))
-    prepare_and_split(resolve_data_root(args.data_root), args.out, args.size, args.workers, args.skip_incomplete, spec)
+    source = CohortSource.from_config(args)
+    prepare_and_split(args.data_root, args.out, args.size, args.workers, args.skip_incomplete, spec, source)
 
 
 SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", "inner_fraction")
 
 
+# --------------------------------------------------------------------------------------------- cohort
+def _add_cohort(sub):
+    p = sub.add_parser("cohort", help="write the cohort table of a folder in any known layout, labels joined")
+    p.add_argument("root", metavar="DIR", help="BraTS 2018-2023, UCSF-PDGM, or plain case folders")
+    p.add_argument("--out", required=True, help="the table to write (.csv, or .tsv); a new file")
+    p.add_argument("--labels", default=None, metavar="TABLE", help="a table of labels to join (CSV/TSV)")
+    p.add_argument("--join", default=None, metavar="COLUMN", help="its id column (default: id/subject/case)")
+    p.add_argument("--bias", action="store_true", help="UCSF-PDGM: the bias-corrected _bias files")
+    p.add_argument("--skip-incomplete", action="store_true", help="leave out cases with missing or unreadable files")
+    p.set_defaults(func=cmd_cohort)
+
+
+def cmd_cohort(args) -> None:
+    from gliograde.data.cohort_writer import write_cohort
+
+    if args.join is not None and args.labels is None:
+        raise GliogradeError("--join names a column of --labels TABLE: pass --labels too")
+    written = write_cohort(args.root, args.out, args.labels, args.join, args.bias, args.skip_incomplete)
+    print(written.report(Path(args.labels) if args.labels else None))
+
+
 # ----------------------------------------------------------------------------------------- model-info
 def _add_model_info(sub):
-    p = sub.add_parser("model-info", help="parameters, GFLOPs per volume and activation memory of a ResNet-3D")
-    p.add_argument("--depth", type=int, default=50, choices=config_choices("depth"))
+    p = sub.add_parser("model-info", help="parameters, GFLOPs per volume and activation memory of a network")
+    p.add_argument("--model", choices=config_choices("model"), metavar="MODEL", default="resnet3d",
+                   help="the network, one of: %(choices)s (default resnet3d)")  # fmt: skip
+    p.add_argument("--depth", type=int, default=None, choices=config_choices("depth"),
+                   help="ResNet depth (default 50; mil2d: 18; MONAI's networks: irrelevant)")  # fmt: skip
     p.add_argument("--layout", default="strided", choices=config_choices("layout"))
     p.add_argument("--shortcut", default="B", choices=config_choices("shortcut"))
     p.add_argument("--in-channels", type=int, default=4)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--num-classes", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8, help="the step the totals are given for (default 8)")
     p.set_defaults(func=cmd_model_info)
 
 
 def cmd_model_info(args) -> None:
     import torch
 
-    from gliograde.networks.profile import profile_model
-    from gliograde.networks.resnet3d import ResNet3D
+    from gliograde.config import check_config, resolve
+    from gliograde.networks import get_architecture
+    from gliograde.networks.profile import meta_model, profile_description
 
-    model = ResNet3D(args.depth, args.in_channels, args.num_classes, args.shortcut, args.layout)
-    fp32 = profile_model(model, args.in_channels, args.size)
-    bf16 = profile_model(model, args.in_channels, args.size, torch.bfloat16)
+    if args.in_channels < 1 or args.num_classes < 2 or args.batch_size < 1:
+        raise GliogradeError("--in-channels and --batch-size must be at least 1, --num-classes at least 2")
+    cfg = check_config(resolve("final", model=args.model, depth=args.depth, layout=args.layout, size=args.size,
+                               shortcut=args.shortcut, dropout=0.0))  # fmt: skip
+    desc = {**get_architecture(cfg.model).describe(cfg, args.in_channels), "num_classes": args.num_classes}
+    fp32 = profile_description(desc, args.size)
+    bf16 = profile_description(desc, args.size, torch.bfloat16)
+    where = {"meta": "on the meta device (shapes only, nothing computed)",
+             "cpu": "on the CPU, computed (its forward pass reads values: the meta device cannot run it)"}  # fmt: skip
+    gib, b = 2**30, args.batch_size
     rows = [
-        ("network", model.describe()),
+        ("network", meta_model(desc).describe()),
         ("input", f"{args.in_channels} x {args.size}^3"),
         ("parameters", f"{fp32.params / 1e6:.2f} M"),
-        ("layer4 feature map", " x ".join(map(str, fp32.feature_map))),
+        ("layer4 feature map" if cfg.model == "resnet3d" else "last feature map",
+         " x ".join(map(str, fp32.feature_map)) if fp32.feature_map else "none"),
         ("forward", f"{fp32.gflop_forward:.1f} GFLOP per volume"),
         ("forward + backward", f"{fp32.gflop_train:.1f} GFLOP per volume"),
-        (
-            "activations saved for backward",
-            f"{fp32.activation_bytes / 2**30:.2f} GiB fp32, {bf16.activation_bytes / 2**30:.2f} GiB bf16 per volume",
-        ),
-    ]
+        ("activations saved for backward",
+         f"{fp32.activation_bytes / gib:.2f} GiB fp32, {bf16.activation_bytes / gib:.2f} GiB bf16 per volume"),
+        (f"batch of {b}", f"{b * fp32.gflop_train / 1e3:.2f} TFLOP forward + backward; activations "
+         f"{b * fp32.activation_bytes / gib:.1f} GiB fp32, {b * bf16.activation_bytes / gib:.1f} GiB bf16"),
+        ("measured", where[fp32.measured_on]),
+    ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
@@ -200,7 +252,8 @@ def config_options(for_cv: bool = False, group: str | None = None) -> list[tuple
 
 
 # the extension tables whose names a flag takes: (module, table)
-TABLES = {"losses": ("gliograde.training.losses", "LOSSES"), "architectures": ("gliograde.networks", "ARCHITECTURES")}
+TABLES = {"losses": ("gliograde.training.losses", "LOSSES"), "architectures": ("gliograde.networks", "ARCHITECTURES"),
+          "pretrained formats": ("gliograde.networks.pretrained", "FORMATS")}  # fmt: skip
 
 
 class TableChoices:
@@ -234,6 +287,7 @@ def config_choices(name: str):
 
 def config_from_args(args, with_sources: bool = False):
     """The configuration of a training command: preset < --config FILE < flags (and, if asked, each value's source)."""
+    from gliograde import networks  # noqa: F401  (the architecture table: a --config file's network names its folder)
     from gliograde.config import TrainConfig, resolve_with_sources
 
     names = {f for f in TrainConfig.__dataclass_fields__}
@@ -278,6 +332,7 @@ def _add_train(sub):
 
 def cmd_train(args) -> None:
     from gliograde.config import check_config
+    from gliograde.networks import get_architecture
     from gliograde.training.plan import explicit_fields, plan_run  # the training package registers its tables of
     # names (losses, architectures) that check_config reads: a --config file's loss is checked by the dry run too
 
@@ -288,8 +343,8 @@ def cmd_train(args) -> None:
         print("where each value comes from:")
         print_sources(cfg, sources)
         what = f"resume {cfg.resume}" if cfg.resume else f"a new run in {cfg.output_dir}/runs/fold_{cfg.fold}/"
-        mil = f"2D MIL ResNet{cfg.depth} ({cfg.mil_k} slices, {cfg.mil_pooling} pooling)"
-        model = mil if cfg.model == "mil2d" else f"ResNet{cfg.depth}-3D {cfg.layout}"
+        spec = get_architecture(cfg.model)
+        model = spec.summary(cfg) if spec.summary else spec.network_name({"model": cfg.model, "depth": cfg.depth})
         print(
             f"would train fold {cfg.fold} of {cfg.folds or 'K (the saved split)'} ({cfg.preset} preset, selection "
             f"{cfg.selection}): {model}, {len(cfg.modalities)} channel(s) {','.join(cfg.modalities)}, {cfg.loss} loss, "
@@ -448,7 +503,8 @@ def add_evaluate_flags(p: argparse.ArgumentParser) -> None:
         dest="saliency_layer",
         choices=["layer3", "layer4"],
         default="layer4",
-        help="Grad-CAM layer for --attention (layer3: 8^3 instead of 4^3 at 128^3)",
+        help="Grad-CAM layer of a ResNet-3D for --attention (layer3: 8^3 instead of 4^3 at 128^3); other networks: "
+        "their last feature map, a ViT its attention rollout, and one line where a network makes no map",
     )
 
 
@@ -494,11 +550,15 @@ def _add_compare(sub):
 
 
 def cmd_compare(args) -> None:
-    from gliograde.evaluation.compare import compare
+    from gliograde.evaluation.compare import compare, setting_text
 
     report = compare(args.results, out=args.out, n_boot=args.bootstrap, seed=args.seed)
     for pair in report["pairs"]:
         print(pair["verdict"])
+        if pair.get("settings"):
+            changes = "; ".join(f"{d['setting']} {setting_text(d['a'])} -> {setting_text(d['b'])}"
+                                for d in pair["settings"])  # fmt: skip
+            print(f"{pair['name_b']} differs from {pair['name_a']} in: {changes}")
         for w in pair.get("warnings", []):
             print(f"WARNING: {w}")
     print(f"Comparison: {report['out']}/compare.md (.json, compare_roc.png)")
@@ -512,7 +572,8 @@ def _add_predict(sub):
                    "--depth, else results/ResNet50-3D")  # fmt: skip
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--case", nargs="+", help="case folder(s) with the four modality files")
-    src.add_argument("--data-root", "--data_root", dest="data_root", help="a folder of case folders")
+    src.add_argument("--data-root", "--data_root", dest="data_root", help="a folder of case folders (any layout)")
+    src.add_argument("--cohort", metavar="TABLE", help="a cohort table (rows without a label are predicted too)")
     p.add_argument("--out", default=None, help="new folder for the outputs (default predictions/predict_<time>)")
     p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "best_ema"])
     p.add_argument(
@@ -540,19 +601,32 @@ def _add_predict(sub):
         default="auto",
         help="where to run the ensemble (precision: the runs' own on the same kind of device)",
     )
+    add_table_columns(p)
     add_results_config_flags(p, "--runs")
     p.set_defaults(func=cmd_predict)
 
 
+def add_table_columns(p: argparse.ArgumentParser) -> None:
+    """The columns and target of --cohort (predict and validate give --cohort itself beside --data-root)."""
+    g = p.add_argument_group("the columns of --cohort TABLE (docs/your-own-cohort.md)")
+    for f, names, kw in config_options():
+        if f.name in COHORT_FIELDS[1:]:
+            g.add_argument(*names, **kw)
+
+
 def cmd_predict(args) -> None:
     from gliograde import GRADES
-    from gliograde.data.brats import UNKNOWN_GRADE, cases_to_predict, read_case_folder
+    from gliograde.data.brats import UNKNOWN_GRADE, read_case_folder
+    from gliograde.data.cohort import CohortSource
 
     def grade_of(folder: str) -> str:  # a case folder under HGG/ or LGG/ (BraTS 2018/2019 layout) has a known grade
         parent = Path(folder).expanduser().resolve().parent.name
         return parent if parent in GRADES else UNKNOWN_GRADE
 
-    cases = [read_case_folder(c, grade_of(c)) for c in args.case] if args.case else cases_to_predict(args.data_root)
+    if args.case:
+        cases = [read_case_folder(c, grade_of(c)) for c in args.case]
+    else:
+        cases = CohortSource.from_config(args).cases_to_predict()
     if args.onnx:  # onnxruntime, numpy and nibabel only: neither torch nor the networks nor the training code
         from gliograde.files import new_stamped_dir
         from gliograde.inference.onnx_predict import predict_cases_onnx
@@ -581,13 +655,12 @@ def _add_validate(sub):
     p.add_argument("--runs", default=None,
                    help="the results folder of the cross-validation (runs/fold_k/...); default: that of --preset/"
                    "--config/--model/--depth, else results/ResNet50-3D")  # fmt: skip
-    p.add_argument(
-        "--data-root",
-        "--data_root",
-        dest="data_root",
-        required=True,
-        help="the labelled cohort: HGG/ and LGG/ case folders, or case folders with name_mapping.csv",
-    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-root", "--data_root", dest="data_root",
+                     help="the labelled cohort: HGG/ and LGG/ case folders, or case folders with "
+                     "name_mapping.csv")  # fmt: skip
+    src.add_argument("--cohort", metavar="TABLE", help="the labelled cohort as a table (its target: the runs')")
+    add_table_columns(p)
     p.add_argument("--out", default=None, help="new folder for the outputs (default validation/validate_<time>)")
     p.add_argument("--tta", action="store_true", help="average over the 8 axis-flip versions of each volume")
     p.add_argument(
@@ -607,14 +680,18 @@ def cmd_validate(args) -> None:
     from gliograde.runs import model_line
 
     runs = args.runs or default_results(args, "--runs")
-    report = validate(runs, args.data_root, args.out, args.tta, args.allow_overlap, args.checkpoint, args.device)
+    from gliograde.data.cohort import CohortSource
+
+    source = CohortSource.from_config(args)
+    report = validate(runs, source, args.out, args.tta, args.allow_overlap, args.checkpoint, args.device)
     m = report["metrics"]
     ci = m["auc_ci"]
     span = f" (95 % CI {ci['ci_low']:.4f}-{ci['ci_high']:.4f}, Newcombe)" if "ci_low" in ci else ""
     auc = "n/a" if m["auc"] is None or m["auc"] != m["auc"] else f"{m['auc']:.4f}"
     lead = f"{report['label']}: " if report["label"] else ""
     print(f"Model: {model_line(validation_model(report))}")
-    print(f"{lead}AUC {auc}{span} on {m['n']} patients ({m['n_hgg']} HGG, {m['n_lgg']} LGG)")
+    neg, pos = report.get("classes") or ("LGG", "HGG")
+    print(f"{lead}AUC {auc}{span} on {m['n']} patients ({m['n_hgg']} {pos}, {m['n_lgg']} {neg})")
     for w in report["warnings"]:
         print(f"WARNING: {w}")
     print(f"Validation: {report['out']}/validation.md (.json, report.html, predictions.csv)")
@@ -745,7 +822,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gliograde {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = (_add_synth, _add_prepare, _add_model_info, _add_train, _add_cv, _add_evaluate, _add_summarize)
+    commands = (
+        _add_synth,
+        _add_cohort,
+        _add_prepare,
+        _add_model_info,
+        _add_train,
+        _add_cv,
+        _add_evaluate,
+        _add_summarize,
+    )
     for add in (*commands, _add_compare, _add_predict, _add_validate, _add_export, _add_bench, _add_doctor, _add_demo):
         add(sub)
     return parser

@@ -9,7 +9,8 @@ import argparse
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from gliograde.errors import GliogradeError, unknown_name
 PRESETS = ("final", "ldam-drw", "cpu-demo")
 # Fields that change how a run is executed or reported, not what it computes: a resumed run may differ in these.
 RUNTIME_FIELDS = {
+    "cohort",
     "resume",
     "num_workers",
     "output_dir",
@@ -92,6 +94,22 @@ class TrainConfig:
     data_root: str | None = option(None, "--data-root", "--data_root", group=FILES)
     cache_dir: str = option("cache", "--cache-dir", "--cache_dir", group=FILES,
                             help="folder of caches, or one cache folder")  # fmt: skip
+    # a cohort table instead of a BraTS folder, and the binary question asked of it (data/cohort.py); none: the
+    # seeds' task, HGG vs LGG from the BraTS layout
+    cohort: str | None = option(None, group=FILES, metavar="TABLE",
+                                help="a CSV/TSV of exams: id, patient, label, site, the modality files")  # fmt: skip
+    target: str | None = option(None, "--target", "--label-column", group=PROTOCOL, metavar="COLUMN",
+                                help="the cohort table's column to predict (default: label/grade/class)")  # fmt: skip
+    positive: str | None = option(None, group=PROTOCOL, metavar="VALUE",
+                                  help="the target's positive value, e.g. wildtype (default: the column's two "
+                                  "values, HGG/1/yes positive)")  # fmt: skip
+    negative: str | None = option(None, group=PROTOCOL, metavar="VALUE",
+                                  help="the negative value (default: any other); other rows excluded")  # fmt: skip
+    id_column: str | None = option(None, "--id-column", group=FILES, metavar="COLUMN", help="default: id/case/subject")
+    patient_column: str | None = option(None, "--patient-column", group=FILES, metavar="COLUMN",
+                                        help="default: patient/patient_id, else one exam per patient")  # fmt: skip
+    site_column: str | None = option(None, "--site-column", group=FILES, metavar="COLUMN",
+                                     help="default: site/center/institution, else parsed from the id")  # fmt: skip
     size: int = option(128, group=MODEL, help="edge of the cubic input volumes (default 128)")
     modalities: list[str] = option(  # noqa: RUF009 (option() returns a dataclasses.field)
         dataclasses.MISSING, "--modality", "--modalities", factory=lambda: list(MODALITIES), group=PROTOCOL, type=str,
@@ -126,7 +144,7 @@ class TrainConfig:
     # model
     model: str = option("resnet3d", group=MODEL, choices="architectures",
                         help="the network (default resnet3d: MedicalNet ResNet-3D; mil2d: 2D MIL over "
-                        "entropy-selected axial slices)")  # fmt: skip
+                        "entropy-selected axial slices; MONAI's 3D networks, docs/networks.md)")  # fmt: skip
     mil_k: int = option(16, "--mil-k", "--mil_k", group=MODEL,
                         help="mil2d: entropy-selected axial slices per case (16)")  # fmt: skip
     mil_pooling: str = option("attention", group=MODEL, choices=("attention", "mean", "max"),
@@ -136,12 +154,18 @@ class TrainConfig:
                                               help="mil2d: rank slices on this modality's entropy (default: the mean "
                                               "over the input modalities)")  # fmt: skip
     depth: int = option(50, group=MODEL, choices=(10, 18, 34, 50, 101, 152, 200),
-                        help="ResNet depth (mil2d: 18 or 34)")  # fmt: skip
+                        help="ResNet depth (mil2d: 18 or 34; MONAI's networks name their own: irrelevant to "
+                        "them)")  # fmt: skip
     layout: str = option("strided", group=MODEL, choices=("strided", "medicalnet"))
     shortcut: str = option("B", group=MODEL, choices=("A", "B"))
     dropout: float = option(0.4, group=OPTIMISATION)
     pretrained_path: str | None = option(None, "--pretrained-path", "--pretrained_path", group=MODEL,
-                                         help="MedicalNet .pth file")  # fmt: skip
+                                         help="pretrained weights: a MedicalNet .pth file, or a file of another "
+                                         "format the network takes (docs/pretrained-weights.md)")  # fmt: skip
+    pretrained_format: str | None = option(None, "--pretrained-format", "--pretrained_format", group=MODEL,
+                                           choices="pretrained formats", metavar="FORMAT",
+                                           help="the format of --pretrained-path (default: recognised from the "
+                                           "file's keys)")  # fmt: skip
     # optimisation
     epochs: int = option(50, group=OPTIMISATION)
     batch_size: int = option(4, "--batch-size", "--batch_size", group=OPTIMISATION)
@@ -152,6 +176,17 @@ class TrainConfig:
                        help="backbone learning rate")  # fmt: skip
     classifier_lr_mult: float = option(2.0, "--classifier-lr-mult", "--classifier_lr_mult", group=OPTIMISATION,
                                        help="classifier lr = lr x this (final policy: 2)")  # fmt: skip
+    # fine-tuning a pretrained encoder (training/finetune.py): all off by default, the two groups above unchanged
+    probe: bool = option(False, group=OPTIMISATION,
+                         help="linear probing: the backbone frozen for the whole run (its BatchNorm statistics "
+                         "too), only the head trains, at lr x classifier-lr-mult")  # fmt: skip
+    freeze_epochs: int = option(0, "--freeze-epochs", "--freeze_epochs", group=OPTIMISATION, metavar="N",
+                                help="the backbone frozen for the first N epochs (the head alone trains), then "
+                                "fine-tuned with it (default 0)")  # fmt: skip
+    layer_decay: float = option(1.0, "--layer-decay", "--layer_decay", group=OPTIMISATION, metavar="F",
+                                help="layer-wise lr decay: the backbone's layer group i of n trains at "
+                                "lr x F^(n-1-i), the input's lowest (BEiT/MAE fine-tuning: 0.65-0.75; "
+                                "default 1: off)")  # fmt: skip
     weight_decay: float = option(1e-4, "--weight-decay", "--weight_decay", group=OPTIMISATION)
     momentum: float = 0.9
     scheduler: str = option("cosine", group=OPTIMISATION, type=str.lower, choices=("cosine", "step", "none"))
@@ -231,14 +266,78 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
 
+# What the configuration needs of a network: its name (`display`), the defaults that replace the presets' for it, and
+# its own check. Every entry of the architecture table (networks/registry.py, ArchSpec) carries these fields, and the
+# table registers itself in CHOICES["model"]; the two built-in networks' are here, the registry's source for them, and
+# the fallback where the table is not loaded (a command that imports no network).
+@dataclass(frozen=True)
+class NetworkRules:
+    """`display(description)` -> results/<name>; `config_defaults`: values that replace the preset's (and the
+    dataclass's) unless a config file or a flag gives them; `check(cfg)` -> one line, or None."""
+
+    display: Callable[[Mapping], str] | None = None
+    config_defaults: Mapping[str, object] = field(default_factory=dict)
+    check: Callable[[TrainConfig], str | None] | None = None
+
+
+def resnet3d_display(desc: Mapping) -> str:
+    return f"ResNet{desc['depth']}-3D"
+
+
+def mil2d_display(desc: Mapping) -> str:
+    return f"MIL2D-ResNet{desc['depth']}"
+
+
+def check_resnet3d(cfg: TrainConfig) -> str | None:
+    if cfg.depth not in (10, 18, 34, 50, 101, 152, 200):
+        return f"--depth {cfg.depth} is not a ResNet-3D depth"
+    return None
+
+
+def check_mil2d(cfg: TrainConfig) -> str | None:
+    checks = (
+        (cfg.depth in (18, 34), f"--model mil2d: --depth {cfg.depth} is not a 2D ResNet depth (18 or 34)"),
+        (cfg.mil_k >= 1 and cfg.mil_min_gap >= 0, "--mil-k must be >= 1 and --mil-min-gap >= 0"),
+        (cfg.mil_pooling in ("attention", "mean", "max"), f"--mil-pooling {cfg.mil_pooling!r} is not known"),
+        (cfg.mil_k <= cfg.size, f"--mil-k {cfg.mil_k} exceeds the {cfg.size} axial slices of a volume"),
+        (cfg.mil_entropy_modality in (None, *cfg.modalities),
+         f"--mil-entropy-modality {cfg.mil_entropy_modality!r} is not one of the input modalities {cfg.modalities}"),
+    )  # fmt: skip
+    return next((message for ok, message in checks if not ok), None)
+
+
+# --model mil2d: the 3D fields whose preset (or dataclass) value, a 3D ResNet's, gives way to the 2D model's
+MIL_DEFAULTS = {"depth": 18}
+BUILTIN_NETWORKS = {
+    "resnet3d": NetworkRules(resnet3d_display, {}, check_resnet3d),
+    "mil2d": NetworkRules(mil2d_display, MIL_DEFAULTS, check_mil2d),
+}
+
+
+def network_rules(model: str):
+    """The network's entry of the architecture table (an ArchSpec), else its built-in rules, else None."""
+    table = CHOICES.get("model", ("", {}))[1]
+    return table.get(model) or BUILTIN_NETWORKS.get(model)
+
+
 def network_name(model: str, depth: int) -> str:
-    """How a network names itself in results folders and report headers: ResNet50-3D, MIL2D-ResNet18."""
-    return f"MIL2D-ResNet{depth}" if model == "mil2d" else f"ResNet{depth}-3D"
+    """How a network names itself in results folders and report headers: ResNet50-3D, MIL2D-ResNet18, ViT-B16-3D
+    (the table's `display`; a name no table holds: itself)."""
+    rules = network_rules(model)
+    return rules.display({"model": model, "depth": depth}) if rules and rules.display else str(model)
 
 
 def default_output_dir(model: str, depth: int) -> str:
     """The results folder of a configuration that names none: results/<network> (the seeds': results/ResNet50-3D)."""
     return f"results/{network_name(model, depth)}"
+
+
+def target_suffix(target: str | None, positive: str | None) -> str:
+    """What a results folder adds for a cohort's own question, so that two questions never share a folder:
+    "" for the seeds' (the grade), "-IDH-wildtype" for --target IDH --positive wildtype."""
+    if target is None or re.sub(r"[\s_\-/]", "", target).lower() == "grade":
+        return ""
+    return "-" + "-".join(re.sub(r"[^A-Za-z0-9.]+", "-", v).strip("-") for v in (target, positive) if v)
 
 
 def load_preset(name: str) -> dict:
@@ -296,18 +395,15 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-# --model mil2d: the 3D fields whose preset (or dataclass) value, a 3D ResNet's, gives way to the 2D model's
-MIL_DEFAULTS = {"depth": 18}
-
-
 def resolve_with_sources(
     preset: str = "final", config_file: str | Path | None = None, **overrides
 ) -> tuple[TrainConfig, dict[str, str]]:
     """Defaults < preset < config file < overrides (None values in overrides mean 'not given'); also returns where
     each value came from (default | preset NAME | file PATH | command line | default (mil2d)).
 
-    With model mil2d, the depth of the preset or the defaults (a 3D ResNet's: 10 or 50) becomes MIL_DEFAULTS' 18;
-    only a config file or the command line sets the depth of a mil2d model."""
+    The presets describe the 3D ResNet: a network's own `config_defaults` replace their values (mil2d: the depth 18
+    for the preset's 10 or 50; MONAI's networks: no MedicalNet file); only a config file or the command line sets
+    those fields for that network."""
     layers = [(f"preset {preset}", load_preset(preset))]
     if config_file is not None:
         layers.append((f"file {config_file}", load_config_file(config_file)))
@@ -320,16 +416,18 @@ def resolve_with_sources(
             raise ConfigError(f"unknown configuration keys {unknown}")
         values.update(layer)
         sources.update({k: source for k in layer})
-    if values.get("model") == "mil2d":
-        # the presets describe the 3D family: their depth does not carry over to the 2D model (a depth asked for in
-        # a config file or on the command line does, and is validated)
-        for key, value in MIL_DEFAULTS.items():
-            if not sources[key].startswith(("file ", "command line")):
-                values[key], sources[key] = value, "default (mil2d)"
+    model = values.get("model", TrainConfig.model)
+    rules = network_rules(model)
+    # the presets describe the 3D ResNet: their depth (or MedicalNet file) does not carry over to another network (a
+    # value asked for in a config file or on the command line does, and is validated)
+    for key, value in (rules.config_defaults if rules else {}).items():
+        if not sources[key].startswith(("file ", "command line")):
+            values[key], sources[key] = value, f"default ({model})"
     values["preset"], sources["preset"] = preset, "--preset" if overrides.get("preset") else "default"
     if sources["output_dir"] == "default":  # the folder follows the network, never another network's name
         model, depth = values.get("model", TrainConfig.model), values.get("depth", TrainConfig.depth)
-        values["output_dir"] = default_output_dir(model, depth)
+        values["output_dir"] = default_output_dir(model, depth) + target_suffix(values.get("target"),
+                                                                               values.get("positive"))  # fmt: skip
         sources["output_dir"] = "default for the network"
     cfg = TrainConfig(**values)
     cfg.modalities = parse_modalities(cfg.modalities)
@@ -356,28 +454,32 @@ def check_config(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainCo
     need(cfg.grad_accum >= 1, f"--gradient-accumulation-steps must be at least 1, got {cfg.grad_accum}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.classifier_lr_mult > 0, f"--classifier-lr-mult must be positive, got {cfg.classifier_lr_mult}")
+    # fine-tuning: --lr is the backbone's rate and the head's is lr x --classifier-lr-mult, in every run; --probe
+    # gives the backbone no rate at all, so the options that set one (its decay by layer, its start after N
+    # epochs) contradict it
+    need(0 < cfg.layer_decay <= 1, f"--layer-decay must lie in (0, 1] (1 = off), got {cfg.layer_decay}")
+    need(cfg.freeze_epochs >= 0, f"--freeze-epochs must be >= 0, got {cfg.freeze_epochs}")
+    need(cfg.freeze_epochs < cfg.epochs, f"--freeze-epochs {cfg.freeze_epochs} must be below --epochs {cfg.epochs}: "
+         "the backbone would never train (a backbone frozen for the whole run is --probe)")  # fmt: skip
+    for value, flag in ((cfg.layer_decay != 1, "--layer-decay"), (cfg.freeze_epochs > 0, "--freeze-epochs")):
+        need(not (cfg.probe and value), f"--probe freezes the backbone for the whole run: {flag} gives it a "
+             "learning rate; drop one of the two (the head's rate is --lr x --classifier-lr-mult)")  # fmt: skip
     need(0 <= cfg.dropout < 1, f"--dropout must lie in [0, 1), got {cfg.dropout}")
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     need(0 <= cfg.ema_decay < 1, f"--ema-decay must lie in [0, 1) (0 = off), got {cfg.ema_decay}")
     for key, (what, table) in CHOICES.items():
         value = getattr(cfg, key)
-        need(value in table, unknown_name(f"--{key}", value, table, what))
+        if value is None and TrainConfig.__dataclass_fields__[key].default is None:
+            continue  # a field whose default is none (--pretrained-format: recognised from the file)
+        need(value in table, unknown_name(f"--{key.replace('_', '-')}", value, table, what))
     need(cfg.optimizer in ("adam", "adamw", "sgd"), f"--optimizer {cfg.optimizer!r} is not adam, adamw or sgd")
     need(cfg.scheduler in ("cosine", "step", "none"), f"--scheduler {cfg.scheduler!r} is not cosine, step or none")
     need(cfg.sampler in ("weighted", "shuffle"), f"--sampler {cfg.sampler!r} is neither weighted nor shuffle")
     need(cfg.layout in ("strided", "medicalnet"), f"--layout {cfg.layout!r} is neither strided nor medicalnet")
-    if cfg.model == "mil2d":
-        need(cfg.depth in (18, 34), f"--model mil2d: --depth {cfg.depth} is not a 2D ResNet depth (18 or 34)")
-        need(cfg.mil_k >= 1 and cfg.mil_min_gap >= 0, "--mil-k must be >= 1 and --mil-min-gap >= 0")
-        need(cfg.mil_pooling in ("attention", "mean", "max"), f"--mil-pooling {cfg.mil_pooling!r} is not known")
-        need(cfg.mil_k <= cfg.size, f"--mil-k {cfg.mil_k} exceeds the {cfg.size} axial slices of a volume")
-        need(
-            cfg.mil_entropy_modality in (None, *cfg.modalities),
-            f"--mil-entropy-modality {cfg.mil_entropy_modality!r} is not one of the input modalities {cfg.modalities}",
-        )
-    else:
-        need(cfg.depth in (10, 18, 34, 50, 101, 152, 200), f"--depth {cfg.depth} is not a ResNet-3D depth")
     need(cfg.size >= 16, f"--size must be at least 16, got {cfg.size}")
+    rules = network_rules(cfg.model)  # the network's own checks (the table's `check`): depth, patch and size
+    problem = rules.check(cfg) if rules and rules.check else None
+    need(problem is None, problem)
     need(cfg.patience >= 1 and cfg.min_epochs >= 0, "--early-stopping must be >= 1 and --min-epochs >= 0")
     need(cfg.max_m > 0 and cfg.ldam_s > 0, "--max-m and --ldam-s must be positive")
     need(cfg.warmup_epochs >= 0 and cfg.plots_every >= 1, "--warmup-epochs must be >= 0 and --plots-every >= 1")
@@ -425,6 +527,12 @@ def check_config(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainCo
             "LDAM loss together with the class-balanced sampler: the 'triple balancing' conflict of "
             "training_journey_summary.md §2.1; consider --sampler shuffle (preset ldam-drw) or --loss ce"
         )
+    if cfg.freeze_epochs > 0 and cfg.freeze_epochs + 1 > cfg.min_epochs + cfg.patience:
+        log.warning(
+            "The backbone may never be unfrozen: early stopping can end the run at epoch %d (min epochs %d + "
+            "patience %d), before --freeze-epochs %d ends",
+            cfg.min_epochs + cfg.patience, cfg.min_epochs, cfg.patience, cfg.freeze_epochs,
+        )  # fmt: skip
     if cfg.warmup_epochs >= cfg.epochs:
         log.warning(
             "--warmup-epochs %d >= --epochs %d: the learning rate never reaches its peak", cfg.warmup_epochs, cfg.epochs

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gliograde.config import RUNTIME_FIELDS, network_name
+from gliograde import GRADES
+from gliograde.config import BUILTIN_NETWORKS, CHOICES, RUNTIME_FIELDS, network_name
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.metrics import compute_metrics, summarized_names
@@ -41,6 +42,18 @@ class FoldRun:
     @property
     def key(self) -> tuple[int, int]:
         return self.repeat, self.fold
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        """The names of labels 0 and 1: the per-class keys of its final metrics, negative first (HGG/LGG for the
+        seeds' target; a cohort's own, e.g. IDH not wildtype / IDH wildtype)."""
+        return classes_of(self.final)
+
+
+def classes_of(metrics: dict | None) -> tuple[str, str]:
+    """The class names a run's final metrics record ("classes", else the per-class keys), negative first."""
+    names = tuple((metrics or {}).get("classes") or (metrics or {}).get("per_class") or ())
+    return names if len(names) == 2 else GRADES
 
 
 # ------------------------------------------------------------------------------------------------ finding runs
@@ -185,11 +198,12 @@ def run_model(run_dir: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     model, depth = config.get("model", "resnet3d"), config.get("depth")  # runs before --model: the 3D ResNet
+    load_architectures(model)
     return {
         "network": network_name(model, depth) if depth is not None else None,
         "model": model,
         "depth": depth,
-        "layout": config.get("layout") if model != "mil2d" else None,
+        "layout": config.get("layout") if model == "resnet3d" else None,  # the ResNet-3D's setting only
         "modalities": config.get("modalities"),
         "size": config.get("size"),
         "preset": config.get("preset"),
@@ -240,7 +254,20 @@ def default_results_dir(preset: str | None = None, config_file: str | None = Non
     `predict` and `validate` read there when no folder is named."""
     from gliograde.config import resolve
 
-    return Path(resolve(preset or "final", config_file, **overrides).output_dir)
+    cfg = resolve(preset or "final", config_file, **overrides)
+    if load_architectures(cfg.model):  # the network's name and defaults were not known: resolved again with them
+        cfg = resolve(preset or "final", config_file, **overrides)
+    return Path(cfg.output_dir)
+
+
+def load_architectures(model: str) -> bool:
+    """Import the architecture table where `model` is not a built-in network and the table is not loaded yet (its
+    `display` names the results folder): True if it was imported now. The seeds' networks need no torch here."""
+    if model in BUILTIN_NETWORKS or "model" in CHOICES:
+        return False
+    from gliograde import networks  # noqa: F401  (registers the architectures in config.CHOICES)
+
+    return True
 
 
 def require_results_dir(path: Path, flag: str) -> Path:
@@ -270,7 +297,7 @@ def fold_row(r: FoldRun) -> dict:
     fold lacks reads NaN in runs written before that rule too)."""
     f = r.final
     threshold = f.get("threshold", 0.5)
-    m = compute_metrics(r.labels, r.probs, threshold)
+    m = compute_metrics(r.labels, r.probs, threshold, r.classes)
     row = {
         "repeat": r.repeat,
         "fold": r.fold,

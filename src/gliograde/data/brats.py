@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gliograde import GRADES, MODALITIES
+from gliograde.data.target import GRADE_TARGET, Target
 from gliograde.errors import DataError
 
 SUFFIXES = (".nii.gz", ".nii")
@@ -56,25 +57,31 @@ def site_of(case_id: str) -> str:
 
 @dataclass(frozen=True)
 class Case:
-    """One patient: id, grade and the path of each modality (and of the segmentation when present)."""
+    """One exam: id, class (`grade`: the BraTS grade, or the class of the cohort's target, one of `classes`), the
+    path of each modality (and of the segmentation when present), site, and the patient it belongs to (default:
+    the id; a follow-up exam names its patient, and all of a patient's exams share a fold)."""
 
     id: str
     grade: str
     paths: dict[str, Path]
     seg: Path | None = None
     site: str = ""
+    patient: str = ""
+    classes: tuple[str, str] = GRADES
 
     def __post_init__(self):
-        if self.grade not in (*GRADES, UNKNOWN_GRADE):
-            raise DataError(f"case {self.id}: grade {self.grade!r} is neither HGG nor LGG")
+        if self.grade not in (*self.classes, UNKNOWN_GRADE):
+            raise DataError(f"case {self.id}: class {self.grade!r} is neither {self.classes[1]} nor {self.classes[0]}")
         if not self.site:
             object.__setattr__(self, "site", site_of(self.id))
+        if not self.patient:
+            object.__setattr__(self, "patient", self.id)
 
     @property
     def label(self) -> int:
         if self.grade == UNKNOWN_GRADE:
-            raise DataError(f"case {self.id} has no known grade")
-        return GRADES.index(self.grade)
+            raise DataError(f"case {self.id} has no known {'grade' if self.classes == GRADES else 'class'}")
+        return self.classes.index(self.grade)
 
     @property
     def files(self) -> list[Path]:
@@ -90,19 +97,26 @@ class Discovery:
     layout: str
     cases: list[Case]
     skipped: dict[str, str] = field(default_factory=dict)  # case id -> reason (incomplete or unreadable)
-    ungraded: list[str] = field(default_factory=list)  # 2020 layout: folders with no grade in the mapping
+    ungraded: list[str] = field(default_factory=list)  # folders (2020 layout) or rows (table) without a label
+    target: Target = GRADE_TARGET
+    table: Path | None = None  # the cohort table the cases were read from (None: a folder layout)
 
     def report(self) -> str:
-        n_hgg = sum(c.grade == "HGG" for c in self.cases)
+        neg, pos = self.target.classes
+        n_pos = sum(c.grade == pos for c in self.cases)
+        patients = len({c.patient for c in self.cases})
+        exams = f", {patients} patients" if patients != len(self.cases) else ""
         lines = [
-            f"{len(self.cases)} cases ({n_hgg} HGG, {len(self.cases) - n_hgg} LGG) in {self.root} "
-            f"[{self.layout} layout]"
+            f"{len(self.cases)} cases ({n_pos} {pos}, {len(self.cases) - n_pos} {neg}{exams}) in "
+            f"{self.table or self.root} [{self.layout} layout]"
         ]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} incomplete or unreadable case(s):")
             lines += [f"  {cid}: {why}" for cid, why in sorted(self.skipped.items())]
         if self.ungraded:
-            lines.append(f"excluded {len(self.ungraded)} case(s) without a grade in {MAPPING_FILE}")
+            what = f"{neg} or {pos} label in column {self.target.column!r}" if self.table else "grade"
+            what += "" if self.table else f" in {MAPPING_FILE}"
+            lines.append(f"excluded {len(self.ungraded)} case(s) without a {what}")
         return "\n".join(lines)
 
 

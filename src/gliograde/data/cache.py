@@ -3,7 +3,7 @@
 A cache is a folder:
 
     volumes.npy     (N, 4, S, S, S) float16, memory-mappable, channels t1, t1ce, t2, flair
-    cases.csv       id, grade, label, site (row i = volume i)
+    cases.csv       id, grade, label, site, patient (row i = volume i; grade: the class name of the cohort's target)
     geometry.json   per case, how its volume was cut out of the NIfTI grid (to map saliency maps back)
     manifest.json   how it was made: parameters, versions, every source file's size and mtime, time
     folds.json      written beside it by `gliograde.data.splits`
@@ -31,6 +31,7 @@ import numpy as np
 from gliograde import MODALITIES, __version__
 from gliograde.data.brats import Case, Discovery, discover_cases
 from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case
+from gliograde.data.target import Target
 from gliograde.errors import DataError
 from gliograde.files import json_safe
 
@@ -40,9 +41,14 @@ VOLUMES, CASES, GEOMETRY, MANIFEST = "volumes.npy", "cases.csv", "geometry.json"
 @dataclass(frozen=True)
 class CaseRecord:
     id: str
-    grade: str
+    grade: str  # the class name (the BraTS grade, or the class of the cohort's target)
     label: int
     site: str
+    patient: str = ""  # "": the id (one exam per patient)
+
+    def __post_init__(self):
+        if not self.patient:
+            object.__setattr__(self, "patient", self.id)
 
 
 @dataclass
@@ -67,6 +73,19 @@ class VolumeCache:
     def labels(self) -> np.ndarray:
         return np.array([c.label for c in self.cases], dtype=np.int64)
 
+    @property
+    def patients(self) -> list[str]:
+        return [c.patient for c in self.cases]
+
+    @property
+    def target(self) -> Target:
+        """The question the labels answer (a cache made before targets existed: the BraTS grade)."""
+        return Target.from_dict(self.manifest.get("params", {}).get("target"))
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        return self.target.classes
+
     def channels(self, modalities) -> list[int]:
         """Channel indices of the named modalities, in the order given."""
         unknown = [m for m in modalities if m not in self.modalities]
@@ -89,7 +108,8 @@ def open_cache(path: str | Path) -> VolumeCache:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         with (path / CASES).open(newline="") as f:
-            cases = [CaseRecord(r["id"], r["grade"], int(r["label"]), r["site"]) for r in csv.DictReader(f)]
+            cases = [CaseRecord(r["id"], r["grade"], int(r["label"]), r["site"], r.get("patient") or "")
+                     for r in csv.DictReader(f)]  # fmt: skip
         volumes = np.load(path / VOLUMES, mmap_mode="r")
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"cache {path} is unreadable ({type(e).__name__}: {e}); delete it and prepare again") from e
@@ -99,20 +119,24 @@ def open_cache(path: str | Path) -> VolumeCache:
 
 
 def default_cache_path(data_root: str | Path, size: int, cache_dir: str | Path = "cache") -> Path:
-    """Where `prepare` puts a cache when no --out is given: ./cache/<data root name>-s<size>."""
-    return Path(cache_dir) / f"{Path(data_root).expanduser().resolve().name}-s{size}"
+    """Where `prepare` puts a cache when no --out is given: ./cache/<data root name>-s<size> (a cohort table:
+    <its name without the suffix>)."""
+    path = Path(data_root).expanduser().resolve()
+    return Path(cache_dir) / f"{path.stem if path.is_file() else path.name}-s{size}"
 
 
-def other_caches(data_root: str | Path, cache_dir: str | Path, size: int) -> list[Path]:
-    """The caches under cache_dir made from data_root at a size other than `size` (by their manifests), by name."""
+def other_caches(data_root: str | Path, cache_dir: str | Path, size: int, target: dict | None = None) -> list[Path]:
+    """The caches under cache_dir made from data_root at a size other than `size` (by their manifests), asking the
+    same question (`target`: a cohort's, as the manifest records it; None: the BraTS grade), by name."""
     root = Path(data_root).expanduser().resolve()
     found = []
-    for manifest in sorted(Path(cache_dir).glob(f"{root.name}-s*/{MANIFEST}")):
+    for manifest in sorted(Path(cache_dir).glob(f"*-s*/{MANIFEST}")):
         try:
             made = json.loads(manifest.read_text())
         except (OSError, ValueError):
             continue
-        if made.get("data_root") == str(root) and (made.get("params") or {}).get("size") != size:
+        params = made.get("params") or {}
+        if made.get("data_root") == str(root) and params.get("size") != size and params.get("target") == target:
             found.append(manifest.parent)
     return found
 
@@ -122,12 +146,18 @@ def _sources(cases: list[Case], root: Path) -> list[dict]:
     for case in cases:
         for path in case.files:
             st = path.stat()
-            out.append({"path": str(path.relative_to(root)), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+            shown = path.relative_to(root) if path.is_relative_to(root) else path  # a table may name files anywhere
+            out.append({"path": str(shown), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
 
-def _params(size: int, margin: int, skip_incomplete: bool) -> dict:
-    return {
+def target_params(discovery: Discovery) -> dict | None:
+    """The question as a cache's manifest records it; None for the BraTS grade (caches from before targets)."""
+    return None if discovery.target.column == "grade" else discovery.target.to_dict()
+
+
+def _params(size: int, margin: int, skip_incomplete: bool, discovery: Discovery) -> dict:
+    params = {
         "size": size,
         "margin": margin,
         "modalities": list(MODALITIES),
@@ -135,6 +165,13 @@ def _params(size: int, margin: int, skip_incomplete: bool) -> dict:
         "skip_incomplete": skip_incomplete,
         "preprocess_version": PREPROCESS_VERSION,
     }
+    # a cohort's question and its patients are part of what the cache holds (the BraTS grade, one exam per patient,
+    # adds nothing: caches made before targets existed stay current)
+    if target_params(discovery) is not None:
+        params["target"] = target_params(discovery)
+    if discovery.table is not None:
+        params["cohort"] = str(discovery.table)
+    return params
 
 
 def _is_current(path: Path, params: dict, sources: list[dict]) -> bool:
@@ -208,7 +245,7 @@ def _run_parallel(jobs: list, workers: int, progress: bool) -> dict[int, dict | 
 
 
 def prepare_cache(
-    data_root: str | Path,
+    data_root: str | Path | Discovery,
     out: str | Path | None = None,
     size: int = 128,
     workers: int | None = None,
@@ -216,7 +253,8 @@ def prepare_cache(
     margin: int = DEFAULT_MARGIN,
     progress: bool = True,
 ) -> PrepareResult:
-    """Build (or reuse) the cache of every case under `data_root`.
+    """Build (or reuse) the cache of every case under `data_root`, or of the cases a `Discovery` holds (a cohort
+    table's, `data.cohort`).
 
     A case whose files cannot be preprocessed is an error naming the file, or with `skip_incomplete` a
     skipped case listed in `PrepareResult.failed` and in the manifest. Files whose headers are unreadable, whose
@@ -224,10 +262,13 @@ def prepare_cache(
     """
     if size < 8:
         raise DataError(f"--size {size} is too small; use at least 8 (128 is the default)")
-    root = Path(data_root).expanduser().resolve()
-    discovery = discover_cases(root, skip_incomplete=skip_incomplete)  # headers read once a process: cheap again
-    out = Path(out) if out is not None else default_cache_path(root, size)
-    params, sources = _params(size, margin, skip_incomplete), _sources(discovery.cases, root)
+    if isinstance(data_root, Discovery):
+        discovery, root = data_root, data_root.root
+    else:
+        root = Path(data_root).expanduser().resolve()
+        discovery = discover_cases(root, skip_incomplete=skip_incomplete)  # headers read once a process: cheap again
+    out = Path(out) if out is not None else default_cache_path(discovery.table or root, size)
+    params, sources = _params(size, margin, skip_incomplete, discovery), _sources(discovery.cases, root)
     if out.exists():
         if _is_current(out, params, sources):
             return PrepareResult(out, True, discovery, len(discovery.cases))
@@ -272,6 +313,7 @@ def prepare_cache(
             "sources": sources,
             "data_root": str(root),
             "layout": discovery.layout,
+            "patients": len({c.patient for c in kept}),
             "skipped": {**discovery.skipped, **failed},
             "ungraded": discovery.ungraded,
             "versions": _versions(),
@@ -289,8 +331,8 @@ def prepare_cache(
 def _write_tables(folder: Path, cases: list[Case], geometry: dict[str, dict]) -> None:
     with (folder / CASES).open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "grade", "label", "site"])
-        writer.writerows([c.id, c.grade, c.label, c.site] for c in cases)
+        writer.writerow(["id", "grade", "label", "site", "patient"])
+        writer.writerows([c.id, c.grade, c.label, c.site, c.patient] for c in cases)
     (folder / GEOMETRY).write_text(json.dumps(json_safe(geometry), allow_nan=False))
 
 

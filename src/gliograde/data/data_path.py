@@ -27,8 +27,10 @@ log = logging.getLogger("gliograde")
 class FoldData:
     """The training stream (`stream`, `steps_per_epoch`) and the scoring sets (`batches(name, shard)`)."""
 
-    def __init__(self, stream, steps_per_epoch: int, sets: dict[str, Callable[[bool], Iterable]], path: str):
+    def __init__(self, stream, steps_per_epoch: int, sets: dict[str, Callable[[bool], Iterable]], path: str,
+                 classes: tuple[str, str]):  # fmt: skip
         self.stream, self.steps_per_epoch, self._sets, self.path = stream, steps_per_epoch, sets, path
+        self.classes = classes  # the names of labels 0 and 1 (the cache's target)
 
     def batches(self, name: str, shard: bool = True) -> Iterable:
         """(x, y) batches of a scoring set, in order, without augmentation; `shard`: this rank's share only."""
@@ -83,7 +85,7 @@ def make_fold_data(
                               per_gpu)  # fmt: skip
         where = f"on {device}" if train.on_device else "in pinned host memory"
         log.info("Data path: %.2f GB of training volumes held %s, batches gathered by index", train.nbytes / 1e9, where)
-        return FoldData(stream, stream.steps, sets, "DeviceStream")
+        return FoldData(stream, stream.steps, sets, "DeviceStream", cache.classes)
 
     first, *others = scoring_rows.items()
     train_loader, first_loader = make_loaders(
@@ -107,4 +109,4 @@ def make_fold_data(
     steps = len(train_loader) // grad_accum
     stream = LoaderStream(train_loader, device, generator, augment, steps * grad_accum)
     sets = {name: (lambda shard, loader=loader: loader) for name, loader in loaders.items()}
-    return FoldData(stream, steps, sets, "LoaderStream")
+    return FoldData(stream, steps, sets, "LoaderStream", cache.classes)

@@ -355,13 +355,23 @@ def make_folds(
     leave_site_out: bool = False,
     inner_fraction: float = 0.2,
     sites=None,
+    patients=None,
+    classes: tuple[str, str] = GRADES,
+    stratified_by: str = "grade",
 ) -> dict:
-    """The folds.json (version 2) content for these patients; `sites` defaults to the site in each BraTS id.
-    With leave_site_out, k may be None (one fold per site)."""
+    """The folds.json (version 2) content for these cases; `sites` defaults to the site in each BraTS id.
+    With leave_site_out, k may be None (one fold per site). `patients` (one per case; default: each case its own
+    patient): a patient's exams land in one fold and one part of the inner split. `classes`: the names of labels
+    0 and 1, `stratified_by` the target's name, as the file records them."""
+    kw = dict(repeats=repeats, group_by=group_by, leave_site_out=leave_site_out, inner_fraction=inner_fraction,
+              classes=classes, stratified_by=stratified_by)  # fmt: skip
+    if patients is not None and len(set(patients)) < len(list(ids)):
+        return _by_patient(list(ids), labels, sites, list(patients), k, seed, kw)
     ids = list(ids)
     labels = np.asarray(labels).astype(int)
     if len(labels) != len(ids) or not set(labels.tolist()) <= {0, 1}:
-        raise DataError(f"{len(ids)} case ids need as many labels of 0 (LGG) or 1 (HGG), got {labels.tolist()[:10]}")
+        raise DataError(f"{len(ids)} case ids need as many labels of 0 ({classes[0]}) or 1 ({classes[1]}), got "
+                        f"{labels.tolist()[:10]}")  # fmt: skip
     sites = np.array([str(s) for s in (sites if sites is not None else map(site_of, ids))])
     if len(sites) != len(ids):
         raise DataError(f"{len(ids)} case ids need as many sites, got {len(sites)}")
@@ -373,7 +383,7 @@ def make_folds(
     if leave_site_out:
         k = _leave_site_out_k(table, k)
     _check_params(k, seed, repeats, group_by, leave_site_out, inner_fraction)
-    counts = {GRADES[c]: int((labels == c).sum()) for c in (0, 1)}
+    counts = {classes[c]: int((labels == c).sum()) for c in (0, 1)}
     if group_by is None:  # exact for StratifiedKFold: checked before splitting
         needed = needed_per_grade(k)
         short = {g: n for g, n in counts.items() if n < needed}
@@ -390,7 +400,37 @@ def make_folds(
         _check_inner_possible(splits, labels, sites, r, group_by, leave_site_out)
         entries = _fold_entries(ids, labels, sites, splits, seed, r, inner_fraction, group_by == "site", leave_site_out)
         repeat_sets.append({"repeat": r, "seed": seed + r, "folds": entries})
-    return _document(ids, counts, table, k, seed, repeats, group_by, leave_site_out, inner_fraction, repeat_sets)
+    folds = _document(ids, counts, table, k, seed, repeats, group_by, leave_site_out, inner_fraction, repeat_sets)
+    return folds if stratified_by == "grade" else {**folds, "stratified_by": stratified_by}
+
+
+def _by_patient(ids: list[str], labels, sites, patients: list[str], k, seed, kw: dict) -> dict:
+    """make_folds over patients (each with its first exam's label and site), then each patient's exams put where
+    the patient went: in the same fold and the same inner part. A patient whose exams disagree on the label is an
+    error naming it."""
+    labels = np.asarray(labels).astype(int)
+    sites = [str(s) for s in (sites if sites is not None else map(site_of, ids))]
+    if not len(ids) == len(labels) == len(patients) == len(sites):
+        raise DataError(f"{len(ids)} case ids need as many labels, sites and patients")
+    exams: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        exams.setdefault(p, []).append(i)
+    for p, rows in exams.items():
+        if len({int(labels[i]) for i in rows}) > 1:
+            raise DataError(f"patient {p}: its exams {[ids[i] for i in rows]} carry different labels")
+    first = [rows[0] for rows in exams.values()]
+    folds = make_folds(list(exams), labels[first], k, seed, sites=[sites[i] for i in first], **kw)
+
+    def expand(names):
+        return [ids[i] for p in names for i in exams[p]]
+
+    for rs in folds["repeat_sets"]:
+        for entry in rs["folds"]:
+            for key in ("train", "val", "fit", "select"):
+                entry[key] = expand(entry[key])
+    folds["case_ids"] = list(ids)
+    folds["patients"] = {p: [ids[i] for i in rows] for p, rows in exams.items() if len(rows) > 1}
+    return folds
 
 
 def _document(ids, counts, table, k, seed, repeats, group_by, leave_site_out, inner_fraction, repeat_sets) -> dict:
@@ -454,7 +494,8 @@ def spec_of(folds: dict) -> SplitSpec:
                      held.get("inner_fraction"))  # fmt: skip
 
 
-def plan_split(ids, labels, sites, spec: SplitSpec, saved: tuple[Path, dict] | None = None) -> SplitPlan:
+def plan_split(ids, labels, sites, spec: SplitSpec, saved: tuple[Path, dict] | None = None, *, patients=None,
+               classes: tuple[str, str] = GRADES, stratified_by: str = "grade") -> SplitPlan:  # fmt: skip
     """The split of these patients: `saved` (a folds.json of these very cases: the truth, the settings asked checked
     against it), else a new one. For a new one, K not asked (spec.k None) that the smaller grade cannot hold
     becomes the largest K it can, said in the notes ("4 LGG: 4 folds"); an asked K that cannot work is a DataError
@@ -466,13 +507,15 @@ def plan_split(ids, labels, sites, spec: SplitSpec, saved: tuple[Path, dict] | N
     r = spec.resolved(n_sites=len({str(s) for s in sites}))
     source, notes = ("--folds" if spec.k is not None else "the default"), []
     if not (r.leave_site_out or r.group_by == "site"):  # grouped splits refuse in make_folds, also before preprocessing
-        counts = {GRADES[c]: int((labels == c).sum()) for c in (1, 0)}
+        owners = list(patients) if patients is not None else list(ids)  # folds count patients, not exams
+        counts = {classes[c]: len({p for p, y in zip(owners, labels, strict=True) if y == c}) for c in (1, 0)}
         k, why = _fit_k(counts, r.k, asked=spec.k is not None)
         if k != r.k:
             r = SplitSpec(k, r.seed, r.repeats, r.group_by, r.leave_site_out, r.inner_fraction)
             source, notes = f"adapted: {why}", [why]
     folds = make_folds(ids, labels, r.k, r.seed, repeats=r.repeats, group_by=r.group_by,
-                       leave_site_out=r.leave_site_out, inner_fraction=r.inner_fraction, sites=sites)  # fmt: skip
+                       leave_site_out=r.leave_site_out, inner_fraction=r.inner_fraction, sites=sites,
+                       patients=patients, classes=classes, stratified_by=stratified_by)  # fmt: skip
     return SplitPlan(r, folds, source, notes)
 
 
@@ -562,6 +605,9 @@ def folds_for_cache(
             leave_site_out=r.leave_site_out,
             inner_fraction=r.inner_fraction,
             sites=[c.site for c in cache.cases],
+            patients=cache.patients,
+            classes=cache.classes,
+            stratified_by=cache.target.column,
         )
         write_json(path, folds, indent=1)
         return folds

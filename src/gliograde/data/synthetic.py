@@ -211,6 +211,32 @@ def _write_case(args) -> str:
     return case_id
 
 
+# --target NAME: the second question follows the phantom's look (what an image can answer), with this share of cases
+# flipped at random, so that it is learnable and yet not the grade itself
+TARGET_FLIP = 0.15
+COHORT_TABLE = "cohort.csv"
+
+
+def second_target(looks: list[str], seed: int) -> list[str]:
+    """'positive' or 'negative' per case: positive where the phantom looks high-grade, TARGET_FLIP of them flipped
+    (a stream of its own: the ids, grades and images are those of the set without --target)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7A26E7]))
+    flip = rng.random(len(looks)) < TARGET_FLIP
+    return ["positive" if (look == "HGG") != f else "negative" for look, f in zip(looks, flip, strict=True)]
+
+
+def write_cohort_table(folder: Path, cases: list[tuple], name: str, values: list[str]) -> None:
+    """folder/cohort.csv: id, patient, site, grade, <name>, the four modality files (relative to the folder)."""
+    import csv
+
+    with (folder / COHORT_TABLE).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "patient", "site", "grade", name, *MODALITIES])
+        for (cid, grade, _), value in zip(cases, values, strict=True):
+            files = [f"{grade}/{cid}/{cid}_{m}.nii.gz" for m in MODALITIES]
+            w.writerow([cid, cid, cid.split("_")[1], grade, value, *files])
+
+
 def synthesize(
     out: str | Path,
     n_cases: int,
@@ -221,10 +247,12 @@ def synthesize(
     progress: bool = True,
     first_index: int = 0,
     signal: str = "grade",
+    target: str | None = None,
 ) -> tuple[Path, bool]:
     """Write `n_cases` phantoms under out/HGG and out/LGG; returns (out, reused). Case numbers start at
     `first_index` (a second set with a higher start has ids no case of the first set has). `signal` says what
     predicts the grade: "grade" (the tumour's look), "none" (nothing) or "site" (the site only); see the module.
+    `target`: also write cohort.csv, a cohort table with a second binary column of that name (`second_target`).
 
     A folder already holding the same synthetic set (same parameters) is reused; any other non-empty folder is
     refused. The set is written in a temporary sibling folder and renamed into place.
@@ -244,6 +272,7 @@ def synthesize(
         **({"first_index": first_index} if first_index else {}),
         **({"signal": signal} if signal != "grade" else {}),  # the default's record is that of earlier versions
         **({"scanner_imprint": {"field": "log-normal", "sd": SCANNER_GAIN, "version": 2}} if signal == "site" else {}),
+        **({"target": target, "target_flip": TARGET_FLIP} if target else {}),
     }
     cases = synthetic_plan(n_cases, hgg_fraction, seed, first_index, signal)
     if out.exists() and any(out.iterdir()):
@@ -271,6 +300,8 @@ def synthesize(
                         bar.update()
         for grade in GRADES:
             (tmp / grade).mkdir(exist_ok=True)
+        if target:
+            write_cohort_table(tmp, cases, target, second_target([look for _, _, look in cases], seed))
         (tmp / RECORD).write_text(json.dumps(params))
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -30,7 +30,7 @@ from gliograde.data.brats import discover_cases
 from gliograde.data.cache import GEOMETRY, VolumeCache
 from gliograde.data.preprocess import Geometry, load_segmentation
 from gliograde.errors import DataError, GliogradeError
-from gliograde.networks.gradcam import grad_cam
+from gliograde.networks.gradcam import saliency, saliency_grid
 from gliograde.networks.resnet3d import ResNet3D
 
 HGG = GRADES.index("HGG")
@@ -164,12 +164,15 @@ def attention_report(
     layer: str = "layer4",
     seg_paths: Mapping[str, str | Path | None] | None = None,
 ) -> dict:
-    """Grad-CAM (HGG class) of each cache row at `layer`, scored against the case's tumour mask.
+    """Grad-CAM (HGG class) of each cache row at `layer` (another network than the ResNet-3D: its last feature map;
+    a ViT: attention rollout), scored against the case's tumour mask.
 
     rows: indices into the cache (e.g. a fold's validation rows). channels: the cache channels the model takes.
     seg_paths: {case id: seg file or None}; by default the cases under the data root recorded in the cache.
-    A case without a segmentation file is listed as skipped with the reason, not scored.
-    Returns {per_case: [{id, mass_in_mask, pointing_hit, chance[, skipped]}], summary, layer, cam_grid}."""
+    A case without a segmentation file is listed as skipped with the reason, not scored. A network that makes no
+    map: every case skipped with the reason, and `unavailable` says it.
+    Returns {per_case: [{id, mass_in_mask, pointing_hit, chance[, skipped]}], summary, layer, cam_grid
+    [, unavailable]}."""
     if not (cache.path / GEOMETRY).is_file():
         raise GliogradeError(
             f"cache {cache.path} keeps no {GEOMETRY} (the per-case crop geometry), so tumour masks cannot be placed "
@@ -182,7 +185,7 @@ def attention_report(
         no_seg = "no segmentation file given for it"
     device = torch.device(device) if device is not None else next(model.parameters()).device
     channels = list(channels)
-    per_case, used = [], layer
+    per_case, used, unavailable = [], layer, None
     for row in rows:
         row = int(row)
         case_id = cache.ids[row]
@@ -192,6 +195,7 @@ def attention_report(
             reason = no_seg
         elif not Path(seg).is_file():
             reason = f"segmentation file {seg} does not exist"
+        reason = reason or unavailable
         if reason is not None:
             per_case.append(
                 {"id": case_id, "mass_in_mask": math.nan, "pointing_hit": None, "chance": math.nan, "skipped": reason}
@@ -204,7 +208,12 @@ def attention_report(
         mask = mask_on_cache_grid(seg, geometry[case_id], cache.size)
         volume = np.asarray(cache.volumes[row][channels], np.float32)
         x = torch.from_numpy(volume)[None].to(device)
-        cam, used = grad_cam(model, x, target=HGG, layer=layer)
+        cam, used = saliency(model, x, target=HGG, layer=layer)
+        if cam is None:  # the network makes no map: this case and the rest skipped, said once
+            unavailable = used
+            per_case.append({"id": case_id, "mass_in_mask": math.nan, "pointing_hit": None, "chance": math.nan,
+                             "skipped": unavailable})  # fmt: skip
+            continue
         scores = attention_scores(cam[0].float().cpu().numpy(), mask, volume)
         per_case.append(
             {
@@ -214,12 +223,12 @@ def attention_report(
                 "chance": scores["mask_fraction_of_brain"],
             }
         )
-    return {
-        "per_case": per_case,
-        "summary": summarize_attention(per_case),
-        "layer": used,
-        "cam_grid": list(cam_grid(model, cache.size, used)) if used in STAGES else None,
-    }
+    report = {"per_case": per_case, "summary": summarize_attention(per_case), "layer": used}
+    if unavailable is not None:
+        return {**report, "cam_grid": None, "unavailable": unavailable}
+    resnet = isinstance(model, ResNet3D) and used in STAGES
+    grid = cam_grid(model, cache.size, used) if resnet else saliency_grid(model, cache.size)
+    return {**report, "cam_grid": list(grid) if grid is not None else None}
 
 
 def summarize_attention(per_case: list[dict]) -> dict:

@@ -39,6 +39,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from gliograde.config import RUNTIME_FIELDS, TrainConfig
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.plots import save_figure
@@ -51,6 +52,23 @@ SPLIT_FIELDS = ("folds", "split_seed", "repeats", "group_by", "leave_site_out", 
 # "inner_fraction" splits each fold's training patients, not the held-out ones (noted when they differ)
 FOLD_DEFINING = ("split_seed", "group_by", "leave_site_out")
 GRADE = {0: "LGG", 1: "HGG"}
+# the configuration a comparison names where the two sides differ: what decides what a run computes (not how it was
+# run: RUNTIME_FIELDS), less the split and the protocol (checked and shown on their own) and the fold
+NOT_SETTINGS = {*RUNTIME_FIELDS, *SPLIT_FIELDS, "fold", "repeat", "selection"}
+# readable names of the settings a comparison across backbones and fine-tuning policies turns on; any other field is
+# named by its flag
+SETTING_NAMES = {
+    "model": "network (--model)",
+    "depth": "depth (--depth)",
+    "pretrained_path": "pretrained weights (--pretrained-path)",
+    "probe": "linear probing: backbone frozen (--probe)",
+    "freeze_epochs": "backbone frozen for the first epochs (--freeze-epochs)",
+    "layer_decay": "layer-wise learning-rate decay (--layer-decay)",
+    "lr": "backbone learning rate (--lr)",
+    "classifier_lr_mult": "head learning rate / backbone's (--classifier-lr-mult)",
+    "modalities": "modalities (--modality)",
+    "loss": "loss (--loss)",
+}
 ALPHA = 0.05
 
 
@@ -70,6 +88,7 @@ class Side:
     protocol: str
     missing: list[str] = field(default_factory=list)
     problems: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # configuration key -> value (MIXED where its folds differ)
 
 
 def _where(repeat: int, fold: int) -> str:
@@ -127,7 +146,54 @@ def load_side(path: str | Path, name: str) -> Side:
         protocols[0] if len(protocols) == 1 else "mixed",
         missing,
         {f"{_where(*key)}": why for key, why in sorted(problems.items())},
+        _settings(configs),
     )
+
+
+MIXED = "(differs between its folds)"
+
+
+def _settings(configs: list[dict]) -> dict:
+    """A results folder's configuration, setting by setting: the value its runs recorded (a run made before a setting
+    existed ran without it: its default), MIXED where its folds differ."""
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    out = {}
+    for key, default in defaults.items():
+        if key not in NOT_SETTINGS:
+            values = {json.dumps(c.get(key, default), sort_keys=True) for c in configs}
+            out[key] = json.loads(values.pop()) if len(values) == 1 else MIXED
+    return out
+
+
+def setting_name(key: str) -> str:
+    """How compare names a configuration setting: its readable name, else its flag, else its key."""
+    if key in SETTING_NAMES:
+        return SETTING_NAMES[key]
+    f = TrainConfig.__dataclass_fields__.get(key)
+    if f is None or "group" not in f.metadata:
+        return key
+    return (f.metadata.get("flags") or [f"--{key.replace('_', '-')}"])[0]
+
+
+def setting_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def setting_differences(a: Side, b: Side) -> list[dict]:
+    """The configuration settings in which B differs from A (or either side's folds differ among themselves)."""
+    return [
+        {"key": k, "setting": setting_name(k), "a": a.settings[k], "b": b.settings[k]}
+        for k in a.settings
+        if k in b.settings and (a.settings[k] != b.settings[k] or MIXED in (a.settings[k], b.settings[k]))
+    ]
 
 
 def _config(run: FoldRun) -> dict:
@@ -421,6 +487,7 @@ def compare_pair(a: Side, b: Side, n_boot: int, seed: int) -> tuple[dict, list[d
         "corrected_ttest_note": ttest_note,
         "warnings": warnings,
         "verdict": verdict(head["delong"], a.name, b.name),
+        "settings": setting_differences(a, b),
     }
     return report, matched
 
@@ -500,7 +567,9 @@ def pair_tables(pr: dict) -> dict:
         [r["repeat"], r["fold"], r["n_test"], _fmt(r["auc_a"]), _fmt(r["auc_b"]), _fmt(r["diff"], sign=True)]
         for r in pr["per_fold"]
     ]
-    return {**pr, "tests": test_rows(pr), "repeats": repeats if len(pr["per_repeat"]) > 1 else [], "folds": folds}
+    settings = [[d["setting"], setting_text(d["a"]), setting_text(d["b"])] for d in pr.get("settings", [])]
+    return {**pr, "tests": test_rows(pr), "repeats": repeats if len(pr["per_repeat"]) > 1 else [], "folds": folds,
+            "setting_rows": settings}  # fmt: skip
 
 
 def markdown(report: dict) -> str:

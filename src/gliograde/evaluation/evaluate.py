@@ -27,6 +27,8 @@ from gliograde.evaluation import plots
 from gliograde.evaluation.calibration import OperatingPoint, fit_operating_point
 from gliograde.evaluation.scoring import evaluate_checkpoint, model_from_checkpoint
 from gliograde.files import new_stamped_dir, write_json
+from gliograde.networks import get_architecture
+from gliograde.networks.gradcam import ROLLOUT
 from gliograde.runs import run_environment
 from gliograde.training.losses import make_loss
 
@@ -37,20 +39,27 @@ class EvaluationError(GliogradeError):
     pass
 
 
-def attention_check(run_dir: Path, checkpoint: str, cache, rows, channels, device, layer: str, out: Path) -> dict:
-    """Grad-CAM of the evaluated checkpoint against the tumour masks of the reported cases; the summary is returned,
-    the per-case figures go to out/attention.json."""
+def attention_check(run_dir: Path, checkpoint: str, cache, rows, channels, device, layer: str, out: Path,
+                    model_name: str = "resnet3d") -> dict:  # fmt: skip
+    """The saliency map of the evaluated checkpoint (Grad-CAM; a ViT's attention rollout) against the tumour masks of
+    the reported cases; the summary is returned, the per-case figures go to out/attention.json. A network that makes
+    no map: said in one line, and in the summary (`unavailable`)."""
     from gliograde.evaluation.attention import attention_report
 
     path = run_dir / "checkpoints" / checkpoint
-    model = model_from_checkpoint(load_checkpoint(path), path, "resnet3d").to(device)
+    model = model_from_checkpoint(load_checkpoint(path), path, model_name).to(device)
     report = attention_report(model, cache, rows, channels, device, layer)
     write_json(out / "attention.json", report)
     s = report["summary"]
+    if report.get("unavailable"):
+        log.warning("Attention: %s; nothing measured for the %d cases", report["unavailable"], len(s["skipped"]))
+        return {**s, "layer": None, "cam_grid": None, "unavailable": report["unavailable"],
+                "file": str(out / "attention.json")}  # fmt: skip
     log.info(
-        "Attention (%s, Grad-CAM grid %s): %.1f %% of the map's mass in the tumour (chance %.1f %%), pointing game "
+        "Attention (%s, %s grid %s): %.1f %% of the map's mass in the tumour (chance %.1f %%), pointing game "
         "%.2f over %d cases (%d skipped)",
-        layer,
+        report["layer"],
+        "rollout" if report["layer"] == ROLLOUT else "Grad-CAM",
         report.get("cam_grid"),
         100 * s["mean_mass_in_mask"],
         100 * s["mean_chance"],
@@ -58,7 +67,7 @@ def attention_check(run_dir: Path, checkpoint: str, cache, rows, channels, devic
         s["n"],
         len(s["skipped"]),
     )
-    return {**s, "layer": layer, "cam_grid": report.get("cam_grid"), "file": str(out / "attention.json")}
+    return {**s, "layer": report["layer"], "cam_grid": report.get("cam_grid"), "file": str(out / "attention.json")}
 
 
 def read_final(run_dir: Path) -> dict:
@@ -113,7 +122,7 @@ def _write_evaluation(run_dir, cfg, policy, cache, val_rows, val_ids, channels, 
     plots.pr(labels, probs, out / "pr_curve.png", title)
     if attention:
         final["attention"] = attention_check(
-            run_dir, final["checkpoint"], cache, val_rows, channels, device, layer, out
+            run_dir, final["checkpoint"], cache, val_rows, channels, device, layer, out, cfg.model
         )
     write_json(
         out / "metrics.json",
@@ -158,7 +167,7 @@ def evaluate_run(
     (recorded in its config.json) where it runs on the same kind of device, else the rule for this device."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    if attention and cfg.model != "resnet3d":
+    if attention and get_architecture(cfg.model, "the run's model").slice_attention:
         raise EvaluationError(
             f"--attention measures the 3D model's Grad-CAM; a {cfg.model} run records its slice attention instead "
             "(predictions/val_attention.npy)"
@@ -194,6 +203,7 @@ def evaluate_run(
         policy,
         point=None if refit else point,
         expected=cfg.model,
+        classes=cache.classes,
         # inner: the checkpoint's stored AUC belongs to the selection part, so it is re-checked there (like with like)
         select_loader=make_val_loader(CacheDataset(cache, split.select, channels), cfg.batch_size, 0, False)
         if cfg.selection == "inner"

@@ -107,12 +107,13 @@ def _ratio(num: int, den: int) -> float:
     return num / den if den > 0 else math.nan
 
 
-def compute_metrics(labels, probs, threshold=0.5) -> dict:
+def compute_metrics(labels, probs, threshold=0.5, classes: tuple[str, str] = GRADES) -> dict:
     """Every metric the seeds report, from labels (0/1) and P(HGG); a case is HGG when P(HGG) >= threshold (one
     threshold, or one per case: each case's own fold's). Per class c: precision TP/(TP+FP), recall TP/(TP+FN), F1
     2TP/(2TP+FP+FN), each NaN where its denominator is empty, recall and F1 NaN where the class is absent; the macro
     figures are the mean over both grades (NaN when either is, or a grade is absent); balanced accuracy is
-    (sensitivity + specificity)/2."""
+    (sensitivity + specificity)/2. `classes`: the names of labels 0 and 1 (per_class's keys, negative first): a
+    cohort's own target names its classes (P(IDH wildtype)); HGG and LGG by default."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     preds = (probs >= np.asarray(threshold, dtype=np.float64)).astype(np.int64)
@@ -123,18 +124,18 @@ def compute_metrics(labels, probs, threshold=0.5) -> dict:
     per_class = {}
     for c, (hit, wrong_in, missed) in {0: (tn, fn, fp), 1: (tp, fp, fn)}.items():
         support = hit + missed
-        per_class[GRADES[c]] = {
+        per_class[classes[c]] = {
             "precision": _ratio(hit, hit + wrong_in),
             "recall": _ratio(hit, support),
             "f1": _ratio(2 * hit, 2 * hit + wrong_in + missed) if support > 0 else math.nan,
             "support": support,
         }
-    sens, spec = per_class[GRADES[1]]["recall"], per_class[GRADES[0]]["recall"]
+    sens, spec = per_class[classes[1]]["recall"], per_class[classes[0]]["recall"]
 
     def macro(key: str) -> float:  # undefined where a grade is absent; else NaN propagates (precision 0/0)
-        if any(per_class[g]["support"] == 0 for g in GRADES):
+        if any(per_class[g]["support"] == 0 for g in classes):
             return math.nan
-        return float(np.mean([per_class[g][key] for g in GRADES]))
+        return float(np.mean([per_class[g][key] for g in classes]))
 
     auc = roc_auc_score(labels, probs) if len(np.unique(labels)) == 2 else math.nan
     out = {

@@ -75,7 +75,7 @@ def learning_curves(history: list[dict], path: Path, loss_name: str) -> None:
     save_figure(fig, path)
 
 
-def confusion(cm, path: Path, title: str) -> None:
+def confusion(cm, path: Path, title: str, classes=GRADES) -> None:
     cm = np.asarray(cm)
     fig = Figure(figsize=(4.5, 4))
     ax = fig.add_subplot()
@@ -88,8 +88,8 @@ def confusion(cm, path: Path, title: str) -> None:
     ax.set(
         xticks=[0, 1],
         yticks=[0, 1],
-        xticklabels=GRADES,
-        yticklabels=GRADES,
+        xticklabels=classes,
+        yticklabels=classes,
         xlabel="predicted",
         ylabel="true",
         title=title,
@@ -97,26 +97,26 @@ def confusion(cm, path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def roc(labels, probs, path: Path, title: str, auc: float) -> None:
+def roc(labels, probs, path: Path, title: str, auc: float, positive: str = "HGG") -> None:
     fig = Figure(figsize=(4.5, 4))
     ax = fig.add_subplot()
     if len(np.unique(labels)) == 2:
         fpr, tpr, _ = roc_curve(labels, probs)
         ax.plot(fpr, tpr, label=f"AUC = {auc:.4f}")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity (HGG)", title=title)
+    ax.set(xlabel="1 - specificity", ylabel=f"sensitivity ({positive})", title=title)
     readable_legend(ax, loc="lower right")
     save_figure(fig, path)
 
 
-def pr(labels, probs, path: Path, title: str) -> None:
+def pr(labels, probs, path: Path, title: str, positive: str = "HGG") -> None:
     fig = Figure(figsize=(4.5, 4))
     ax = fig.add_subplot()
     if len(np.unique(labels)) == 2:
         precision, recall, _ = precision_recall_curve(labels, probs)
         ax.plot(recall, precision)
-        ax.axhline(np.mean(labels), color="grey", ls=":", label="prevalence of HGG")
-    ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title=title, ylim=(0, 1.02))
+        ax.axhline(np.mean(labels), color="grey", ls=":", label=f"prevalence of {positive}")
+    ax.set(xlabel=f"recall ({positive})", ylabel=f"precision ({positive})", title=title, ylim=(0, 1.02))
     readable_legend(ax, loc="lower left")
     save_figure(fig, path)
 
@@ -136,11 +136,12 @@ class PlotWriter:
 
     def _draw(self, history, labels, probs, metrics, suffix, title):
         f = self.folder
+        classes = tuple(metrics.get("per_class") or GRADES)  # the names of labels 0 and 1, in order
         loss_curve(history, f / f"loss_curve{suffix}.png", self.loss_name)
         learning_curves(history, f / f"learning_curves{suffix}.png", self.loss_name)
-        confusion(metrics["confusion_matrix"], f / f"confusion_matrix{suffix}.png", title)
-        roc(labels, probs, f / f"roc_curve{suffix}.png", title, metrics["auc"])
-        pr(labels, probs, f / f"pr_curve{suffix}.png", title)
+        confusion(metrics["confusion_matrix"], f / f"confusion_matrix{suffix}.png", title, classes)
+        roc(labels, probs, f / f"roc_curve{suffix}.png", title, metrics["auc"], classes[1])
+        pr(labels, probs, f / f"pr_curve{suffix}.png", title, classes[1])
 
     def close(self) -> None:
         """Wait for every figure; a figure that failed is logged, never fatal to the run."""

@@ -13,7 +13,7 @@ import base64
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gliograde import __version__
+from gliograde import GRADES, __version__
 from gliograde.evaluation.metrics import METRICS, summarized
 from gliograde.files import write_text_atomic
 from gliograde.templates import NA, ci_of, num, pct, render
@@ -41,7 +41,7 @@ FIGURE_CAPTIONS = {
     "cv_reliability.png": "Reliability diagram of the pooled out-of-fold probabilities (calibration).",
 }
 RATES = (
-    ("sensitivity", "Sensitivity (HGG called HGG)"),
+    ("sensitivity", "Sensitivity (HGG called HGG)"),  # said of a cohort's own classes by rate_names
     ("specificity", "Specificity (LGG called LGG)"),
     ("ppv", "Positive predictive value"),
     ("npv", "Negative predictive value"),
@@ -49,6 +49,26 @@ RATES = (
     ("balanced_accuracy", "Balanced accuracy"),
 )
 fmt = num  # the name the tests and older callers know
+
+
+def classes_of_report(report: dict) -> tuple[str, str]:
+    """(negative, positive) class names a summary or validation record carries; HGG and LGG before targets."""
+    names = report.get("classes") if isinstance(report, dict) else None
+    return tuple(names) if isinstance(names, list | tuple) and len(names) == 2 else GRADES
+
+
+def rate_names(classes=GRADES) -> tuple[tuple[str, str], ...]:
+    """RATES with the classes' own names ("Sensitivity (IDH wildtype called IDH wildtype)")."""
+    neg, pos = classes
+    own = {"sensitivity": f"Sensitivity ({pos} called {pos})", "specificity": f"Specificity ({neg} called {neg})"}
+    return tuple((key, own.get(key, name)) for key, name in RATES)
+
+
+def figure_caption(name: str, classes=GRADES) -> str:
+    pos = classes[1]
+    if name == "cv_pr_curves.png":
+        return f"Precision-recall curves ({pos} as the positive class), with the prevalence of {pos}."
+    return FIGURE_CAPTIONS.get(name, name)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -112,7 +132,8 @@ def header_view(report: dict) -> dict:
 def data_facts(report: dict) -> list[tuple]:
     """(key, value, sub) of the Data section."""
     p = report.get("pooled") or {}
-    hgg, lgg = _get(p, "per_class", "HGG", "support"), _get(p, "per_class", "LGG", "support")
+    neg, pos = classes_of_report(report)
+    hgg, lgg = _get(p, "per_class", pos, "support"), _get(p, "per_class", neg, "support")
     rep = report.get("over_repeats") or {}
     audit = report.get("sites") or {}
     table = audit.get("sites") or {}
@@ -120,7 +141,8 @@ def data_facts(report: dict) -> list[tuple]:
     single = [s for s in known if _get(table, s, "single_grade")]
     with_site = audit.get("patients_with_known_site")
     return [
-        ("Patients", num(p.get("n")), f"{num(hgg)} HGG · {num(lgg)} LGG" if hgg is not None or lgg is not None else ""),
+        ("Patients", num(p.get("n")), f"{num(hgg)} {pos} · {num(lgg)} {neg}" if hgg is not None or lgg is not None
+         else ""),
         ("Folds (K)", num(report.get("k")), f"{len(report.get('folds') or [])} fold runs reported"),
         ("Repeats", num(rep.get("n_repeats", len(report.get("repeats") or []) or None))),
         ("Acquisition sites", num(len(known)) if table else NA, f"{len(single)} hold a single grade" if table else ""),
@@ -151,7 +173,8 @@ def folds_view(report: dict) -> dict | None:
     many = len({r.get("repeat", 0) for r in rows}) > 1
     added = [spec.name for spec in summarized() if spec.compute is not None]  # registered metrics, after F1
     rates = ("sensitivity", "specificity", "balanced_accuracy", "f1", *added)
-    head = ["Repeat"] * many + ["Fold", "Patients (HGG/LGG)", "Best epoch (checkpoint)", "Threshold", "AUC"]
+    neg, pos = classes_of_report(report)
+    head = ["Repeat"] * many + ["Fold", f"Patients ({pos}/{neg})", "Best epoch (checkpoint)", "Threshold", "AUC"]
     head += ["AUC 95 % CI", "Sensitivity", "Specificity", "Bal. accuracy", "F1", *(METRICS[m].label for m in added)]
     head += ["Brier", "ECE"]
     body = []
@@ -194,11 +217,11 @@ def repeats_view(report: dict) -> dict | None:
     return {"rows": rows, "over": rep}
 
 
-def rate_rows(rates: dict, effective_n: bool = False) -> list[list]:
+def rate_rows(rates: dict, effective_n: bool = False, classes=GRADES) -> list[list]:
     """Measure, value, Wilson interval and count of each rate; with `effective_n` (a validation), balanced
     accuracy's count reads "effective n" and a rate not recorded "n/a / n/a" (else "n/a")."""
     rows = []
-    for key, name in RATES:
+    for key, name in rate_names(classes):
         r = rates.get(key) or {}
         if key == "balanced_accuracy" and effective_n:
             frac = "effective n"
@@ -208,10 +231,11 @@ def rate_rows(rates: dict, effective_n: bool = False) -> list[list]:
     return rows
 
 
-def confusion_rows(cm) -> list[list] | None:
+def confusion_rows(cm, classes=GRADES) -> list[list] | None:
     if not (isinstance(cm, list) and len(cm) == 2 and all(isinstance(r, list) and len(r) == 2 for r in cm)):
         return None
-    return [["True LGG", num(cm[0][0]), num(cm[0][1])], ["True HGG", num(cm[1][0]), num(cm[1][1])]]
+    neg, pos = classes
+    return [[f"True {neg}", num(cm[0][0]), num(cm[0][1])], [f"True {pos}", num(cm[1][0]), num(cm[1][1])]]
 
 
 def pooled_view(report: dict) -> dict | None:
@@ -224,10 +248,11 @@ def pooled_view(report: dict) -> dict | None:
     if boot.get("resamples") is not None:
         boot_sub += f" ({num(boot.get('resamples'))} resamples, seed {num(boot.get('seed'))})"
     cal = p.get("calibration") or {}
+    neg, pos = classes_of_report(report)
     facts = [
         ("Pooled AUC", num(p.get("auc")), f"95 % CI {ci_of(score)} ({_ci_name(score)})", boot_sub),
-        ("Sensitivity", num(p.get("sensitivity")), "HGG correctly called"),
-        ("Specificity", num(p.get("specificity")), "LGG correctly called"),
+        ("Sensitivity", num(p.get("sensitivity")), f"{pos} correctly called"),
+        ("Specificity", num(p.get("specificity")), f"{neg} correctly called"),
         ("Brier score", num(cal.get("brier", p.get("brier"))), "0 is perfect; lower is better"),
         ("ECE", num(cal.get("ece", p.get("ece"))), f"{num(cal.get('n_bins'))} equal-width bins"),
     ]
@@ -245,7 +270,7 @@ def pooled_view(report: dict) -> dict | None:
         "n": p.get("n"), "facts": facts, "error": score.get("error"),
         "rates": rate_rows(rates) if rates else None,
         "rates_where": "threshold 0.5" if rates and rates.get("threshold") == 0.5 else "each fold's own threshold",
-        "confusion": confusion_rows(p.get("confusion_matrix")),
+        "confusion": confusion_rows(p.get("confusion_matrix"), (neg, pos)),
         "sas": sas_rows, "sas_protocol": sas.get("protocol", "") if isinstance(sas, dict) else "",
     }  # fmt: skip
 
@@ -268,17 +293,18 @@ def figures_view(report: dict, out_dir: Path) -> dict:
         if uri is None:
             notes.append(f"{base}: {'not found' if path is None else 'not a PNG file'}, not shown.")
         else:
-            shown.append({"uri": uri, "caption": FIGURE_CAPTIONS.get(base, base)})
+            shown.append({"uri": uri, "caption": figure_caption(base, classes_of_report(report))})
     return {"shown": shown, "notes": notes}
 
 
-def _site_table(audit: dict) -> tuple[list, list]:
+def _site_table(audit: dict, names=GRADES) -> tuple[list, list]:
+    neg, pos = names
     rows, classes = [], []
     for site, e in (audit.get("sites") or {}).items():
         e = e if isinstance(e, dict) else {}
         single = e.get("single_grade")
         name = site if site != "unknown" else "unknown (ids naming no site; not one site)"
-        rows.append([name, num(e.get("cases")), num(e.get("HGG")), num(e.get("LGG")), num(single),
+        rows.append([name, num(e.get("cases")), num(e.get(pos)), num(e.get(neg)), num(single),
                      num(e.get("accuracy"))])  # fmt: skip
         classes.append("flag" if single and site != "unknown" else "")
     return rows, classes
@@ -305,7 +331,7 @@ def _mixed_view(c) -> dict | None:
 def sites_view(report: dict) -> dict:
     audit = report.get("sites") or {}
     base = report.get("site_baseline") or {}
-    rows, classes = _site_table(audit)
+    rows, classes = _site_table(audit, classes_of_report(report))
     pooled = base.get("pooled")
     return {
         "rows": rows, "classes": classes,
@@ -358,6 +384,7 @@ def render_report(report: dict, out_dir: Path, provenance: dict | None = None, c
     methods = report.get("methods")
     return render(
         "report.html.j2",
+        classes=classes_of_report(report),
         title=f"gliograde: {k}-fold cross-validation report" if k is not None else "gliograde: cross-validation report",
         header=header_view(report),
         warnings=report.get("warnings") or [],

@@ -79,8 +79,10 @@ def evaluate_checkpoint(
     select_loader=None,
     fit_point=None,
     expected: str | None = None,
+    classes: tuple[str, str] = GRADES,
 ) -> dict:
-    """Load the checkpoint chosen by the policy and score the reported patients (`val_loader`) once.
+    """Load the checkpoint chosen by the policy and score the reported patients (`val_loader`) once (`classes`: the
+    names of labels 0 and 1, the cache's target).
 
     `precision` is a decided `runtime.Precision` (training's, or the run's own reused by `evaluate`), or a
     (--precision, --amp) request decided here by `runtime.decide_precision`.
@@ -123,7 +125,7 @@ def evaluate_checkpoint(
         )  # fmt: skip
     point = point or OperatingPoint(0.5, 0.5)
     probs = point.apply(raw)
-    m = compute_metrics(labels, probs, point.threshold)
+    m = compute_metrics(labels, probs, point.threshold, classes)
     return {
         **m,
         "loss": loss,
@@ -132,7 +134,7 @@ def evaluate_checkpoint(
         "checkpoint_auc": stored,
         "recheck_auc": recheck,
         "used_ema": bool(ckpt.get("is_ema")),
-        "classes": list(GRADES),
+        "classes": list(classes),
         "threshold": point.threshold,
         "operating_point": point.to_dict(),
         "precision": decided.to_dict(),

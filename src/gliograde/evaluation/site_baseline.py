@@ -28,6 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.preprocessing import OneHotEncoder
 
+from gliograde import GRADES
 from gliograde.data.brats import UNKNOWN_SITE, site_of
 from gliograde.errors import DataError
 
@@ -100,14 +101,20 @@ def site_model(sites: list[str], labels: np.ndarray):
     return predict
 
 
-def site_baseline(ids, labels, folds: dict, repeat: int = 0, protocol: str = "inner") -> dict:
+def site_baseline(
+    ids, labels, folds: dict, repeat: int = 0, protocol: str = "inner", sites: dict | None = None
+) -> dict:
     """Out-of-fold P(HGG) from the site alone, for each outer fold of `folds` (repeat `repeat`).
 
     `ids` and `labels` (1 = HGG, 0 = LGG) name the patients; the folds' `train`/`fit`/`select`/`val` lists are case
     ids among them. Returns {"protocol", "per_fold": [{"fold", "auc", "n", "threshold"}], "pooled": {"auc", "n",
     "threshold_policy", "sensitivity", "specificity", "balanced_accuracy"}, "ids", "probs", "labels"}; ids/probs/
-    labels are the validation patients in the order of `ids`. AUCs are NaN where a class is absent.
+    labels are the validation patients in the order of `ids`. AUCs are NaN where a class is absent. `sites`: id ->
+    site (a cohort table's site column); else the site each BraTS id names.
     """
+    def site_of_id(case_id: str) -> str:
+        return sites.get(case_id, UNKNOWN_SITE) if sites is not None else site_of(case_id)
+
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     ids = [str(i) for i in ids]
@@ -131,12 +138,12 @@ def site_baseline(ids, labels, folds: dict, repeat: int = 0, protocol: str = "in
         fold = entry.get("fold", k)
         train_ids, train_y = part(entry, "fit" if inner else "train")
         val_ids, val_y = part(entry, "val")
-        predict = site_model([site_of(c) for c in train_ids], train_y)
+        predict = site_model([site_of_id(c) for c in train_ids], train_y)
         threshold = 0.5
         if inner:
             select_ids, select_y = part(entry, "select")
-            threshold = youden_threshold(select_y, predict([site_of(c) for c in select_ids]))
-        probs = predict([site_of(c) for c in val_ids]) if val_ids else np.zeros(0)
+            threshold = youden_threshold(select_y, predict([site_of_id(c) for c in select_ids]))
+        probs = predict([site_of_id(c) for c in val_ids]) if val_ids else np.zeros(0)
         for c, p in zip(val_ids, probs, strict=True):
             if c in prob_of:
                 raise DataError(f"case {c} is in the validation part of two folds of repeat {repeat}")
@@ -166,18 +173,20 @@ def site_baseline(ids, labels, folds: dict, repeat: int = 0, protocol: str = "in
     }
 
 
-def site_audit(ids: list[str], labels, preds=None) -> dict:
-    """Cases, grades and (given predictions) accuracy per acquisition site, and how many patients sit in a site
-    that holds a single grade -- for them the site alone predicts the grade."""
+def site_audit(ids: list[str], labels, preds=None, sites: dict | None = None, classes=GRADES) -> dict:
+    """Cases, classes and (given predictions) accuracy per acquisition site, and how many patients sit in a site
+    that holds a single class -- for them the site alone predicts the class. `sites`: id -> site (a cohort table's
+    site column), else the site each BraTS id names; `classes`: the names of labels 0 and 1 (the entries' keys)."""
     labels = np.asarray(labels, dtype=np.int64)
-    sites = [site_of(i) for i in ids]
+    neg, pos = classes
+    sites = [sites.get(i, UNKNOWN_SITE) if sites is not None else site_of(i) for i in ids]
     table = {}
     for site in sorted(set(sites), key=lambda s: (s == UNKNOWN_SITE, s)):  # the ids without a site last
         rows = [k for k, s in enumerate(sites) if s == site]
         counts = Counter(int(labels[k]) for k in rows)
-        entry = {"cases": len(rows), "HGG": counts.get(1, 0), "LGG": counts.get(0, 0)}
+        entry = {"cases": len(rows), pos: counts.get(1, 0), neg: counts.get(0, 0)}
         # ids that name no site are not one site: whether "they" hold one grade says nothing
-        entry["single_grade"] = None if site == UNKNOWN_SITE else entry["HGG"] == 0 or entry["LGG"] == 0
+        entry["single_grade"] = None if site == UNKNOWN_SITE else entry[pos] == 0 or entry[neg] == 0
         if preds is not None:
             entry["accuracy"] = float(np.mean(np.asarray(preds)[rows] == labels[rows]))
         table[site] = entry

@@ -51,15 +51,15 @@ log = logging.getLogger("gliograde")
 
 
 # ------------------------------------------------------------------------------------------------------ figures
-def cv_curves(runs: list[FoldRun], pooled_labels, pooled_probs, out_dir: Path) -> tuple[Path, Path]:
+def cv_curves(runs: list[FoldRun], pooled_labels, pooled_probs, out_dir: Path, positive="HGG") -> tuple[Path, Path]:
     """cv_roc_curves.png and cv_pr_curves.png: per fold, mean ± 1 std over folds (interpolated), pooled."""
     paths = (out_dir / "cv_roc_curves.png", out_dir / "cv_pr_curves.png")
     for kind, path in zip(("roc", "pr"), paths, strict=True):
-        save_figure(cv_figure(kind, runs, pooled_labels, pooled_probs), path, dpi=110)
+        save_figure(cv_figure(kind, runs, pooled_labels, pooled_probs, positive), path, dpi=110)
     return paths
 
 
-def cv_figure(kind: str, runs: list[FoldRun], pooled_labels, pooled_probs) -> Figure:
+def cv_figure(kind: str, runs: list[FoldRun], pooled_labels, pooled_probs, positive: str = "HGG") -> Figure:
     """One of the CV figures ("roc" or "pr"), its legend at the readable size of plots.LEGEND_FONTSIZE."""
     grid = np.linspace(0, 1, 201)
     fig = Figure(figsize=(6, 5))
@@ -90,10 +90,11 @@ def cv_figure(kind: str, runs: list[FoldRun], pooled_labels, pooled_probs) -> Fi
         ax.plot(x, y, color="darkred", lw=2, ls="--", label="pooled out-of-fold")
     if kind == "roc":
         ax.plot([0, 1], [0, 1], "k:", lw=1)
-        ax.set(xlabel="1 - specificity", ylabel="sensitivity (HGG)", title="ROC, cross-validation")
+        ax.set(xlabel="1 - specificity", ylabel=f"sensitivity ({positive})", title="ROC, cross-validation")
     else:
-        ax.axhline(np.mean(pooled_labels), color="grey", ls=":", label="prevalence of HGG")
-        ax.set(xlabel="recall (HGG)", ylabel="precision (HGG)", title="precision-recall, cross-validation")
+        ax.axhline(np.mean(pooled_labels), color="grey", ls=":", label=f"prevalence of {positive}")
+        ax.set(xlabel=f"recall ({positive})", ylabel=f"precision ({positive})",
+               title="precision-recall, cross-validation")  # fmt: skip
     ax.set(xlim=(0, 1), ylim=(0, 1.02))
     return readable_legend(fig, loc="lower right" if kind == "roc" else "lower left")
 
@@ -119,8 +120,9 @@ def summarize(
     per_repeat = [pool_repeat(ordered, rep, bootstrap, seed) for rep in repeats]
     first = per_repeat[0]
     pooled, labels, probs, all_ids = first["pooled"], first["labels"], first["probs"], first["ids"]
-    audit = audit_sites(first_repeat, all_ids, labels, probs, warnings)
-    baseline = site_baseline_for(ordered, all_ids, labels, repeats[0], protocol)
+    classes, sites = ordered[0].classes, cohort_sites(ordered)
+    audit = audit_sites(first_repeat, all_ids, labels, probs, warnings, sites, classes)
+    baseline = site_baseline_for(ordered, all_ids, labels, repeats[0], protocol, sites)
     looks = attention_of(first_repeat, rows)
     shortcut = shortcut_warning(pooled, looks)
     if shortcut:
@@ -130,6 +132,7 @@ def summarize(
     report = {
         "results_dir": str(results_dir),
         "model": runs_model([r.run_dir for r in ordered]),
+        "classes": list(classes),
         "k": k,
         "protocol": protocol,
         "protocol_label": PROTOCOL_LABELS.get(protocol, protocol),
@@ -157,7 +160,7 @@ def summarize(
         "sites": audit,
         "warnings": warnings,
     }
-    roc_png, pr_png = cv_curves(first_repeat, labels, probs, results_dir)
+    roc_png, pr_png = cv_curves(first_repeat, labels, probs, results_dir, classes[1])
     rel_png = results_dir / "cv_reliability.png"
     save_figure(stats.reliability_figure(reliability_curves(per_repeat)), rel_png)
     report["figures"] = [str(roc_png), str(pr_png), str(rel_png)]
@@ -263,7 +266,7 @@ def pool_repeat(ordered: list[FoldRun], rep: int, bootstrap: int, seed: int) -> 
         )
     labels = np.concatenate([r.labels for r in rruns])
     probs = np.concatenate([r.probs for r in rruns])
-    pooled = compute_metrics(labels, probs, threshold_of(rruns))
+    pooled = compute_metrics(labels, probs, threshold_of(rruns), rruns[0].classes)
     boot = stats.bootstrap_auc(labels, probs, bootstrap, seed)
     pooled.update(
         {
@@ -287,14 +290,17 @@ def over_repeats(per_repeat: list[dict]) -> dict:
     }
 
 
-def audit_sites(first_repeat: list[FoldRun], all_ids, labels, probs, warnings: list[str]) -> dict:
+def audit_sites(first_repeat: list[FoldRun], all_ids, labels, probs, warnings: list[str], sites=None,
+                classes=GRADES) -> dict:  # fmt: skip
     """The site audit and the mixed-grade 2013 cohort, at one operating point everywhere: each patient at its own
-    fold's threshold. A warning joins `warnings` where single-grade sites could carry the AUC."""
+    fold's threshold. A warning joins `warnings` where single-grade sites could carry the AUC. `sites`: id -> site
+    of the runs' cohort (None: the site each BraTS id names)."""
     thresholds = np.broadcast_to(threshold_of(first_repeat), probs.shape)
     preds = (probs >= thresholds).astype(np.int64)
-    audit = site_audit(all_ids, labels, preds)
-    cohort = [k_ for k_, i in enumerate(all_ids) if site_of(i) == MIXED_COHORT]
-    if cohort:
+    audit = site_audit(all_ids, labels, preds, sites, classes)
+    site_of_id = (lambda i: sites.get(i, UNKNOWN_SITE)) if sites is not None else site_of
+    cohort = [k_ for k_, i in enumerate(all_ids) if site_of_id(i) == MIXED_COHORT]
+    if cohort and classes == GRADES:  # the BraTS 2013 cohort: the mixed-grade site of the seeds' data
         audit["mixed_cohort"] = {
             "site": MIXED_COHORT,
             **compute_metrics(labels[cohort], probs[cohort], thresholds[cohort]),
@@ -411,7 +417,20 @@ def attention_of(runs: list[FoldRun], rows: list[dict]) -> dict | None:
     return {"per_fold": {str(k): v for k, v in per_fold.items()}, "pooled": pooled}
 
 
-def site_baseline_for(runs: list[FoldRun], ids, labels, repeat: int, protocol: str) -> dict | None:
+def cohort_sites(runs: list[FoldRun]) -> dict[str, str] | None:
+    """id -> site as the runs' cache holds it (a cohort table's site column, a BraTS 2020 mapping's, or the BraTS
+    id's); None where no cache of theirs can be opened (the sites the ids name are used then)."""
+    from gliograde.data.cache import open_cache
+
+    for path in sorted({r.cache_dir for r in runs if r.cache_dir}):
+        try:
+            return {c.id: c.site for c in open_cache(path).cases}
+        except GliogradeError:
+            continue
+    return None
+
+
+def site_baseline_for(runs: list[FoldRun], ids, labels, repeat: int, protocol: str, sites=None) -> dict | None:
     """The site-only baseline over the same folds (folds.json of the runs' cache) and the same protocol."""
     from gliograde.data.splits import load_folds
     from gliograde.evaluation.site_baseline import site_baseline
@@ -422,7 +441,7 @@ def site_baseline_for(runs: list[FoldRun], ids, labels, repeat: int, protocol: s
         return {"error": "the runs' cache (and its folds.json) was not found; no site baseline"}
     try:
         folds = load_folds(path)
-        result = site_baseline(ids, labels, folds, repeat, "inner" if protocol == "inner" else "outer")
+        result = site_baseline(ids, labels, folds, repeat, "inner" if protocol == "inner" else "outer", sites)
     except GliogradeError as e:
         return {"error": str(e)}
     out = {key: result[key] for key in ("protocol", "per_fold", "pooled")}
@@ -451,7 +470,8 @@ def fold_table(report: dict) -> tuple[list[str], list[list[str]]]:
     """The per-fold table with its mean ± std row, as (header, rows) of Markdown cells."""
     many = len({r.get("repeat", 0) for r in report["folds"]}) > 1
     others = [spec for spec in summarized() if spec.name != "auc"]  # the metrics table's order and labels
-    head = ["Repeat"] * many + ["Fold", "Best epoch", "Checkpoint", "HGG/LGG", "Threshold", "AUC"]
+    neg, pos = report.get("classes") or GRADES
+    head = ["Repeat"] * many + ["Fold", "Best epoch", "Checkpoint", f"{pos}/{neg}", "Threshold", "AUC"]
     head += ["AUC 95 % CI (Newcombe)", *(spec.label for spec in others)]
     rows = []
     for r in report["folds"]:
@@ -500,11 +520,12 @@ def repeat_rows(report: dict) -> list[list[str]] | None:
     return rows
 
 
-def site_rows(audit: dict) -> list[list[str]]:
+def site_rows(audit: dict, classes=GRADES) -> list[list[str]]:
+    neg, pos = classes
     rows = []
     for site, e in audit["sites"].items():
         name = f"{site} (ids naming no site; not one site)" if site == UNKNOWN_SITE else site
-        rows.append([name, e["cases"], e["HGG"], e["LGG"], yes_no(e["single_grade"]), fixed(e.get("accuracy"))])
+        rows.append([name, e["cases"], e.get(pos), e.get(neg), yes_no(e["single_grade"]), fixed(e.get("accuracy"))])
     return rows
 
 
@@ -554,9 +575,10 @@ def summary_markdown(report: dict) -> str:
         folds=fold_table(report),
         repeats=repeat_rows(report),
         wilson=WILSON,
-        sites=site_rows(report["sites"]),
+        sites=site_rows(report["sites"], tuple(report.get("classes") or GRADES)),
         configuration=configuration_rows(report.get("configuration") or {}, report.get("model") or {}),
         grades=GRADES,
+        classes=report.get("classes"),
         figures=[Path(f).name for f in report["figures"]],
         runs=[f"fold {r['fold']}: {r['run']}" for r in report["folds"]],
     )

@@ -32,11 +32,11 @@ from gliograde.files import new_stamped_dir, write_json
 from gliograde.inference.qc import TrainingReference, member_features
 from gliograde.inference.records import decision_text, write_predictions_csv
 from gliograde.inference.saliency import saliency_png
-from gliograde.networks import model_kind
-from gliograde.networks.gradcam import grad_cam
-from gliograde.runs import config_differences, find_runs, run_environment
+from gliograde.networks import get_architecture, gradcam, model_kind
+from gliograde.runs import classes_of, config_differences, find_runs, run_environment
 
 log = logging.getLogger("gliograde")
+ROLLOUT_TEXT = "attention rollout of the ViT (Abnar and Zuidema, 2020; the same for either class)"
 FLIPS = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]  # 8 flip sets, () first
 
 
@@ -56,6 +56,7 @@ class Member:
     preprocess: dict
     point: OperatingPoint = field(default_factory=lambda: OperatingPoint(0.5, 0.5))
     logit_scale: float = 1.0
+    classes: tuple[str, str] = GRADES  # the names of labels 0 and 1 its run was trained on (a cohort's own target)
 
 
 def load_member(run_dir: Path, policy: str) -> Member:
@@ -71,7 +72,7 @@ def load_member(run_dir: Path, policy: str) -> Member:
         log.warning("%s records no preprocessing; assuming size %s and margin %d", path, ckpt["size"], DEFAULT_MARGIN)
         pre = {"size": ckpt["size"], "margin": DEFAULT_MARGIN, "preprocess_version": PREPROCESS_VERSION}
     # the operating point the run fitted on its selection part (prior correction, temperature, threshold)
-    point = OperatingPoint(0.5, 0.5)
+    point, final = OperatingPoint(0.5, 0.5), {}
     try:
         final = json.loads((run_dir / "metrics" / "metrics.json").read_text()).get("final") or {}
         if final.get("operating_point") and final.get("checkpoint", path.name) == path.name:
@@ -88,7 +89,14 @@ def load_member(run_dir: Path, policy: str) -> Member:
         log.warning("%s: no readable metrics/metrics.json; raw probabilities, threshold 0.5", run_dir)
     model = model_from_checkpoint(ckpt, path)
     scale = checkpoint_logit_scale(ckpt)
-    return Member(fold, path, model, list(ckpt["modalities"]), int(ckpt["size"]), pre, point, scale)
+    classes = classes_of(final)
+    return Member(fold, path, model, list(ckpt["modalities"]), int(ckpt["size"]), pre, point, scale, classes)
+
+
+def true_class(case: Case, classes: tuple[str, str]) -> str | None:
+    """The case's known class under the ensemble's target (None: unknown, or a class of another question, such as
+    the grade folder of a case predicted by an IDH ensemble)."""
+    return case.grade if case.grade != UNKNOWN_GRADE and case.grade in classes else None
 
 
 def load_ensemble(paths: list[str | Path], policy: str = "auto", allow_mixed: bool = False) -> list[Member]:
@@ -124,6 +132,7 @@ def load_ensemble(paths: list[str | Path], policy: str = "auto", allow_mixed: bo
             ("modalities", ref.modalities, m.modalities),
             ("input size", ref.size, m.size),
             ("preprocessing", ref.preprocess, m.preprocess),
+            ("classes", ref.classes, m.classes),
         ):
             if a != b:
                 raise PredictError(
@@ -215,23 +224,27 @@ def output_dir(out: str | Path | None, parent: str | Path = "predictions") -> Pa
 def explain(record: dict, members, x: torch.Tensor, volume: np.ndarray, geometry, case: Case, out: Path,
             saliency: bool, saliency_layer: str) -> None:
     """Where the ensemble looked, into `record`: a MIL model's slice attention (and its strip with --saliency), or
-    with --saliency the 3D models' mean Grad-CAM on the case's own voxel grid (NIfTI + PNG). `volume`: the case's
-    preprocessed input channels."""
+    with --saliency the 3D models' mean saliency map (Grad-CAM; a ViT's attention rollout) on the case's own voxel
+    grid (NIfTI + PNG), or why a network makes none. `volume`: the case's preprocessed input channels."""
     title = decision_text(record, brief=True)  # the decision and its threshold, not P(HGG) alone
-    if model_kind(members[0].model) == "mil2d":
+    if get_architecture(model_kind(members[0].model)).slice_attention:
         record["mil"] = mil_attention(members, x)
         if saliency:
             png = out / "saliency" / f"{case.id}_slices.png"
             attention_strip(volume, record["mil"], png, title)
             record["saliency"] = {"png": str(png), "method": "the most-attended axial slices and their weights"}
     elif saliency:
-        cams = [grad_cam(m.model, x, layer=saliency_layer) for m in members]
+        cams = [gradcam.saliency(m.model, x, layer=saliency_layer) for m in members]
+        if cams[0][0] is None:  # a network with neither a feature map nor attention rollout: said, no file
+            record["saliency"] = {"method": None, "note": cams[0][1]}
+            return
         cam = torch.stack([c[0][0] for c in cams]).mean(0)
         cam = (cam / cam.max().clamp_min(1e-12)).cpu().numpy()  # the ensemble map scaled to peak 1 again
         image = to_original_grid(cam, geometry)
         # the upsampled map blurs past the skull: cut it to the case's own brain mask on its own grid
         brain = np.any([np.asarray(nib.load(str(f)).dataobj) != 0 for f in case.files], axis=0)
         image = nib.Nifti1Image(image.get_fdata(dtype=np.float32) * brain, image.affine)
+        how = ROLLOUT_TEXT if cams[0][1] == gradcam.ROLLOUT else "Grad-CAM of the HGG logit"
         nii = out / "saliency" / f"{case.id}_gradcam.nii.gz"
         nib.save(image, str(nii))
         png = out / "saliency" / f"{case.id}_gradcam.png"
@@ -241,7 +254,7 @@ def explain(record: dict, members, x: torch.Tensor, volume: np.ndarray, geometry
             "png": str(png),
             **where,  # the voxel the PNG's slices go through (the map's centre of mass in the brain) and the peak
             "layer": cams[0][1],
-            "method": "Grad-CAM of the HGG logit; each fold's map scaled to peak 1, averaged, scaled to peak 1",
+            "method": f"{how}; each fold's map scaled to peak 1, averaged, scaled to peak 1",
         }
 
 
@@ -296,6 +309,10 @@ def predict_cases(
         qc.ensure_features(members, device)
     if saliency:
         (out / "saliency").mkdir(exist_ok=True)
+        slices = get_architecture(model_kind(ref.model)).slice_attention
+        if not slices and gradcam.saliency_grid(ref.model, ref.size) is None:
+            log.warning("--saliency: no saliency map is made for %s (neither a feature map for Grad-CAM nor attention "
+                        "rollout); each case's record says so", ref.model.describe())  # fmt: skip
     names = [f"fold_{m.fold}" if m.fold is not None else m.checkpoint.parent.parent.name for m in members]
     records, failed = [], {}
     for case in cases:
@@ -310,14 +327,16 @@ def predict_cases(
         both = [_probability(m, x, tta, dtype) for m in members]
         per_model = [b[1] for b in both]
         p = float(np.mean(per_model))
+        neg, pos = ref.classes  # p_hgg, predicted_grade, true_grade: the seeds' keys, for any target's classes
         record = {
             "case": case.id,
             "p_hgg": p,
             "p_hgg_raw": float(np.mean([b[0] for b in both])),
             "threshold": threshold,
-            "predicted_grade": GRADES[int(p >= threshold)],
-            "decision_rule": "HGG when p_hgg >= threshold, else LGG",
-            "true_grade": case.grade if case.grade != UNKNOWN_GRADE else None,
+            "predicted_grade": ref.classes[int(p >= threshold)],
+            "decision_rule": f"{pos} when P({pos}) >= threshold, else {neg}",
+            "true_grade": true_class(case, ref.classes),
+            "classes": list(ref.classes),
             "folds": dict(zip(names, per_model, strict=True)),
             "qc": qc.check(case, volume, member_features(members, x) if qc.members else None, ref.preprocess),
         }

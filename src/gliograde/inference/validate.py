@@ -31,6 +31,7 @@ import numpy as np
 
 from gliograde import GRADES, __version__, runtime
 from gliograde.data.brats import MAPPING_FILE, UNKNOWN_SITE, Case, Discovery, discover_cases
+from gliograde.data.cohort import CohortSource
 from gliograde.data.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION, preprocess_case
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
@@ -75,8 +76,13 @@ class ValidateError(GliogradeError):
 
 
 # -------------------------------------------------------------------------------------------------- inputs
-def labelled_cohort(root: str | Path) -> Discovery:
-    """The cohort's cases with their grades, from the BraTS 2018/2019 folders or a BraTS 2020 name_mapping.csv."""
+def labelled_cohort(root: str | Path | CohortSource) -> Discovery:
+    """The cohort's cases with their labels: from a cohort table (a CohortSource with a table), else with their
+    grades from the BraTS 2018/2019 folders or a BraTS 2020 name_mapping.csv."""
+    if isinstance(root, CohortSource):
+        if root.table is not None:
+            return root.discover()
+        root = root.data_root
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ValidateError(f"--data-root {root} does not exist or is not a folder")
@@ -112,19 +118,26 @@ def find_overlap(cases: list[Case], reference: TrainingReference) -> list[dict]:
             f"preprocesses with version {PREPROCESS_VERSION}"
         )
         hashing = False
+    # a cohort's patients with several exams: any exam of a training patient is that patient again
+    patients = {}
+    if reference.cache is not None:
+        for record in reference.cache.cases:
+            patients.setdefault(record.patient, record.id)
     shared = []
     for case in cases:
         matches = []
         if case.id in reference.ids or _plain_id(case.id) in plain:
             matches.append({"by": "case id", "training_case": case.id if case.id in reference.ids else
                             plain[_plain_id(case.id)]})  # fmt: skip
+        elif case.patient != case.id and case.patient in patients:
+            matches.append({"by": f"patient id {case.patient}", "training_case": patients[case.patient]})
         if hashing:
             volume, _ = preprocess_case(case, int(params["size"]), int(params.get("margin", DEFAULT_MARGIN)))
             hit = reference.hashes.get(volume_hash(volume))
             if hit is not None:
                 matches.append({"by": "image (same preprocessed volume)", "training_case": hit})
         if matches:
-            shared.append({"case": case.id, "matches": matches})
+            shared.append({"case": case.id, "patient": case.patient, "matches": matches})
     return shared
 
 
@@ -152,16 +165,17 @@ def write_overlap(shared: list[dict], out: Path | None) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def site_table(sites: list[str], y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+def site_table(sites: list[str], y: np.ndarray, p: np.ndarray, threshold: float, classes=GRADES) -> dict:
     """Per site (as data/brats.py parsed it): cases, grades, single grade, accuracy, sensitivity, specificity and
     AUC; ids naming no site are listed last and never counted as one site."""
     table = {}
     for site in sorted(set(sites), key=lambda s: (s == UNKNOWN_SITE, s)):
         rows = [k for k, s in enumerate(sites) if s == site]
-        m = compute_metrics(y[rows], p[rows], threshold)
+        m = compute_metrics(y[rows], p[rows], threshold, classes)
         counts = Counter(int(y[k]) for k in rows)
-        entry = {"cases": len(rows), "HGG": counts.get(1, 0), "LGG": counts.get(0, 0)}
-        entry["single_grade"] = None if site == UNKNOWN_SITE else entry["HGG"] == 0 or entry["LGG"] == 0
+        neg, pos = classes
+        entry = {"cases": len(rows), pos: counts.get(1, 0), neg: counts.get(0, 0)}
+        entry["single_grade"] = None if site == UNKNOWN_SITE else entry[pos] == 0 or entry[neg] == 0
         entry.update({k: m[k] for k in ("accuracy", "sensitivity", "specificity", "auc")})
         table[site] = entry
     known = sum(e["cases"] for s, e in table.items() if s != UNKNOWN_SITE)
@@ -257,8 +271,8 @@ def cv_reference(results: Path) -> dict:
     }
 
 
-def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    m = compute_metrics(y, p, threshold)
+def _metrics(y: np.ndarray, p: np.ndarray, threshold: float, classes=GRADES) -> dict:
+    m = compute_metrics(y, p, threshold, classes)
     rates = stats.rates_with_ci(y, p, threshold)
     rates["method"] = "Wilson score interval; balanced accuracy: Wilson on its effective n"
     return {
@@ -328,7 +342,7 @@ def _place(stage: Path, out: Path | None) -> Path:
 
 def validate(
     runs: str | Path,
-    data_root: str | Path,
+    data_root: str | Path | CohortSource,
     out: str | Path | None = None,
     tta: bool = False,
     allow_overlap: bool = False,
@@ -342,6 +356,10 @@ def validate(
     discovery = labelled_cohort(data_root)
     cases = discovery.cases
     members = load_ensemble([runs], policy)
+    if tuple(discovery.target.classes) != tuple(members[0].classes):
+        runs_q, cohort_q = " vs ".join(members[0].classes[::-1]), " vs ".join(discovery.target.classes[::-1])
+        raise ValidateError(f"the runs answer {runs_q}, the cohort's labels {cohort_q} ({discovery.target.column!r}): "
+                            "validate on a cohort labelled for the runs' question (--target/--positive)")  # fmt: skip
     dev = runtime.pick_device(device)
     for m in members:
         m.model.to(dev)
@@ -351,7 +369,8 @@ def validate(
     if shared and not allow_overlap:
         listing = write_overlap(shared, out_path)
         raise ValidateError(
-            f"the cohort shares {len(shared)} patient(s) with the training folds ({overlap_text(shared)}; all of them "
+            f"the cohort shares {len({s['patient'] for s in shared})} patient(s) with the training folds "
+            f"({overlap_text(shared)}; all of them "
             f"in {listing}); remove them, or pass --allow-overlap for results labelled OVERLAPS THE TRAINING DATA"
         )
     reference.ensure_features(members, dev)
@@ -371,12 +390,13 @@ def validation_record(runs, discovery: Discovery, members, reference: TrainingRe
                       predicted: dict, shared: list[dict], allow_overlap: bool) -> dict:  # fmt: skip
     """The validation record (validation.json, less its output paths) from the ensemble's predictions."""
     label = OVERLAP_LABEL if shared else ""
-    y = np.array([GRADES.index(r["true_grade"]) for r in records], dtype=np.int64)
+    classes = tuple(members[0].classes)
+    y = np.array([classes.index(r["true_grade"]) for r in records], dtype=np.int64)
     p = np.array([r["p_hgg"] for r in records], dtype=np.float64)
     threshold = float(predicted["threshold"])
-    metrics = _metrics(y, p, threshold)
+    metrics = _metrics(y, p, threshold, classes)
     sites = [r["site"] for r in records]
-    audit = site_table(sites, y, p, threshold)
+    audit = site_table(sites, y, p, threshold, classes)
     qc_summary = flag_summary(records)
     return {
         "title": "External validation" + (f" ({OVERLAP_LABEL})" if label else ""),
@@ -385,7 +405,8 @@ def validation_record(runs, discovery: Discovery, members, reference: TrainingRe
         "created": datetime.now().isoformat(timespec="seconds"),
         "runs": str(runs),
         "model": runs_model([m.checkpoint.parent.parent for m in members]),  # run_dir/checkpoints/x.pt
-        "data_root": str(discovery.root),
+        "classes": list(classes),
+        "data_root": str(discovery.table or discovery.root),
         "layout": discovery.layout,
         "tta": predicted.get("tta"),
         "cohort": {

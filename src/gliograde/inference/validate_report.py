@@ -14,7 +14,15 @@ from pathlib import Path
 from gliograde import __version__
 from gliograde.data.brats import UNKNOWN_SITE
 from gliograde.evaluation.metrics import METRICS, added
-from gliograde.evaluation.report import RATES, ascii_page, confusion_rows, model_view, png_uri, rate_rows
+from gliograde.evaluation.report import (
+    ascii_page,
+    classes_of_report,
+    confusion_rows,
+    model_view,
+    png_uri,
+    rate_names,
+    rate_rows,
+)
 from gliograde.files import write_text_atomic
 from gliograde.inference.qc import FLAGS
 from gliograde.runs import model_line
@@ -49,14 +57,15 @@ def comparison_rows(report: dict) -> list[tuple[str, str, str]]:
     """(measure, validation, cross-validation) rows of the headline table."""
     m, cv = report["metrics"], report.get("cv") or {}
     ci = m.get("auc_ci") or {}
+    neg, pos = classes_of_report(report)
     return [
         ("Patients", str(m["n"]), str(cv.get("n", "n/a"))),
         ("AUC", f"{fixed(m['auc'])} (95 % CI {dashed(ci)}, Newcombe)",
          f"mean of the per-fold AUCs {fixed(cv.get('auc_mean_of_folds'))} ± {fixed(cv.get('auc_std_of_folds'))} (SD)"),
         ("Pooled AUC", "(one ensemble: the AUC above)",
          f"{fixed(cv.get('auc_pooled'))} (95 % CI {dashed(cv.get('auc_pooled_ci95'))}, Newcombe)"),
-        ("Sensitivity (HGG)", fixed(m["sensitivity"]), fixed(cv.get("sensitivity"))),
-        ("Specificity (LGG)", fixed(m["specificity"]), fixed(cv.get("specificity"))),
+        (f"Sensitivity ({pos})", fixed(m["sensitivity"]), fixed(cv.get("sensitivity"))),
+        (f"Specificity ({neg})", fixed(m["specificity"]), fixed(cv.get("specificity"))),
         ("Balanced accuracy", fixed(m["balanced_accuracy"]), fixed(cv.get("balanced_accuracy"))),
         *((METRICS[k].label, fixed(v), fixed(cv.get(k))) for k, v in added(m).items()),  # registered metrics
         ("Brier", fixed(m["calibration"]["brier"]), fixed(cv.get("brier"))),
@@ -79,9 +88,9 @@ def false_alarms(report: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ markdown
-def _md_rates(m: dict) -> list[list[str]]:
+def _md_rates(m: dict, classes) -> list[list[str]]:
     rows = []
-    for key, name in RATES:
+    for key, name in rate_names(classes):
         r = m["rates"].get(key) or {}
         count = f"{r.get('k', 0):.0f} / {r.get('n', 0):.0f}" if key != "balanced_accuracy" else "effective n"
         rows.append([name, fixed(r.get("value")), dashed(r), count])
@@ -89,9 +98,10 @@ def _md_rates(m: dict) -> list[list[str]]:
 
 
 def _md_sites(report: dict) -> list[list]:
+    neg, pos = classes_of_report(report)
     return [
-        [f"{site} (ids naming no site; not one site)" if site == UNKNOWN_SITE else site, e["cases"], e["HGG"],
-         e["LGG"], yes_no(e["single_grade"]), fixed(e["accuracy"]), fixed(e["auc"])]
+        [f"{site} (ids naming no site; not one site)" if site == UNKNOWN_SITE else site, e["cases"], e[pos],
+         e[neg], yes_no(e["single_grade"]), fixed(e["accuracy"]), fixed(e["auc"])]
         for site, e in report["sites"]["sites"].items()
     ]  # fmt: skip
 
@@ -108,11 +118,12 @@ def markdown(report: dict) -> str:
     """validation.md (templates/validation.md.j2) of a validation record."""
     return render(
         "validation.md.j2",
+        classes=classes_of_report(report),
         r=report,
         model=model_line(validation_model(report)),
         shared=_shared_lines(report),
         comparison=[list(row) for row in comparison_rows(report)],
-        rates=_md_rates(report["metrics"]),
+        rates=_md_rates(report["metrics"], classes_of_report(report)),
         sites=_md_sites(report),
         qc=[[name, e["n"], e["meaning"]] for name, e in report["cohort"]["qc"].items()],
         false_alarms=false_alarms(report),
@@ -133,10 +144,11 @@ def _figure(path: Path) -> dict:
 
 
 def _site_rows(report: dict) -> dict:
+    neg, pos = classes_of_report(report)
     rows, classes = [], []
     for site, e in report["sites"]["sites"].items():
         name = site if site != UNKNOWN_SITE else "unknown (ids naming no site; not one site)"
-        rows.append([name, num(e["cases"]), num(e["HGG"]), num(e["LGG"]), num(e["single_grade"]), num(e["accuracy"]),
+        rows.append([name, num(e["cases"]), num(e[pos]), num(e[neg]), num(e["single_grade"]), num(e["accuracy"]),
                      num(e["sensitivity"]), num(e["specificity"]), num(e["auc"])])  # fmt: skip
         classes.append("flag" if e["single_grade"] else "")
     return {"rows": rows, "classes": classes}
@@ -164,13 +176,14 @@ def render_html(report: dict, folder: Path) -> str:
     qc_methods = {k: v for k, v in report["qc_methods"].items() if k != "flags"}
     return render(
         "validation.html.j2",
+        classes=classes_of_report(report),
         title="gliograde: external validation" + (f" ({label})" if label else ""),
         r=report,
         model=model_view(validation_model(report)),
         shared=_shared_lines(report),
         comparison=[list(row) for row in comparison_rows(report)],
-        rates=rate_rows(report["metrics"]["rates"], effective_n=True),
-        confusion=confusion_rows(report["metrics"]["confusion_matrix"]),
+        rates=rate_rows(report["metrics"]["rates"], effective_n=True, classes=classes_of_report(report)),
+        confusion=confusion_rows(report["metrics"]["confusion_matrix"], classes_of_report(report)),
         figures=[_figure(folder / Path(f).name) for f in report["figures"]]
         + [_figure(Path(f)) for f in cv.get("figures") or []],
         sites=_site_rows(report),

@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gliograde.networks.medicalnet import load_medicalnet_pretrained, resolve_pretrained
+# monai_nets registers MONAI's networks in the table: wherever the table is read, their names are known
+from gliograde.networks import monai_nets  # noqa: F401
+from gliograde.networks.medicalnet import PretrainedError, load_medicalnet_pretrained, resolve_pretrained
+from gliograde.networks.pretrained import FORMATS, chosen_format, load_pretrained
 from gliograde.networks.registry import (
     ARCHITECTURES,
     ArchitectureError,
@@ -44,8 +47,13 @@ def build_for(cfg, in_channels: int, pretrained_path: str | Path | None, logger:
     the pretrained weights its architecture takes (MedicalNet for the ResNet-3D; none for the 2D MIL model, said)."""
     log = logger or logging.getLogger("gliograde")
     spec = get_architecture(cfg.model)
+    fmt = getattr(cfg, "pretrained_format", None)
+    if fmt and pretrained_path and cfg.model not in FORMATS[fmt].architectures:
+        raise PretrainedError(f"--pretrained-format {fmt} ({FORMATS[fmt].title}) fits --model "
+                              f"{', '.join(FORMATS[fmt].architectures)}, not --model {cfg.model}")  # fmt: skip
     model = build_from_description(spec.describe(cfg, in_channels))
-    return spec.initialise(model, pretrained_path, log) if spec.initialise else model
+    with chosen_format(fmt):  # the architecture's initialise loads through load_pretrained, which reads it
+        return spec.initialise(model, pretrained_path, log) if spec.initialise else model
 
 
 __all__ = [
@@ -60,6 +68,7 @@ __all__ = [
     "get_architecture",
     "initialise",
     "load_medicalnet_pretrained",
+    "load_pretrained",
     "model_kind",
     "register_architecture",
     "resolve_pretrained",

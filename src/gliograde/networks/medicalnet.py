@@ -45,7 +45,10 @@ class LoadReport:
     total: int
     missing: list[str] = field(default_factory=list)  # model keys not in the file (the new head)
     dropped: list[str] = field(default_factory=list)  # file keys not used (segmentation/classification head)
-    adapted_conv1: tuple[int, int] | None = None  # (file channels, model channels)
+    adapted_conv1: tuple[int, int] | None = None  # (file channels, model channels) of the input-channel tensor
+    format: str = "medicalnet"  # the pretrained format's name (networks/pretrained/formats.py)
+    adapted_key: str | None = None  # the input-channel tensor adapted, where it is not conv1 (other formats)
+    why: dict[str, str] = field(default_factory=dict)  # group of skipped keys -> why it was skipped
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -73,6 +76,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         obj, wrapper = obj["state_dict"], "checkpoint['state_dict']"
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj, wrapper = obj["model"], "checkpoint['model']"
+    elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):  # SAM-Med3D's train.py
+        obj, wrapper = obj["model_state_dict"], "checkpoint['model_state_dict']"
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PretrainedError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
     if all(k.startswith("module.") for k in obj):

@@ -1,9 +1,9 @@
 """A 2D multiple-instance (MIL) model: entropy-selected axial slices -> 2D ResNet -> pooled bag -> classifier.
 
 Drop-in for `ResNet3D`: it takes the same (B, C, D, H, W) volumes and exposes `forward`, `forward_features`
-(bag features, (B, num_features)), `forward_head`, `backbone_parameters()` (the 2D ResNet) and
-`head_parameters()` (attention pooling + classifier), `describe()` and the attributes depth, in_channels,
-num_classes and num_features.
+(bag features, (B, num_features)), `forward_head`, `backbone_parameters()` (the 2D ResNet),
+`head_parameters()` (attention pooling + classifier), `layer_groups()`, `describe()` and the attributes depth,
+in_channels, num_classes and num_features.
 
 Per case, the k axial slices (x[..., z]) of highest entropy (`torch_slice_entropy` below, under
 no_grad) form the bag; each slice is an instance image (C, D, H). The 2D ResNet has torchvision's layout and
@@ -258,6 +258,12 @@ class MILResNet2D(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The 2D ResNet by depth, input first (layer-wise learning-rate decay): the stem (conv1, bn1), layer1..4."""
+        b = self.backbone
+        return [[*b.conv1.parameters(), *b.bn1.parameters()]] + [list(getattr(b, f"layer{i}").parameters())
+                                                                  for i in range(1, 5)]  # fmt: skip
 
     def arch_record(self) -> dict:
         return {

@@ -1,6 +1,9 @@
 """Cost of a network per volume: parameters, forward and forward+backward FLOPs, activation memory.
 
-Measured on the meta device (shapes only, no arithmetic), so a ResNet50-3D at 128^3 costs nothing to profile.
+Measured on the meta device (shapes only, no arithmetic), so a ResNet50-3D or a ViT-B at 128^3 costs nothing to
+profile. A network whose constructor reads values (MONAI's Swin transformer: its drop-path rates) is built on the
+CPU and moved to the meta device; one whose forward pass reads values is run for real on the CPU, and `measured_on`
+says so. FLOPs are torch's FlopCounterMode's (convolutions, matrix products, attention), as GPU MFU figures count them.
 """
 
 from __future__ import annotations
@@ -8,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from gliograde.networks.registry import build_from_description
 from gliograde.networks.resnet3d import ResNet3D
 
 
@@ -19,29 +24,61 @@ class Profile:
     gflop_forward: float  # per volume
     gflop_train: float  # forward + backward, per volume
     activation_bytes: int  # tensors saved for backward, per volume, at the given dtype
-    feature_map: tuple[int, ...]  # (C, D, H, W) of layer4's output
+    feature_map: tuple[int, ...] | None  # (C, D, H, W) of the last feature map (layer4's); None: tokens, no map
+    measured_on: str = "meta"  # "meta": shapes only; "cpu": computed for real (a forward that reads values)
 
 
 def profile_model(model: ResNet3D, in_channels: int, size: int, dtype=torch.float32) -> Profile:
+    """A ResNet-3D's profile (bench and model-info's ResNet figures)."""
+    desc = {"model": "resnet3d", "depth": model.depth, "layout": model.layout, "shortcut": model.shortcut,
+            "in_channels": in_channels, "num_classes": model.num_classes, "dropout": 0.0}  # fmt: skip
+    return profile_description(desc, size, dtype)
+
+
+def profile_description(desc: dict, size: int, dtype=torch.float32) -> Profile:
+    """The profile of the network a description names, at (in_channels, size^3), per volume. A description that
+    records the input size (ViT, Swin, EfficientNet) is profiled at `size`."""
+    desc = {**desc, "size": size} if "size" in desc else desc
+    model = meta_model(desc).to(dtype=dtype)
+    try:
+        return _measure(model, desc["in_channels"], size, dtype, "meta")
+    except (NotImplementedError, RuntimeError):  # a forward pass that reads values: run it for real
+        return _measure(build_from_description(desc).to(dtype=dtype), desc["in_channels"], size, dtype, "cpu")
+
+
+def meta_model(desc: dict) -> nn.Module:
+    """The network a description names, on the meta device (no memory, no arithmetic)."""
+    try:
+        with torch.device("meta"):
+            return build_from_description(desc)
+    except (NotImplementedError, RuntimeError):  # a constructor that reads values (Tensor.item): built, then moved
+        return build_from_description(desc).to("meta")
+
+
+def _measure(model: nn.Module, in_channels: int, size: int, dtype, device: str) -> Profile:
     params = sum(p.numel() for p in model.parameters())
-    meta = ResNet3D(model.depth, in_channels, model.num_classes, model.shortcut, model.layout).to("meta", dtype)
-    batch = 2  # BatchNorm in training mode needs more than one value per channel, even at 1^3 feature maps
-    x = torch.empty(batch, in_channels, size, size, size, device="meta", dtype=dtype)
-    with FlopCounterMode(display=False) as fwd:
-        features = meta.feature_maps(x)
+    # BatchNorm in training mode needs more than one value per channel, even at 1^3 feature maps
+    batch = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    x = torch.zeros(batch, in_channels, size, size, size, device=device, dtype=dtype)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fwd:
+        maps = model.feature_maps(x) if hasattr(model, "feature_maps") else None
+        if maps is None:
+            model(x)
     saved = []
 
     def pack(t):
         saved.append(t.numel() * t.element_size())
         return t
 
-    meta.train()
+    model.train()
     with FlopCounterMode(display=False) as train, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        meta(x.requires_grad_(False)).sum().backward()
+        model(x).sum().backward()
     return Profile(
         params,
         fwd.get_total_flops() / 1e9 / batch,
         train.get_total_flops() / 1e9 / batch,
         sum(saved) // batch,
-        tuple(features.shape[1:]),
+        tuple(maps.shape[1:]) if maps is not None else None,
+        device,
     )

@@ -9,16 +9,16 @@ from what it recorded, never from today's defaults (timm's `create_model` is the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
-from gliograde.config import register_choices
+from gliograde.config import BUILTIN_NETWORKS, register_choices
 from gliograde.errors import GliogradeError, unknown_name
-from gliograde.networks.medicalnet import load_medicalnet_pretrained, resolve_pretrained
+from gliograde.networks.medicalnet import DEFAULT_PRETRAINED, load_medicalnet_pretrained, resolve_pretrained
 from gliograde.networks.mil import MILResNet2D
 from gliograde.networks.resnet3d import ResNet3D
 
@@ -30,14 +30,37 @@ class ArchitectureError(GliogradeError):
 @dataclass(frozen=True)
 class ArchSpec:
     """`describe(cfg, in_channels)` -> the description a checkpoint records (plain values, with "model": name);
-    `build(description)` -> the untrained network; `model_class`: the class `build` returns (what `model_kind` reads);
-    `initialise(model, pretrained_path, log)` -> the network with pretrained weights where they apply, logged."""
+    `build(description)` -> the untrained network; `model_class`: the class `build` returns;
+    `initialise(model, pretrained_path, log)` -> the network with pretrained weights where they apply, logged.
+
+    What the rest of the code reads instead of testing the name (config.py reads the first three through
+    `config.CHOICES["model"]`: it sits below this table):
+    `display(description)` -> the network's name in results folders and report headers (results/ResNet50-3D; from a
+    checkpoint's description, or from the configuration's model and depth alone); `config_defaults`: the values that
+    replace the presets' (a 3D ResNet's) for this network, unless a config file or a flag gives them; `check(cfg)` ->
+    one line for a configuration the network cannot take, or None; `summary(cfg)` -> what `train --dry-run` says it
+    would train (default: the display name); `check_weights(path)` refuses a --pretrained-path it cannot load before
+    any work; `channels_last`: its convolutions run in channels_last_3d on a GPU; `batchnorm_per_volume`: it has
+    BatchNorm over the batch of volumes (a micro-batch of 1 under DDP needs SyncBatchNorm); `slice_attention`: it
+    records the axial slices it looked at (`last_slices`, `last_attention`), which `predict` and `evaluate` report
+    instead of a saliency map."""
 
     name: str
     describe: Callable[[Any, int], dict]
     build: Callable[[dict], nn.Module]
     model_class: type
     initialise: Callable[[nn.Module, str | Path | None, logging.Logger], nn.Module] | None = None
+    display: Callable[[Mapping], str] | None = None  # None: the registered name
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[Any], str | None] | None = None
+    summary: Callable[[Any], str] | None = None
+    check_weights: Callable[[str], None] | None = None
+    channels_last: bool = False
+    batchnorm_per_volume: bool = True
+    slice_attention: bool = False
+
+    def network_name(self, desc: Mapping) -> str:
+        return self.display(desc) if self.display else self.name
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {}
@@ -56,11 +79,16 @@ def get_architecture(name: str, where: str = "--model") -> ArchSpec:
 
 
 def model_kind(model: nn.Module) -> str:
-    """The registered name of a built network (by its class)."""
-    for name, spec in ARCHITECTURES.items():
-        if type(model) is spec.model_class:
-            return name
-    raise ArchitectureError(f"{type(model).__name__} is the class of no registered architecture")
+    """The registered name of a built network: the one `build_from_description` gave it, else the architecture whose
+    class it is (several MONAI networks share `EncoderClassifier`: their class alone names none of them)."""
+    name = getattr(model, "architecture", None)
+    if name in ARCHITECTURES:
+        return name
+    named = [name for name, spec in ARCHITECTURES.items() if type(model) is spec.model_class]
+    if len(named) == 1:
+        return named[0]
+    which = f"several registered architectures ({', '.join(named)})" if named else "no registered architecture"
+    raise ArchitectureError(f"{type(model).__name__} is the class of {which}")
 
 
 def describe_model(cfg, in_channels: int) -> dict:
@@ -80,6 +108,7 @@ def build_from_description(desc: dict, state_dict: dict | None = None) -> nn.Mod
         raise ArchitectureError(f"the {name} description has no {e.args[0]!r}") from None
     except (ValueError, TypeError) as e:
         raise ArchitectureError(f"the {name} description cannot be built ({e})") from None
+    model.architecture = name  # what model_kind reads (a plain attribute: not in the state dict)
     if state_dict is not None:
         problem = misfit(model.state_dict(), state_dict)
         if problem:
@@ -169,6 +198,30 @@ def _initialise_mil2d(model: MILResNet2D, pretrained_path, log: logging.Logger) 
     return model
 
 
-register_architecture(ArchSpec("resnet3d", _describe_resnet3d, _build_resnet3d, ResNet3D, _initialise_resnet3d))
-register_architecture(ArchSpec("mil2d", _describe_mil2d, _build_mil2d, MILResNet2D, _initialise_mil2d))
+def _check_medicalnet_file(path: str) -> None:
+    """A MedicalNet file the user named must exist (the presets' default, absent: a warning when the run starts)."""
+    if Path(path) != Path(DEFAULT_PRETRAINED):
+        resolve_pretrained(path)
+
+
+def _summary_resnet3d(cfg) -> str:
+    return f"ResNet{cfg.depth}-3D {cfg.layout}"
+
+
+def _summary_mil2d(cfg) -> str:
+    return f"2D MIL ResNet{cfg.depth} ({cfg.mil_k} slices, {cfg.mil_pooling} pooling)"
+
+
+_RESNET3D, _MIL2D = BUILTIN_NETWORKS["resnet3d"], BUILTIN_NETWORKS["mil2d"]
+register_architecture(ArchSpec(
+    "resnet3d", _describe_resnet3d, _build_resnet3d, ResNet3D, _initialise_resnet3d, display=_RESNET3D.display,
+    config_defaults=_RESNET3D.config_defaults, check=_RESNET3D.check, summary=_summary_resnet3d,
+    check_weights=_check_medicalnet_file, channels_last=True,
+))  # fmt: skip
+# BatchNorm over the k slices of each volume: a micro-batch of one volume is fine
+register_architecture(ArchSpec(
+    "mil2d", _describe_mil2d, _build_mil2d, MILResNet2D, _initialise_mil2d, display=_MIL2D.display,
+    config_defaults=_MIL2D.config_defaults, check=_MIL2D.check, summary=_summary_mil2d, batchnorm_per_volume=False,
+    slice_attention=True,
+))  # fmt: skip
 register_choices("model", "architecture", ARCHITECTURES)

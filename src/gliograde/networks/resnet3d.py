@@ -174,6 +174,11 @@ class ResNet3D(nn.Module):
         head = {id(p) for p in self.head_parameters()}
         return [p for p in self.parameters() if id(p) not in head]
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The backbone by depth, input first (layer-wise learning-rate decay): the stem (conv1, bn1), layer1..4."""
+        stem = [*self.conv1.parameters(), *self.bn1.parameters()]
+        return [stem] + [list(getattr(self, f"layer{i}").parameters()) for i in range(1, 5)]
+
     def describe(self) -> str:
         return (
             f"ResNet{self.depth}-3D ({self.layout} layout, shortcut {self.shortcut}, {self.in_channels} input channels)"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import jinja2
 
+from gliograde import GRADES
+
 HERE = Path(__file__).resolve().parent
 NA = "n/a"
 
@@ -125,9 +127,19 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def render(name: str, **context) -> str:
-    """The template `name` of this folder, rendered with `context`."""
-    return environment().get_template(name).render(**context)
+def class_words(classes=None) -> dict:
+    """How a page names the two classes: `pos`, `neg`, the question and the site audit's column ("HGG", "LGG",
+    "Glioma grade (HGG vs LGG)", "Single grade" for the seeds' target; a cohort's own names otherwise)."""
+    neg, pos = tuple(classes) if classes else GRADES
+    grade = (neg, pos) == GRADES
+    return {"neg": neg, "pos": pos, "grade": grade,
+            "question": "Glioma grade (HGG vs LGG)" if grade else f"{pos} vs {neg}",
+            "single": "Single grade" if grade else "Single class"}  # fmt: skip
+
+
+def render(name: str, classes=None, **context) -> str:
+    """The template `name` of this folder, rendered with `context` and `names` (class_words of `classes`)."""
+    return environment().get_template(name).render(names=class_words(classes), **context)
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> list[str]:

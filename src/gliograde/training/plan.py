@@ -65,12 +65,12 @@ def plan_run(
 def check_runtime(cfg: TrainConfig) -> None:
     """The device and the pretrained weights: refused here, before any cache or run folder is made."""
     from gliograde import runtime
-    from gliograde.networks.medicalnet import DEFAULT_PRETRAINED, resolve_pretrained
+    from gliograde.networks import get_architecture
 
     runtime.pick_device("cuda" if cfg.gpu else cfg.device)
-    path = cfg.pretrained_path
-    if cfg.model == "resnet3d" and path and not cfg.resume and Path(path) != Path(DEFAULT_PRETRAINED):
-        resolve_pretrained(path)  # a path the user gave must exist (the seeds' default absent: a warning, later)
+    check_weights = get_architecture(cfg.model).check_weights  # ResNet-3D: a MedicalNet file the user gave exists
+    if check_weights and cfg.pretrained_path and not cfg.resume:
+        check_weights(cfg.pretrained_path)
 
 
 @dataclass
@@ -93,7 +93,7 @@ def preview_cv(cfg: TrainConfig, explicit: set[str] | None, only: str | None) ->
     from gliograde.data.splits import DEFAULTS
     from gliograde.errors import DataError
 
-    reachable = (Path(cfg.cache_dir) / MANIFEST).is_file()
+    reachable = (Path(cfg.cache_dir) / MANIFEST).is_file() or cfg.cohort is not None
     if not reachable:
         try:
             resolve_data_root(cfg.data_root)
@@ -115,8 +115,9 @@ def preview_cv(cfg: TrainConfig, explicit: set[str] | None, only: str | None) ->
 # ------------------------------------------------------------------------------------------------ the split
 def _plan_split(cfg: TrainConfig, explicit: set[str], notes: list[str]):
     """(cfg with its size and split settings settled, the SplitPlan), reading only headers, tables and folds.json."""
-    from gliograde.data.brats import discover_cases, resolve_data_root
-    from gliograde.data.cache import MANIFEST, default_cache_path, open_cache, other_caches
+    from gliograde.data.cache import MANIFEST, open_cache, other_caches, target_params
+    from gliograde.data.cohort import CohortSource
+    from gliograde.data.source import cache_path_for
     from gliograde.data.splits import FOLDS_FILE, load_folds, plan_split
 
     direct = Path(cfg.cache_dir)
@@ -124,17 +125,22 @@ def _plan_split(cfg: TrainConfig, explicit: set[str], notes: list[str]):
         cache = open_cache(direct)
         cfg = _cache_size(cfg, cache, explicit, notes)
         path, ids, labels, sites = direct, cache.ids, cache.labels, [c.site for c in cache.cases]
-        others = []
+        patients, target, others = cache.patients, cache.target, []
     else:
-        root = resolve_data_root(cfg.data_root)
-        path = default_cache_path(root, cfg.size, cfg.cache_dir)
-        cases = discover_cases(root).cases  # every file's header read: a bad file is named now, not after minutes
-        ids, labels, sites = [c.id for c in cases], [c.label for c in cases], [c.site for c in cases]
-        others = [] if (path / MANIFEST).is_file() else other_caches(root, cfg.cache_dir, cfg.size)
+        found = CohortSource.from_config(cfg).discover()  # every file's header read: a bad file is named now
+        path = cache_path_for(found, cfg.size, cfg.cache_dir)
+        ids, labels, sites = [c.id for c in found.cases], [c.label for c in found.cases], [c.site for c in found.cases]
+        patients, target = [c.patient for c in found.cases], found.target
+        others = (
+            []
+            if (path / MANIFEST).is_file()
+            else other_caches(found.root, cfg.cache_dir, cfg.size, target_params(found))
+        )
     saved = (path / FOLDS_FILE, load_folds(path / FOLDS_FILE)) if (path / FOLDS_FILE).is_file() else None
     if saved is None and others:
         saved = _other_size(cfg, explicit, others[0], path)
-    split = plan_split(ids, labels, sites, split_spec(cfg), saved)
+    split = plan_split(ids, labels, sites, split_spec(cfg), saved, patients=patients, classes=target.classes,
+                       stratified_by=target.column)  # fmt: skip
     notes += split.notes
     s = split.spec
     cfg = dataclasses.replace(cfg, folds=s.k, split_seed=s.seed, repeats=s.repeats, group_by=s.group_by,

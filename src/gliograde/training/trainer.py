@@ -42,8 +42,8 @@ from gliograde.evaluation.plots import PlotWriter, save_figure
 from gliograde.evaluation.scoring import evaluate_checkpoint, score_loader
 from gliograde.evaluation.stats import honest_statistics, reliability_figure
 from gliograde.files import write_json
-from gliograde.networks import build_for, describe_model
-from gliograde.training import distributed
+from gliograde.networks import build_for, describe_model, get_architecture
+from gliograde.training import distributed, finetune
 from gliograde.training.distributed import Dist
 from gliograde.training.ema import EMA
 from gliograde.training.losses import drw_active, drw_weights, get_loss, make_loss
@@ -203,7 +203,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
     counts = np.bincount(cache.labels[train_rows], minlength=2).tolist()
     plan = batch_plan(cfg, d, device, len(train_rows), resume)
     data = deliver(cfg, d, cache, split, train_rows, monitor_rows, channels, device, generator, plan, counts)
-    p = build_parts(cfg, d, device, channels, plan, data.steps_per_epoch, counts, resume)
+    p = build_parts(cfg, d, device, channels, plan, data.steps_per_epoch, counts, resume, data.classes[1])
     history, tracker, start = restore(cfg, d, p, resume, generator, device, run_dir)
     if resume is None and d.main:
         write_run_config(run_dir, cfg, cache, device, p.precision, plan, data.path, split, folds_doc)
@@ -217,6 +217,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.perf_counter()
             drw = set_drw(cfg, p.loss_fn, counts, epoch, device)
+            finetune.enter_epoch(p.model, cfg, epoch, log)  # --freeze-epochs: frozen until N, then unfrozen (logged)
             train_loss, throughput = train_epoch(
                 cfg, d, p.net, p.model, p.ema, data.stream, p.optimizer, p.scheduler, p.scaler, p.loss_fn,
                 p.precision.dtype, p.channels_last, device, epoch, run_dir, plan.accumulation,
@@ -305,10 +306,10 @@ def deliver(cfg, d, cache, split, train_rows, monitor_rows, channels, device, ge
     )  # fmt: skip
     inner = cfg.selection == "inner"
     log.info(
-        "Fold %d%s: training on %d cases (%d LGG, %d HGG); %s on %d %s cases; %d reported cases scored once at the "
+        "Fold %d%s: training on %d cases (%d %s, %d %s); %s on %d %s cases; %d reported cases scored once at the "
         "end; modalities %s; %d optimizer steps per epoch on %s%s",
         cfg.fold, f" (repeat {cfg.repeat})" if cfg.repeats and cfg.repeats > 1 else "", len(train_rows), counts[0],
-        counts[1], "early stopping, checkpoint, threshold and calibration chosen", len(monitor_rows),
+        cache.classes[0], counts[1], cache.classes[1], "early stopping, checkpoint, threshold and calibration chosen", len(monitor_rows),
         "selection-part" if inner else "reported-fold (the seeds' outer protocol: optimistic)", len(split.val),
         ",".join(cfg.modalities), data.steps_per_epoch, device,
         f" x {d.world} processes (DDP: global batch {plan.global_batch}, {plan.accumulation} micro-batch(es) of "
@@ -319,10 +320,11 @@ def deliver(cfg, d, cache, split, train_rows, monitor_rows, channels, device, ge
     return data
 
 
-def build_parts(cfg, d, device, channels, plan, steps_per_epoch, counts, resume) -> Parts:
-    """The model (pretrained weights for a new run; channels_last_3d for the 3D network's convolutions on a GPU;
-    SyncBatchNorm where the plan says), EMA, the precision decided once, optimizer, schedule, scaler and loss."""
-    channels_last = cfg.model == "resnet3d" and (
+def build_parts(cfg, d, device, channels, plan, steps_per_epoch, counts, resume, positive="HGG") -> Parts:
+    """The model (pretrained weights for a new run; channels_last_3d on a GPU for the networks whose convolutions
+    it speeds, as the table of architectures says; SyncBatchNorm where the plan says), EMA, the precision decided
+    once, optimizer, schedule, scaler and loss."""
+    channels_last = get_architecture(cfg.model).channels_last and (
         cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     )
     model = build_for(cfg, len(channels), None if resume else cfg.pretrained_path, log).to(device)
@@ -330,6 +332,7 @@ def build_parts(cfg, d, device, channels, plan, steps_per_epoch, counts, resume)
         model = model.to(memory_format=torch.channels_last_3d)
     if d.active and plan.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    finetune.prepare(model, cfg, log)  # --probe: the backbone frozen before EMA, the optimizer and DDP see it
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: a stream of its own per rank, not a replay of the init
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     precision = run_precision(cfg, d, device, resume)  # decided once (rank 0), or the resumed run's own
@@ -337,12 +340,13 @@ def build_parts(cfg, d, device, channels, plan, steps_per_epoch, counts, resume)
     optimizer = make_optimizer(model, cfg)
     net = model
     if d.active:  # gradients all-reduced across the ranks
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      **finetune.ddp_options(cfg))  # fmt: skip
     if cfg.compile:
         net = torch.compile(net)
     loss = get_loss(cfg.loss)  # the table of losses (training/losses.py)
     scale = float(loss.logit_scale(cfg))
-    log.info("Loss: %s; P(HGG) = softmax(%g x logits)", loss.display, scale)
+    log.info("Loss: %s; P(%s) = softmax(%g x logits)", loss.display, positive, scale)
     return Parts(
         model, net, ema, precision, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
         torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), make_loss(cfg, counts).to(device), scale,
@@ -404,8 +408,8 @@ def monitor(d, p: Parts, data, device):
     em = None
     if p.ema is not None:
         ema_loss, ema_probs, ema_labels = scored(p.ema.module)
-        em = {**compute_metrics(ema_labels, ema_probs), "loss": ema_loss}
-    return val_loss, compute_metrics(labels, probs), em, probs, labels
+        em = {**compute_metrics(ema_labels, ema_probs, classes=data.classes), "loss": ema_loss}
+    return val_loss, compute_metrics(labels, probs, classes=data.classes), em, probs, labels
 
 
 def train_epoch(
@@ -418,6 +422,7 @@ def train_epoch(
     The loss is summed on the device and read every CHECK_EVERY micro-batches and at the end: no host
     synchronisation per micro-batch. bad_step holds the first micro-batch whose loss was not finite (0: none)."""
     net.train()
+    finetune.hold_frozen(model, cfg, epoch)  # a frozen backbone's BatchNorm statistics do not drift
     resident = None
     if device.type == "cuda":  # what stays allocated between steps: volumes on the device, weights, optimizer state
         resident = torch.cuda.memory_allocated(device) / 2**30
@@ -480,8 +485,7 @@ def epoch_record(epoch, train_loss, val_loss, m, em, optimizer, drw, throughput)
         "train_loss": train_loss,
         "val_loss": val_loss,
         **{f"val_{k}": m[k] for k in monitored()},  # the table of metrics (evaluation/metrics.py)
-        "lr_backbone": optimizer.param_groups[0]["lr"],
-        "lr_head": optimizer.param_groups[1]["lr"],
+        **dict(zip(("lr_backbone", "lr_head"), finetune.group_lrs(optimizer), strict=True)),  # backbone 0: frozen
         "drw_active": drw,
         **throughput,
     }
@@ -535,6 +539,7 @@ def finish(
         select_loader=data.batches("monitor", shard=False) if inner else None,
         fit_point=fit_point if inner else None,
         expected=cfg.model,
+        classes=cache.classes,
     )
     probs, raw, labels = final.pop("_probs"), final.pop("_raw_probs"), final.pop("_labels")
     bags = final.pop("_attention")
@@ -597,7 +602,7 @@ def batch_plan(cfg, d: Dist, device: torch.device, n_train: int, resume: dict | 
         plan = distributed.plan_batch(
             cfg.batch_size, cfg.grad_accum, d.world, per_gpu=cfg.batch_per_gpu,
             sync_bn=cfg.sync_bn and device.type == "cuda", cuda=device.type == "cuda",
-            batchnorm_per_volume=cfg.model == "resnet3d",
+            batchnorm_per_volume=get_architecture(cfg.model).batchnorm_per_volume,
         )  # fmt: skip
     except distributed.DistributedError as e:
         raise TrainingError(f"fold {cfg.fold}: {e}") from None
