@@ -6,17 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, SAMPLE_HGG, SAMPLE_LGG
 
-from conftest import REPO, SAMPLE_HGG, SAMPLE_LGG, tiny
 from gliograde import MODALITIES
 from gliograde.cli import main
 from gliograde.data.cohort import CohortSource, Columns, read_cohort
-from gliograde.data.cohort_writer import write_cohort
 from gliograde.data.layouts import join_key
 from gliograde.data.splits import make_folds
 from gliograde.errors import DataError
@@ -251,7 +251,7 @@ def test_a_bad_table_is_one_line_naming_the_row_or_column_and_nothing_is_written
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not out.exists()
 
 
@@ -269,3 +269,104 @@ def test_target_and_positive_choose_the_question_and_exclude_what_is_neither(tmp
     assert len(everything_else.cases) == 5
     with pytest.raises(DataError, match="--positive 'wild' does not occur in column 'IDH'"):
         read_cohort(path, Columns(label="IDH"), positive="wild")
+
+
+# ------------------------------------------------------------------------------------- a question of its own
+@pytest.fixture(scope="module")
+def idh_cv(tmp_path_factory):
+    """A tiny 3-fold CV asked --target IDH --positive positive of a synthetic cohort table, and a second synthetic
+    cohort (other ids) to validate on."""
+    from gliograde.data.synthetic import synthesize
+
+    tmp = tmp_path_factory.mktemp("idh")
+    train, _ = synthesize(tmp / "train", 24, (48, 48, 40), seed=7, workers=1, progress=False, target="IDH")
+    new, _ = synthesize(tmp / "new", 12, (48, 48, 40), seed=8, workers=1, progress=False, first_index=100,
+                        target="IDH")  # fmt: skip
+    results = tmp / "results"
+    rc = main(["cv", "--preset", "cpu-demo", "--cohort", str(train / "cohort.csv"), "--target", "IDH", "--positive",
+               "positive", "--size", "16", "--epochs", "2", "--min-epochs", "2", "--folds", "3", "--num-workers",
+               "0", "--device", "cpu", "--no-tensorboard", "--output-dir", str(results), "--cache-dir",
+               str(tmp / "cache")])  # fmt: skip
+    assert rc in (0, None)
+    return train, new, results
+
+
+@pytest.mark.slow
+def test_every_output_of_a_non_grade_question_carries_its_class_names(idh_cv, tmp_path, capsys):
+    train, new, results = idh_cv
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["classes"] == ["IDH negative", "IDH positive"]
+    assert set(summary["pooled"]["per_class"]) == {"IDH negative", "IDH positive"}
+    md = (results / "summary.md").read_text()
+    assert "| IDH positive/IDH negative |" in md and "sensitivity (IDH positive)" in md
+    html = (results / "report.html").read_text()
+    assert "IDH positive vs IDH negative" in html and "Predicted IDH negative" in html
+    for text in (md, re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html)):  # the figures' bytes aside
+        assert "HGG" not in text.replace(str(train), "") and "LGG" not in text.replace(str(train), "")
+    run = next(results.glob("runs/fold_0/run_*"))
+    assert json.loads((run / "metrics" / "metrics.json").read_text())["final"]["classes"] == summary["classes"]
+
+    capsys.readouterr()
+    main(["predict", "--runs", str(results), "--cohort", str(new / "cohort.csv"), "--target", "IDH",
+          "--out", str(tmp_path / "pred")])  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "pred" / "predictions.csv").open()))
+    assert {r["positive_class"] for r in rows} == {"IDH positive"}
+    assert {r["predicted_class"] for r in rows} <= {"IDH positive", "IDH negative"}
+    assert all(r["true_class"] in ("IDH positive", "IDH negative") for r in rows)
+    records = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert records["classes"] == summary["classes"] and records["predictions"][0]["classes"] == summary["classes"]
+
+    main(["validate", "--runs", str(results), "--cohort", str(new / "cohort.csv"), "--target", "IDH",
+          "--positive", "positive", "--out", str(tmp_path / "val")])  # fmt: skip
+    val = (tmp_path / "val" / "validation.md").read_text()
+    assert "P(IDH positive)" in val and "IDH negative" in val and "HGG" not in val.replace(str(new), "")
+    assert "IDH positive" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_validation_cohort_asked_another_question_or_holding_a_training_patient_is_refused(idh_cv, tmp_path,
+                                                                                            capsys):  # fmt: skip
+    train, new, results = idh_cv
+    assert main(["validate", "--runs", str(results), "--data-root", str(new), "--out", str(tmp_path / "v1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "the runs answer IDH positive vs IDH negative, the cohort's labels HGG vs LGG ('grade')" in err
+    assert not (tmp_path / "v1").exists()
+    # a follow-up exam of a training patient: the leakage check counts patients
+    rows = list(csv.DictReader((new / "cohort.csv").open()))
+    trained = json.loads(next(results.glob("runs/fold_0/run_*/config/config.json")).read_text())
+    patient = next(iter((trained.get("split") or {}).get("fit") or [])) if trained.get("split") else None
+    patient = patient or next(csv.DictReader((train / "cohort.csv").open()))["id"]
+    follow_up = {**rows[0], "id": f"{patient}_FU1", "patient": patient}
+    for m in MODALITIES:
+        follow_up[m] = str(new / rows[0][m])
+    table = tmp_path / "with_follow_up.csv"
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, **{m: str(new / r[m]) for m in MODALITIES}} for r in rows[1:]] + [follow_up])
+    assert main(["validate", "--runs", str(results), "--cohort", str(table), "--target", "IDH", "--positive",
+                 "positive", "--out", str(tmp_path / "v2")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "shares 1 patient(s) with the training folds" in err and f"by patient id {patient}" in err
+
+
+def test_ucsf_bias_corrected_files_only_when_asked(sample_root, tmp_path):
+    ids = layout_copy(sample_root, tmp_path / "ucsf", lambda n: f"UCSF-PDGM-{n + 4:04d}_nifti",
+                      lambda e, k: f"{e}_{k}.nii.gz", ("T1", "T1c", "T2", "FLAIR"))  # fmt: skip
+    folder = tmp_path / "ucsf" / f"{ids[0]}_nifti"
+    os.symlink(folder / f"{ids[0]}_T2.nii.gz", folder / f"{ids[0]}_T2_bias.nii.gz")
+    plain = {c.id: c for c in CohortSource(tmp_path / "ucsf").cases_to_predict()}
+    assert plain[ids[0]].paths["t2"].name == f"{ids[0]}_T2.nii.gz"
+    biased = {c.id: c for c in CohortSource(tmp_path / "ucsf", bias=True).cases_to_predict()}
+    assert biased[ids[0]].paths["t2"].name == f"{ids[0]}_T2_bias.nii.gz"
+    assert biased[ids[1]].paths["t2"].name == f"{ids[1]}_T2.nii.gz"  # no _bias file: the plain one
+
+
+def test_a_cohort_question_gets_its_own_results_folder_and_cache():
+    from gliograde.config import resolve
+
+    assert resolve("final").output_dir == "results/ResNet50-3D"  # the seeds' folder, unchanged
+    assert resolve("final", target="IDH", positive="wildtype").output_dir == "results/ResNet50-3D-IDH"
+    assert resolve("cpu-demo", target="WHO CNS Grade", positive="4").output_dir == "results/ResNet10-3D-WHO-CNS-Grade"
+    assert resolve("final", target="grade").output_dir == "results/ResNet50-3D"

@@ -127,11 +127,11 @@ def test_the_step_of_the_loop_skips_a_frozen_backbone_and_takes_it_once_unfrozen
     set to None), on groups made once: nothing of the frozen backbone moves, weight decay included; after the
     unfreeze it trains, with the head's Adam state kept."""
     torch.manual_seed(0)
-    model = ResNet3D(10, in_channels=4)
+    model = encoder_classifier()
     cfg = cfg_of(optimizer="adamw", weight_decay=0.1, freeze_epochs=1)
     opt = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
-    x, y = torch.randn(2, 4, 16, 16, 16), torch.tensor([0, 1])
+    x, y = torch.randn(2, 4, 8, 8, 8), torch.tensor([0, 1])
 
     def step():
         scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
@@ -152,8 +152,10 @@ def test_the_step_of_the_loop_skips_a_frozen_backbone_and_takes_it_once_unfrozen
             body = [k for k in before if not k.startswith("fc.")]
             assert same(before, frozen, body) and differ(before, frozen, ["fc.weight"])
             assert all(p not in opt.state for p in model.backbone_parameters())
-    assert differ(frozen, model.state_dict(), ["conv1.weight", "layer4.0.conv2.weight", "bn1.running_mean"])
-    assert int(opt.state[model.fc.weight]["step"]) == 2 and int(opt.state[model.conv1.weight]["step"]) == 1
+    assert differ(frozen, model.state_dict(), ["encoder.stem.0.weight", "encoder.stage2.0.weight"])
+    assert differ(frozen, model.state_dict(), ["encoder.stem.1.running_mean"])
+    stem = model.encoder.stem[0].weight
+    assert int(opt.state[model.fc.weight]["step"]) == 2 and int(opt.state[stem]["step"]) == 1
 
 
 def test_a_network_without_layer_groups_is_refused_in_one_line():

@@ -265,12 +265,14 @@ def test_a_cache_at_another_size_is_named_and_its_split_taken_over(sample_root, 
     line = next(r.getMessage() for r in caplog.records if str(other) in r.getMessage())
     assert "the cpu-demo preset's size is 32" in line and "with the same split" in line and "--size 128" in line
     # `prepare --size 32` beside it takes the same split over, unless another one is asked for
+    from gliograde.data.brats import discover_cases
     from gliograde.data.source import plan_prepare
     from gliograde.data.splits import SplitSpec
 
     target = tmp_path / "cache" / f"{sample_root.resolve().name}-s32"
-    assert plan_prepare(sample_root, target, 32, False).k == 3
-    assert plan_prepare(sample_root, target, 32, False, SplitSpec(k=4)).k == 4
+    found = discover_cases(sample_root)
+    assert plan_prepare(found, target, 32).k == 3
+    assert plan_prepare(found, target, 32, SplitSpec(k=4)).k == 4
     assert not target.exists()
 
 

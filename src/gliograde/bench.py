@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from gliograde import __version__
+from gliograde.config import network_name
 from gliograde.data.augment import AugmentParams
 from gliograde.data.brats import discover_cases
 from gliograde.data.cache import VolumeCache, open_cache, prepare_cache
@@ -36,9 +38,11 @@ from gliograde.data.preprocess import preprocess_case
 from gliograde.data.synthetic import synthesize
 from gliograde.errors import GliogradeError
 from gliograde.files import write_json
-from gliograde.networks.profile import profile_model
+from gliograde.networks import describe_model
+from gliograde.networks.profile import profile_description, profile_model
 from gliograde.networks.resnet3d import ResNet3D
 
+OTHER_CPU_SIZE = 32  # bench --trainer --model NAME on the CPU: an edge every network takes, small enough for minutes
 # dense bf16 tensor peak (no sparsity), by device name, for MFU
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 
@@ -434,6 +438,7 @@ def run_trainer_bench(
     log=print,
     mil: bool = True,
     min_steps: int = 20,
+    model: str = "resnet3d",
 ) -> dict:
     """Time `train_fold` itself (not a copy of its loop) on a synthetic cache: per-epoch volumes/s, data-wait
     fraction, peak memory and epoch time from the run's own metrics.json history, MFU from the model's FLOP count
@@ -441,48 +446,71 @@ def run_trainer_bench(
     epoch (cuDNN autotuning, torch.compile) is reported apart and left out of the steady-state figures, which cover
     at least `min_steps` optimizer steps (epochs are added until they do). Accumulation 1: every micro-batch is a
     step. The activation peak is reported apart from what stays resident (volumes on the device, weights, optimizer
-    state). `mil`: also time the 2D MIL model (ResNet18-2D over min(16, size) slices) on the same cache. What is not
-    given (None) takes the device's default (`defaults`; epochs: 3)."""
+    state). `mil`: also time the 2D MIL model (ResNet18-2D over min(16, size) slices) on the same cache. `model`:
+    another network of the architecture table, timed beside the ResNet-50 baseline on the same cache and settings
+    (`baseline`, `speed_vs_baseline`; no MIL figures), on the CPU at 32^3 unless --size says (a size every network
+    takes: a ViT's patch 16, a Swin's 32). What is not given (None) takes the device's default (`defaults`; epochs:
+    3)."""
     d = defaults(device)
+    other = model != "resnet3d"
+    if other:  # the baseline is the seeds' ResNet-50, whatever the device's default depth
+        depth, d = 50, {**d, "size": d["size"] if device == "cuda" else OTHER_CPU_SIZE}
     depth, size, batch_size, cases = (depth or d["depth"], size or d["size"], batch_size or d["batch_size"],
                                       cases or d["cases"])  # fmt: skip
     tmp = tempfile.TemporaryDirectory(prefix="gliograde-bench-trainer-") if workdir is None else None
     work = Path(tmp.name if tmp else workdir)
     try:
-        cfg, result = _train_timed_fold(work, device, depth, size, batch_size, channels, epochs or 3, cases, preset,
-                                        min_steps, log)  # fmt: skip
+        cache = _bench_cache(work, size, cases, log)
+        timed = partial(_train_timed_fold, work, cache, device, size=size, batch_size=batch_size, channels=channels,
+                        epochs=epochs or 3, preset=preset, min_steps=min_steps, log=log)  # fmt: skip
+        cfg, result = timed(model=model, depth=None if other else depth)
         n_val = len(json.loads((result.run_dir / "predictions" / "val_ids.json").read_text()))
         figures = _trainer_figures(cfg, result, channels, batch_size, n_val)
         cv_train, cv_val = CV_CASES * (CV_FOLDS - 1) // CV_FOLDS, CV_CASES // CV_FOLDS
         train_rate = figures["train_volumes_per_s"]
-        mil_figures = _mil_trainer_figures(cfg, size, work, n_val, train_rate, cv_train, cv_val, log) if mil else None
+        mil_figures = None
+        if mil and not other:
+            mil_figures = _mil_trainer_figures(cfg, size, work, n_val, train_rate, cv_train, cv_val, log)
         settings = {"depth": depth, "size": size, "batch_size": batch_size, "channels": channels,
                     "epochs": cfg.epochs, "cases": cases, "preset": preset}  # fmt: skip
         name = device_name(torch.device("cuda" if device == "cuda" else "cpu"))
-        return {"mil2d": mil_figures, "device": name, "torch": torch.__version__, "gliograde": __version__,
-                "config": settings, **figures}  # fmt: skip
+        report = {"mil2d": mil_figures, "device": name, "torch": torch.__version__, "gliograde": __version__,
+                  "config": settings, **figures}  # fmt: skip
+        if other:
+            bcfg, bresult = timed(model="resnet3d", depth=depth, output="results-baseline")
+            baseline = {"network": network_name("resnet3d", depth),
+                        **_trainer_figures(bcfg, bresult, channels, batch_size, n_val)}  # fmt: skip
+            report.update(model=model, network=network_name(model, depth), baseline=baseline,
+                          speed_vs_baseline=train_rate / baseline["train_volumes_per_s"])  # fmt: skip
+        return report
     finally:
         if tmp:
             tmp.cleanup()
 
 
-def _train_timed_fold(work: Path, device: str, depth: int, size: int, batch_size: int, channels: int, epochs: int,
-                      cases: int, preset: str, min_steps: int, log):  # fmt: skip
-    """Fold 0 of a synthetic cache trained by `train_fold` with early stopping, warm-up and plots out of the way;
-    epochs added until the steady state holds `min_steps` optimizer steps. Returns (configuration, result)."""
-    from gliograde import MODALITIES
-    from gliograde.config import resolve
-    from gliograde.training.trainer import train_fold
-
+def _bench_cache(work: Path, size: int, cases: int, log) -> VolumeCache:
+    """The synthetic cache every timed fold of one bench trains on."""
     shape = (round(size * 1.25), round(size * 1.25), size)
     log(f"synthesizing {cases} cases of {shape} voxels ...")
     data, _ = synthesize(work / "data", cases, shape, seed=0, progress=False)
-    cache = open_cache(prepare_cache(data, work / "cache", size=size, progress=False).path)
-    per_epoch = max(1, int(cases * 0.8 * 0.8) // batch_size)  # the fit part of fold 0 (inner selection)
+    return open_cache(prepare_cache(data, work / "cache", size=size, progress=False).path)
+
+
+def _train_timed_fold(work: Path, cache: VolumeCache, device: str, *, model: str, depth: int | None, size: int,
+                      batch_size: int, channels: int, epochs: int, preset: str, min_steps: int, log,
+                      output: str = "results"):  # fmt: skip
+    """Fold 0 of the cache trained by `train_fold` with early stopping, warm-up and plots out of the way; epochs
+    added until the steady state holds `min_steps` optimizer steps. Returns (configuration, result)."""
+    from gliograde import MODALITIES
+    from gliograde.config import check_config, resolve
+    from gliograde.training.trainer import train_fold
+
+    per_epoch = max(1, int(len(cache.ids) * 0.8 * 0.8) // batch_size)  # the fit part of fold 0 (inner selection)
     epochs = max(epochs, 1 + math.ceil(min_steps / per_epoch))
     cfg = resolve(
         preset,
         device=device,
+        model=model,
         depth=depth,
         size=size,
         batch_size=batch_size,
@@ -493,11 +521,13 @@ def _train_timed_fold(work: Path, device: str, depth: int, size: int, batch_size
         patience=epochs + 1,
         warmup_epochs=0,
         cache_dir=str(cache.path),
-        output_dir=str(work / "results"),
+        output_dir=str(work / output),
         plots_every=epochs + 1,
         pretrained_path="",
     )
-    log(f"train_fold: ResNet{depth}-3D, {channels} x {size}^3, batch {batch_size}, {epochs} epochs on {device} ...")
+    check_config(cfg)  # a size the network cannot take: one line before anything trains
+    name = network_name(cfg.model, cfg.depth)
+    log(f"train_fold: {name}, {channels} x {size}^3, batch {batch_size}, {epochs} epochs on {device} ...")
     return cfg, train_fold(cfg)
 
 
@@ -508,7 +538,7 @@ def _trainer_figures(cfg, result, channels: int, batch_size: int, n_val: int) ->
     steady = history[1:] or history
     train_rate = float(np.mean([h["train_volumes_per_s"] for h in steady]))
     val_per_case = float(np.mean([h["val_time_s"] for h in steady])) / max(n_val, 1)
-    gflop = profile_model(ResNet3D(cfg.depth, channels, 2, "B", cfg.layout), channels, cfg.size).gflop_train
+    gflop = profile_description(describe_model(cfg, channels), cfg.size).gflop_train
     peak = peak_tflops(device_name(torch.device("cuda"))) if cfg.device == "cuda" else None
     tflops = train_rate * gflop / 1e3
     cv_train, cv_val = CV_CASES * (CV_FOLDS - 1) // CV_FOLDS, CV_CASES // CV_FOLDS
@@ -543,9 +573,10 @@ def trainer_table(r: dict) -> str:
         return "n/a" if x is None else format(x, fmt)
 
     c = r["config"]
+    network = r.get("network") or f"ResNet{c['depth']}-3D"
     rows = [
         f"gliograde bench --trainer: {r['device']}, torch {r['torch']}, precision {r['precision']['name']}",
-        f"  ResNet{c['depth']}-3D, {c['channels']} x {c['size']}^3, batch {c['batch_size']}, {c['epochs']} epochs, "
+        f"  {network}, {c['channels']} x {c['size']}^3, batch {c['batch_size']}, {c['epochs']} epochs, "
         f"{c['cases']} cases ({c['preset']} preset)",
         f"  train volumes/s        {r['train_volumes_per_s']:.1f}   (target on one H100: >= 300)",
         f"  data wait              {100 * r['data_wait_fraction']:.1f} %   (target < 2 %)",
@@ -556,6 +587,13 @@ def trainer_table(r: dict) -> str:
         f"  epoch time             {r['epoch_time_s']:.1f} s (first epoch {r['first_epoch_s']:.1f} s)",
         f"  projected CV           {r['projected_cv_s'] / 60:.1f} min for a {r['projected_cv']}",
     ]
+    b = r.get("baseline")
+    if b:
+        rows.append(
+            f"  beside {b['network']} (same cache and settings): {b['train_volumes_per_s']:.1f} train volumes/s, "
+            f"{b['tflops']:.2f} TFLOP/s, epoch {b['epoch_time_s']:.1f} s, projected CV {b['projected_cv_s'] / 60:.1f} "
+            f"min; {network} trains at {r['speed_vs_baseline']:.2f}x its speed"
+        )
     m = r.get("mil2d")
     if m:
         rows.append(

@@ -44,6 +44,8 @@ def _add_synth(sub):
         help="what predicts the grade: the tumour's look (default), nothing (permuted grades), or the site only "
         "(single-grade sites with a scanner imprint): sets whose honest answer is known",
     )
+    p.add_argument("--first-index", type=int, default=0, metavar="N",
+                   help="number the cases from N (a second set whose ids no case of the first has)")
     p.add_argument("--target", default=None, metavar="NAME",
                    help="also write cohort.csv with a second binary column NAME (positive/negative, following the "
                    "tumour's look with 15 %% flipped): a non-grade question for --cohort")  # fmt: skip
@@ -56,7 +58,7 @@ def cmd_synth(args) -> None:
     start = time.perf_counter()
     out, reused = synthesize(
         args.out, args.cases, args.shape, args.seed, args.hgg_fraction, args.workers, signal=args.signal,
-        target=args.target,
+        first_index=args.first_index, target=args.target,
     )
     if reused:
         log.info("%s already holds this synthetic set; nothing written", out)
@@ -298,7 +300,7 @@ def config_from_args(args, with_sources: bool = False):
     return (cfg, sources) if with_sources else cfg
 
 
-def add_results_config_flags(p: argparse.ArgumentParser, flag: str) -> None:
+def add_results_config_flags(p: argparse.ArgumentParser, flag: str, target: bool = True) -> None:
     """The configuration whose results folder `flag` defaults to (what `cv` with the same flags writes)."""
     g = p.add_argument_group(f"the configuration whose results folder {flag} defaults to")
     g.add_argument("--preset", choices=config_choices("preset"), default=None,
@@ -307,13 +309,18 @@ def add_results_config_flags(p: argparse.ArgumentParser, flag: str) -> None:
     g.add_argument("--model", choices=config_choices("model"), metavar="MODEL", default=None,
                    help="the network, one of: %(choices)s")  # fmt: skip
     g.add_argument("--depth", type=int, choices=config_choices("depth"), default=None, help="ResNet depth")
+    if target:  # predict and validate have --target among the columns of --cohort
+        g.add_argument("--target", default=None, metavar="COLUMN", help="a cohort's question (results/<net>-<target>)")
+        g.add_argument("--positive", default=None, metavar="VALUE", help="its positive value")
 
 
 def default_results(args, flag: str) -> Path:
     """The results folder of the configuration the flags give (results/ResNet50-3D with none), which must exist."""
     from gliograde.runs import default_results_dir, require_results_dir
 
-    path = default_results_dir(args.preset, args.config, model=args.model, depth=args.depth)
+    target, positive = getattr(args, "target", None), getattr(args, "positive", None)  # a cohort's own question
+    path = default_results_dir(args.preset, args.config, model=args.model, depth=args.depth, target=target,
+                               positive=positive)  # fmt: skip
     return require_results_dir(path, flag)
 
 
@@ -602,7 +609,7 @@ def _add_predict(sub):
         help="where to run the ensemble (precision: the runs' own on the same kind of device)",
     )
     add_table_columns(p)
-    add_results_config_flags(p, "--runs")
+    add_results_config_flags(p, "--runs", target=False)
     p.set_defaults(func=cmd_predict)
 
 
@@ -670,7 +677,7 @@ def _add_validate(sub):
     )
     p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "best_ema"])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    add_results_config_flags(p, "--runs")
+    add_results_config_flags(p, "--runs", target=False)
     p.set_defaults(func=cmd_validate)
 
 
@@ -741,6 +748,9 @@ def _add_bench(sub):
     )
     p.add_argument("--epochs", type=int, default=None, help="--trainer: epochs (default 3; the first is warm-up)")
     p.add_argument("--no-mil", dest="mil", action="store_false", help="--trainer: skip the 2D MIL model's figures")
+    p.add_argument("--model", choices=config_choices("model"), metavar="MODEL", default="resnet3d",
+                   help="--trainer: the network to time, beside the ResNet-50 baseline on the same cache (no MIL "
+                   "figures; on the CPU at 32^3 unless --size says), one of: %(choices)s")  # fmt: skip
     p.add_argument(
         "--min-steps",
         type=int,
@@ -755,10 +765,13 @@ def cmd_bench(args) -> None:
 
     device = bench.bench_device(args.device)
     workdir = Path(args.workdir) if args.workdir else None
+    if args.model != "resnet3d" and (not args.trainer or args.depth is not None):
+        raise GliogradeError(f"--model {args.model} is timed by --trainer, beside the ResNet-50 baseline: pass "
+                             "--trainer, and no --depth (the baseline's is 50)")  # fmt: skip
     if args.trainer:
         report = bench.run_trainer_bench(device, args.depth, args.size, args.batch_size, args.channels, args.epochs,
                                          args.cases, workdir=workdir, log=log.info, mil=args.mil,
-                                         min_steps=args.min_steps)  # fmt: skip
+                                         min_steps=args.min_steps, model=args.model)  # fmt: skip
         print(bench.trainer_table(report))
     else:
         cfg = bench.bench_config(device, args.depth, args.layout, args.size, args.channels, args.batch_size, args.steps,

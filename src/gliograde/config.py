@@ -334,10 +334,12 @@ def default_output_dir(model: str, depth: int) -> str:
 
 def target_suffix(target: str | None, positive: str | None) -> str:
     """What a results folder adds for a cohort's own question, so that two questions never share a folder:
-    "" for the seeds' (the grade), "-IDH-wildtype" for --target IDH --positive wildtype."""
+    "" for the seeds' (the grade), "-IDH" for --target IDH (`predict --target IDH` finds it without --positive;
+    two positives of one column would meet there, and `summarize` refuses runs whose --positive differs)."""
+    del positive  # the column names the question; see above
     if target is None or re.sub(r"[\s_\-/]", "", target).lower() == "grade":
         return ""
-    return "-" + "-".join(re.sub(r"[^A-Za-z0-9.]+", "-", v).strip("-") for v in (target, positive) if v)
+    return "-" + re.sub(r"[^A-Za-z0-9.]+", "-", target).strip("-")
 
 
 def load_preset(name: str) -> dict:

@@ -268,7 +268,7 @@ def pooled_view(report: dict) -> dict | None:
         ]  # fmt: skip
     return {
         "n": p.get("n"), "facts": facts, "error": score.get("error"),
-        "rates": rate_rows(rates) if rates else None,
+        "rates": rate_rows(rates, classes=(neg, pos)) if rates else None,
         "rates_where": "threshold 0.5" if rates and rates.get("threshold") == 0.5 else "each fold's own threshold",
         "confusion": confusion_rows(p.get("confusion_matrix"), (neg, pos)),
         "sas": sas_rows, "sas_protocol": sas.get("protocol", "") if isinstance(sas, dict) else "",
@@ -336,7 +336,7 @@ def sites_view(report: dict) -> dict:
     return {
         "rows": rows, "classes": classes,
         "in_single": audit.get("patients_in_single_grade_sites"), "with_site": audit.get("patients_with_known_site"),
-        "unknown": audit.get("patients_with_unknown_site"),
+        "unknown": audit.get("patients_with_unknown_site"), "known": audit.get("known_sites"),
         "baseline": _baseline_rows(report.get("pooled") or {}, pooled) if isinstance(pooled, dict) else None,
         "baseline_protocol": base.get("protocol", NA), "baseline_error": base.get("error"),
         "mixed": _mixed_view(audit.get("mixed_cohort")),

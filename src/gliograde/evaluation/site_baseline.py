@@ -202,14 +202,16 @@ def site_audit(ids: list[str], labels, preds=None, sites: dict | None = None, cl
     }
 
 
-def site_warning(audit: dict) -> str | None:
+def site_warning(audit: dict, what: str = "grade") -> str | None:
+    """The warning where single-`what` sites (a single grade, or class of a cohort's target) could carry the AUC."""
     n, known = audit["patients_in_single_grade_sites"], audit["patients_with_known_site"]
     if known == 0 or n == 0:
         return None
     unknown = audit.get("patients_with_unknown_site", audit.get("patients", known) - known)
     apart = f" ({unknown} more patients have ids that name no site: counted apart, not as a site)" if unknown else ""
     return (
-        f"{n} of {known} patients with a known site come from a site that holds a single grade{apart}: for them the "
-        "acquisition site alone predicts the grade, so a high AUC may partly measure the scanner or institution "
-        f"rather than the tumour. See the site table, and the mixed-grade {MIXED_COHORT} cohort on its own."
+        f"{n} of {known} patients with a known site come from a site that holds a single {what}{apart}: for them the "
+        f"acquisition site alone predicts the {what}, so a high AUC may partly measure the scanner or institution "
+        "rather than the tumour. See the site table"
+        + (f", and the mixed-grade {MIXED_COHORT} cohort on its own." if what == "grade" else ".")
     )

@@ -45,7 +45,7 @@ from gliograde.runs import (
     threshold_of,
     who_holds,
 )
-from gliograde.templates import dashed, fixed, md_table, render, yes_no
+from gliograde.templates import dashed, fixed, md_table, relabel, render, yes_no
 
 log = logging.getLogger("gliograde")
 
@@ -145,8 +145,8 @@ def summarize(
         "std": {m: s[1] for m, s in spread.items()},
         "n_folds": n_folds,
         "std_definition": "sample standard deviation over folds (ddof = 1)",
-        "mean_definition": MEAN_DEFINITION,
-        "methods": METHODS,
+        "mean_definition": relabel(MEAN_DEFINITION, classes),
+        "methods": relabel(METHODS, classes),
         "pooled": pooled,
         "repeats": [{"repeat": r["repeat"], "pooled": r["pooled"]} for r in per_repeat],
         "over_repeats": over_repeats(per_repeat),
@@ -309,7 +309,7 @@ def audit_sites(first_repeat: list[FoldRun], all_ids, labels, probs, warnings: l
             "auc_delong": stats.delong_or_reason(labels[cohort], probs[cohort]),
             "rates": stats.rates_with_ci(labels[cohort], probs[cohort], thresholds[cohort]),
         }
-    site_warn = site_warning(audit)
+    site_warn = site_warning(audit, "grade" if classes == GRADES else "class")
     if site_warn:
         warnings.append(site_warn)
     return audit

@@ -34,6 +34,7 @@ from gliograde.inference.records import decision_text, write_predictions_csv
 from gliograde.inference.saliency import saliency_png
 from gliograde.networks import get_architecture, gradcam, model_kind
 from gliograde.runs import classes_of, config_differences, find_runs, run_environment
+from gliograde.templates import relabel
 
 log = logging.getLogger("gliograde")
 ROLLOUT_TEXT = "attention rollout of the ViT (Abnar and Zuidema, 2020; the same for either class)"
@@ -265,11 +266,12 @@ def prediction_meta(members, names, threshold: float, tta: bool, qc, records: li
         "created": datetime.now().isoformat(timespec="seconds"),
         "ensemble": [{"name": n, "checkpoint": str(m.checkpoint)} for n, m in zip(names, members, strict=True)],
         "modalities": members[0].modalities,
+        "classes": list(members[0].classes),  # labels 0 and 1: p_hgg is P(classes[1]) for any target
         "preprocess": members[0].preprocess,
         "tta": f"mean over {len(FLIPS)} axis flips" if tta else None,
         "threshold": threshold,
         "threshold_rule": "mean of the members' thresholds (each fitted on its fold's selection part)",
-        "operating_point_explained": operating_point_text(members, threshold),
+        "operating_point_explained": relabel(operating_point_text(members, threshold), members[0].classes),
         "operating_points": [m.point.to_dict() for m in members],
         "qc": qc.describe(),
         "predictions": records,

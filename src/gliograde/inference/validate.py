@@ -37,12 +37,13 @@ from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.metrics import added, compute_metrics
 from gliograde.evaluation.plots import pr, roc, save_figure
-from gliograde.evaluation.site_baseline import MIXED_COHORT, site_warning
+from gliograde.evaluation.site_baseline import site_warning
 from gliograde.files import new_stamped_dir, write_json, write_text_atomic
 from gliograde.inference.predict import load_ensemble, operating_point_text, predict_cases
 from gliograde.inference.qc import TrainingReference, flag_summary, volume_hash
 from gliograde.inference.qc import plain_id as _plain_id  # one rule for predict's flag and the leakage check
 from gliograde.runs import runs_model
+from gliograde.templates import relabel
 
 log = logging.getLogger("gliograde")
 OVERLAP_LABEL = "OVERLAPS THE TRAINING DATA"
@@ -315,12 +316,12 @@ def _predictions_csv(path: Path, records: list[dict], names: list[str], label: s
     write_text_atomic(path, buf.getvalue())
 
 
-def _figures(out: Path, y: np.ndarray, p: np.ndarray, auc: float, label: str) -> list[str]:
+def _figures(out: Path, y: np.ndarray, p: np.ndarray, auc: float, label: str, positive: str = "HGG") -> list[str]:
     tail = f" ({label})" if label else ""
     with catch_warnings():  # a cohort of one grade has no curve to label
         filterwarnings("ignore", "No artists with labels found", UserWarning)
-        roc(y, p, out / "validation_roc.png", "ROC, validation cohort" + tail, auc)
-        pr(y, p, out / "validation_pr.png", "precision-recall, validation cohort" + tail)
+        roc(y, p, out / "validation_roc.png", "ROC, validation cohort" + tail, auc, positive)
+        pr(y, p, out / "validation_pr.png", "precision-recall, validation cohort" + tail, positive)
     curve = {"validation": stats.reliability(y, p, 10)}
     save_figure(
         stats.reliability_figure(curve, "Reliability, validation cohort" + tail), out / "validation_reliability.png"
@@ -397,7 +398,7 @@ def validation_record(runs, discovery: Discovery, members, reference: TrainingRe
     metrics = _metrics(y, p, threshold, classes)
     sites = [r["site"] for r in records]
     audit = site_table(sites, y, p, threshold, classes)
-    qc_summary = flag_summary(records)
+    qc_summary = relabel(flag_summary(records), classes)
     return {
         "title": "External validation" + (f" ({OVERLAP_LABEL})" if label else ""),
         "label": label or None,
@@ -432,7 +433,7 @@ def validation_record(runs, discovery: Discovery, members, reference: TrainingRe
             "members": predicted["ensemble"],
             "threshold": threshold,
             "threshold_rule": predicted["threshold_rule"],
-            "operating_point_explained": operating_point_text(members, threshold),
+            "operating_point_explained": relabel(operating_point_text(members, threshold), classes),
             "operating_points": predicted["operating_points"],
             "modalities": predicted["modalities"],
             "preprocess": predicted["preprocess"],
@@ -441,16 +442,16 @@ def validation_record(runs, discovery: Discovery, members, reference: TrainingRe
         "sites": audit,
         "site_baseline": site_baseline_external(reference, sites, y),
         "cv": cv_reference(Path(runs)),
-        "qc_methods": predicted.get("qc") or reference.describe(),
+        "qc_methods": relabel(predicted.get("qc") or reference.describe(), classes),
         "predictions": records,
         "figures": [],
-        "methods": METHODS,
-        "warnings": cohort_warnings(shared, reference, metrics, audit, qc_summary, len(records)),
+        "methods": relabel(METHODS, classes),
+        "warnings": cohort_warnings(shared, reference, metrics, audit, qc_summary, len(records), classes),
     }
 
 
 def cohort_warnings(shared: list[dict], reference: TrainingReference, metrics: dict, audit: dict, qc_summary: dict,
-                    n: int) -> list[str]:  # fmt: skip
+                    n: int, classes=GRADES) -> list[str]:  # fmt: skip
     """What the reader of the figures must know: an overlap, checks not made, one grade only, single-grade sites,
     cases the input checks flagged."""
     warnings = []
@@ -460,11 +461,12 @@ def cohort_warnings(shared: list[dict], reference: TrainingReference, metrics: d
                         "predictions.csv); the figures are not an external validation")  # fmt: skip
     for check, why in reference.missing.items():
         warnings.append(f"not checked: {check} ({why})")
+    what = "grade" if tuple(classes) == GRADES else "class"
     if metrics["n_hgg"] == 0 or metrics["n_lgg"] == 0:
-        warnings.append("the cohort holds one grade only: AUC, and the rate of the absent grade, are n/a")
-    w = site_warning(audit)
+        warnings.append(f"the cohort holds one {what} only: AUC, and the rate of the absent {what}, are n/a")
+    w = site_warning(audit, what)
     if w:
-        warnings.append(w.replace(f" See the site table, and the mixed-grade {MIXED_COHORT} cohort on its own.", ""))
+        warnings.append(w.split(" See the site table")[0])
     for name, entry in qc_summary.items():
         if entry["n"]:
             warnings.append(f"QC {name}: {entry['n']} of {n} case(s) ({', '.join(entry['cases'][:10])}"
@@ -479,14 +481,15 @@ def write_outputs(report: dict, records: list[dict], out_path: Path | None) -> d
     from gliograde.inference.validate_report import write_html, write_markdown
 
     label = report["label"] or ""
-    y = np.array([GRADES.index(r["true_grade"]) for r in records], dtype=np.int64)
+    classes = tuple(report.get("classes") or GRADES)
+    y = np.array([classes.index(r["true_grade"]) for r in records], dtype=np.int64)
     p = np.array([r["p_hgg"] for r in records], dtype=np.float64)
     parent = out_path.parent if out_path is not None else Path("validation")
     parent.mkdir(parents=True, exist_ok=True)
     stage = parent / f".{(out_path or Path('validate')).name}.tmp-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        report["figures"] = figures = _figures(stage, y, p, report["metrics"]["auc"], label)
+        report["figures"] = figures = _figures(stage, y, p, report["metrics"]["auc"], label, classes[1])
         write_json(stage / "validation.json", report, strict=True)
         _predictions_csv(stage / "predictions.csv", records, list(records[0]["folds"]), label)
         write_markdown(stage / "validation.md", report)

@@ -26,7 +26,7 @@ from gliograde.evaluation.report import (
 from gliograde.files import write_text_atomic
 from gliograde.inference.qc import FLAGS
 from gliograde.runs import model_line
-from gliograde.templates import dashed, fixed, num, render, yes_no
+from gliograde.templates import dashed, fixed, num, relabel, render, yes_no
 
 CAPTIONS = {
     "validation_roc.png": "ROC curve of the ensemble on the validation cohort.",
@@ -190,7 +190,7 @@ def render_html(report: dict, folder: Path) -> str:
         qc=[[n, num(e["n"]), ", ".join(e["cases"]) or "-", e["meaning"]] for n, e in report["cohort"]["qc"].items()],
         false_alarms=false_alarms(report),
         cases=_case_rows(report),
-        methods={**report["methods"], "qc": qc_methods, "qc flags": FLAGS},
+        methods={**report["methods"], "qc": qc_methods, "qc flags": relabel(FLAGS, classes_of_report(report))},
         ensemble=_ensemble_view(report["ensemble"]),
         stamp=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,

@@ -71,7 +71,8 @@ class ViTClassifier(EncoderClassifier):
             for attn in blocks:
                 attn.save_attn = False
                 attn.__dict__.pop("att_mat", None)
-        grid = [s // p for s, p in zip(x.shape[2:], self.encoder.patch_embedding.patch_size, strict=True)]
+        patch = self.encoder.patch_embedding.patch_embeddings.kernel_size  # the "conv" projection: one patch a step
+        grid = [s // p for s, p in zip(x.shape[2:], patch, strict=True)]
         return rollout.mean(1).view(x.shape[0], *grid)
 
 

@@ -3,7 +3,9 @@
 Measured on the meta device (shapes only, no arithmetic), so a ResNet50-3D or a ViT-B at 128^3 costs nothing to
 profile. A network whose constructor reads values (MONAI's Swin transformer: its drop-path rates) is built on the
 CPU and moved to the meta device; one whose forward pass reads values is run for real on the CPU, and `measured_on`
-says so. FLOPs are torch's FlopCounterMode's (convolutions, matrix products, attention), as GPU MFU figures count them.
+says so. FLOPs are torch's FlopCounterMode's (convolutions, matrix products, attention), as GPU MFU figures count them,
+with one correction: its formula counts the weight gradient of a grouped convolution as if it were not grouped, which
+made an EfficientNet's backward pass 60 times its forward (its depthwise convolutions, groups = channels).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 from gliograde.networks.registry import build_from_description
 from gliograde.networks.resnet3d import ResNet3D
@@ -55,15 +57,27 @@ def meta_model(desc: dict) -> nn.Module:
         return build_from_description(desc).to("meta")
 
 
+def grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                               output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:  # fmt: skip
+    """torch's count for the input gradient, and its count for the weight gradient divided by the groups."""
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    grad_input = conv_backward_flop(*args, [output_mask[0], False, False], out_val=out_shape)
+    grad_weight = conv_backward_flop(*args, [False, output_mask[1], False], out_val=out_shape)
+    return grad_input + grad_weight // groups
+
+
+FLOP_FORMULAS = {torch.ops.aten.convolution_backward: grouped_conv_backward_flop}
+
+
 def _measure(model: nn.Module, in_channels: int, size: int, dtype, device: str) -> Profile:
     params = sum(p.numel() for p in model.parameters())
     # BatchNorm in training mode needs more than one value per channel, even at 1^3 feature maps
     batch = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
     x = torch.zeros(batch, in_channels, size, size, size, device=device, dtype=dtype)
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fwd:
+    with torch.no_grad():
         maps = model.feature_maps(x) if hasattr(model, "feature_maps") else None
-        if maps is None:
+        with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as fwd:
             model(x)
     saved = []
 
@@ -72,7 +86,8 @@ def _measure(model: nn.Module, in_channels: int, size: int, dtype, device: str) 
         return t
 
     model.train()
-    with FlopCounterMode(display=False) as train, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with counter as train, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x).sum().backward()
     return Profile(
         params,

@@ -137,6 +137,24 @@ def class_words(classes=None) -> dict:
             "single": "Single grade" if grade else "Single class"}  # fmt: skip
 
 
+def relabel(text, classes=None):
+    """Our own prose about HGG and LGG (methods, definitions, flag meanings; strings inside dicts and lists too) said
+    of a cohort's classes: the words HGG and LGG replaced by the positive and negative class (unchanged for the
+    seeds' target). Prose only; never data."""
+    import re
+
+    neg, pos = tuple(classes) if classes else GRADES
+    if (neg, pos) == GRADES:
+        return text
+    if isinstance(text, dict):
+        return {k: relabel(v, classes) for k, v in text.items()}
+    if isinstance(text, list):
+        return [relabel(v, classes) for v in text]
+    if not isinstance(text, str):
+        return text
+    return re.sub(r"\bHGG\b", pos, re.sub(r"\bLGG\b", neg, text))
+
+
 def render(name: str, classes=None, **context) -> str:
     """The template `name` of this folder, rendered with `context` and `names` (class_words of `classes`)."""
     return environment().get_template(name).render(names=class_words(classes), **context)

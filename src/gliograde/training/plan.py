@@ -93,7 +93,7 @@ def preview_cv(cfg: TrainConfig, explicit: set[str] | None, only: str | None) ->
     from gliograde.data.splits import DEFAULTS
     from gliograde.errors import DataError
 
-    reachable = (Path(cfg.cache_dir) / MANIFEST).is_file() or cfg.cohort is not None
+    reachable = (Path(cfg.cache_dir) / MANIFEST).is_file() or (cfg.cohort is not None and Path(cfg.cohort).is_file())
     if not reachable:
         try:
             resolve_data_root(cfg.data_root)

@@ -309,7 +309,8 @@ def deliver(cfg, d, cache, split, train_rows, monitor_rows, channels, device, ge
         "Fold %d%s: training on %d cases (%d %s, %d %s); %s on %d %s cases; %d reported cases scored once at the "
         "end; modalities %s; %d optimizer steps per epoch on %s%s",
         cfg.fold, f" (repeat {cfg.repeat})" if cfg.repeats and cfg.repeats > 1 else "", len(train_rows), counts[0],
-        cache.classes[0], counts[1], cache.classes[1], "early stopping, checkpoint, threshold and calibration chosen", len(monitor_rows),
+        cache.classes[0], counts[1], cache.classes[1], "early stopping, checkpoint, threshold and calibration chosen",
+        len(monitor_rows),
         "selection-part" if inner else "reported-fold (the seeds' outer protocol: optimistic)", len(split.val),
         ",".join(cfg.modalities), data.steps_per_epoch, device,
         f" x {d.world} processes (DDP: global batch {plan.global_batch}, {plan.accumulation} micro-batch(es) of "

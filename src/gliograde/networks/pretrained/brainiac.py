@@ -19,11 +19,12 @@ from gliograde.networks.pretrained.formats import PretrainedFormat, State, regis
 
 def translate_brainiac(state: State, model) -> tuple[State, dict[str, str]]:
     backbone = any(k.startswith("backbone.") for k in state)
+    own = set(model.encoder.state_dict())
     kept, dropped = {}, {}
     for k, v in state.items():
         if backbone and not k.startswith("backbone."):
             dropped[k] = "the SimCLR projection head and whatever else the Lightning module held beside the backbone"
-        elif ".norm_cross_attn." in k and k.removeprefix("backbone.") not in model.encoder.state_dict():
+        elif ".norm_cross_attn." in k and k.removeprefix("backbone.") not in own:
             dropped[k] = "MONAI's cross-attention norm, unused without cross-attention"
         else:
             kept[k.removeprefix("backbone.")] = v

@@ -95,6 +95,10 @@ def _target(model: nn.Module, spec: PretrainedFormat, path) -> nn.Module:
         ) from None
 
 
+def _position(key: str) -> bool:
+    return "pos_embed" in key or "position_embeddings" in key
+
+
 def _describe(model: nn.Module) -> str:
     return model.describe() if hasattr(model, "describe") else type(model).__name__
 
@@ -145,12 +149,12 @@ def load_into(
     missing = sorted(k for k in own if k not in kept and not optional(k))
     unexpected = sorted(k for k in kept if k not in own)
     wrong = sorted((k for k in own if k in kept and tuple(kept[k].shape) != tuple(own[k].shape)),
-                   key=lambda k: ("pos" not in k, k))  # an absolute position embedding says the size: named first
+                   key=lambda k: (not _position(k), k))  # an absolute position embedding says the size: first
     if missing or unexpected or wrong:
         problems = []
         if wrong:
             k = wrong[0]
-            hint = " (the position embedding: the file was made for another input size, --size)" if "pos" in k else ""
+            hint = " (the position embedding: the file was made for another input size, --size)" if _position(k) else ""
             problems.append(f"{len(wrong)} shape mismatches (first: {k} {tuple(kept[k].shape)} in the file, "
                             f"{tuple(own[k].shape)} in the model{hint})")  # fmt: skip
         if missing:

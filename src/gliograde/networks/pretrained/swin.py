@@ -27,7 +27,10 @@ DECODER = ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.", "de
 
 
 def translate_swin(state: State, model) -> tuple[State, dict[str, str]]:
-    kept, dropped = {}, {}
+    """The encoder's tensors under MONAI's names; the heads and the decoder dropped, said. Other tensors beside an
+    encoder (what the pretraining model held besides, which MONAI's load_from never reads) are dropped too; in a
+    file without the encoder they are kept, so that the refusal names them."""
+    kept, dropped, other = {}, {}, {}
     for k, v in state.items():
         inner = next((k.removeprefix(a) for a in ATTRIBUTES if k.startswith(a)), k)
         if inner.startswith(STAGES):
@@ -37,7 +40,11 @@ def translate_swin(state: State, model) -> tuple[State, dict[str, str]]:
         elif k.startswith(DECODER):
             dropped[k] = "Swin UNETR's convolutional decoder (segmentation)"
         else:
-            kept[k] = v  # not the encoder's: named in the refusal
+            other[k] = v
+    if kept:
+        dropped |= dict.fromkeys(other, "beside the Swin encoder, not part of it (MONAI's load_from reads none of it)")
+    else:
+        kept = other
     return kept, dropped
 
 
