@@ -66,6 +66,7 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(items):
     for item in items:
         trains = TRAINING_FIXTURES.intersection(item.fixturenames)

@@ -103,6 +103,8 @@ def test_unknown_names_and_sizes_that_do_not_fit_are_one_line(capsys):
     assert main(["train", "--model", "vit", "--size", "40", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--size 40 is not divisible by 16" in err and "Traceback" not in err
+    assert main(["bench", "--model", "vit", "--device", "cpu"]) == 2  # a network is timed by --trainer
+    assert "pass --trainer" in capsys.readouterr().err
 
 
 def test_the_seeds_names_and_folders_are_unchanged_and_monai_networks_name_theirs():
@@ -143,9 +145,11 @@ def test_each_network_trains_a_tiny_fold(name, tiny_cache, cache32, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_network_of_each_family_trains_exports_and_is_evaluated_with_attention(name, tiny_cache, cache32,
-                                                                                 tmp_path):  # fmt: skip
+                                                                                 synth_root, tmp_path):  # fmt: skip
+    from gliograde.data.brats import discover_cases
     from gliograde.evaluation.evaluate import evaluate_run
     from gliograde.export import export
+    from gliograde.inference.predict import load_ensemble, output_dir, predict_cases
     from gliograde.training.trainer import train_fold
 
     pytest.importorskip("onnxruntime")
@@ -160,6 +164,10 @@ def test_a_network_of_each_family_trains_exports_and_is_evaluated_with_attention
     mass = attention["mean_mass_in_mask"]
     assert attention["n"] > 0 and (mass is None or 0 <= mass <= 1) and len(attention["cam_grid"]) == 3
     assert attention["layer"] == (ROLLOUT if name == "vit" else LAST_MAP)
+    if name in ("densenet121", "vit"):  # predict --saliency: the map on the case's own grid, saying how it was made
+        case = discover_cases(synth_root).cases[:1]
+        record = predict_cases(case, load_ensemble([result.run_dir]), output_dir(tmp_path / "pred"), saliency=True)[0]
+        assert record["saliency"]["layer"] == attention["layer"] and Path(record["saliency"]["nifti"]).is_file()
 
 
 @pytest.mark.parametrize("name", ["vit", "swinvit"])
@@ -181,7 +189,7 @@ def test_model_info_of_a_size_a_network_cannot_take_is_one_line(capsys):
 def test_bench_times_a_network_beside_the_resnet50_baseline(tmp_path):
     from gliograde.bench import run_trainer_bench, trainer_table
 
-    r = run_trainer_bench("cpu", size=32, batch_size=4, epochs=2, cases=24, workdir=tmp_path, log=lambda *a: None,
+    r = run_trainer_bench("cpu", size=16, batch_size=4, epochs=2, cases=24, workdir=tmp_path, log=lambda *a: None,
                           min_steps=1, model="efficientnet-b0")  # fmt: skip
     assert r["network"] == "EfficientNet-B0-3D" and r["baseline"]["network"] == "ResNet50-3D" and r["mil2d"] is None
     assert r["speed_vs_baseline"] == pytest.approx(r["train_volumes_per_s"] / r["baseline"]["train_volumes_per_s"])

@@ -179,7 +179,7 @@ def test_improvement_rule_auc_then_f1():
 @pytest.mark.slow
 def test_early_stopping_respects_patience_and_min_epochs(tiny_cache, tmp_path, monkeypatch, caplog):
     real = trainer.compute_metrics
-    monkeypatch.setattr(trainer, "compute_metrics", lambda y, p: {**real(y, p), "auc": 0.7, "f1": 0.5})
+    monkeypatch.setattr(trainer, "compute_metrics", lambda y, p, **kw: {**real(y, p, **kw), "auc": 0.7, "f1": 0.5})
     cfg = tiny(tiny_cache, tmp_path, epochs=10, patience=2, min_epochs=4)
     with caplog.at_level("INFO", logger="gliograde"):
         result = train_fold(cfg)

@@ -223,7 +223,7 @@ def export(target: str | Path, out: str | Path, fmt: str = "onnx", policy: str =
                 "preprocess": m.preprocess,
                 "logit_scale": float(m.logit_scale),
                 "operating_point": _operating_point(run_dir, m.checkpoint),
-                "classes": list(GRADES),
+                "classes": list(m.classes),  # labels 0 and 1 of the run's question (HGG/LGG, or a cohort's own)
                 "probability": "p_hgg = softmax(logit_scale * logits)[:, 1], then the operating point (logit(p) + "
                 "logit(train_prior) - logit(sampled_prior), / temperature), compared to its threshold; no operating "
                 "point: the raw probability and threshold 0.5",

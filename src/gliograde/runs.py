@@ -202,7 +202,7 @@ def run_model(run_dir: Path) -> dict:
     return {
         "network": network_name(model, depth) if depth is not None else None,
         "model": model,
-        "depth": depth,
+        "depth": depth if model in BUILTIN_NETWORKS else None,  # the ResNets' setting: MONAI's networks name theirs
         "layout": config.get("layout") if model == "resnet3d" else None,  # the ResNet-3D's setting only
         "modalities": config.get("modalities"),
         "size": config.get("size"),

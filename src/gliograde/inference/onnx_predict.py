@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gliograde import GRADES, MODALITIES, __version__
+from gliograde import MODALITIES, __version__
 from gliograde.errors import GliogradeError
 from gliograde.files import write_json
 from gliograde.inference.records import decision_text, write_predictions_csv
@@ -132,8 +132,8 @@ def load_exported(folder: str | Path, providers: list[str] | None = None) -> lis
                 f"{sidecar} describes a {meta['format']} export; this predictor runs ONNX models (load a TorchScript "
                 "file with torch.jit.load)"
             )
-        if list(meta["classes"]) != list(GRADES):
-            raise ExportedModelError(f"{sidecar}: classes {meta['classes']}, expected {list(GRADES)}")
+        if not (isinstance(meta["classes"], list) and len(meta["classes"]) == 2):
+            raise ExportedModelError(f"{sidecar}: classes {meta['classes']}, expected the names of labels 0 and 1")
         model = folder / meta["file"]
         if not model.is_file():
             raise ExportedModelError(f"{sidecar} names {model}, which does not exist")
@@ -143,7 +143,7 @@ def load_exported(folder: str | Path, providers: list[str] | None = None) -> lis
         raise ExportedModelError(f"no exported ONNX models (sidecar .json + .onnx) in {folder}")
     ref = members[0]
     for m in members[1:]:
-        for what in ("model_kind", "channels", "size", "preprocess"):
+        for what in ("model_kind", "channels", "size", "preprocess", "classes"):
             if ref.meta.get(what) != m.meta.get(what):
                 raise ExportedModelError(
                     f"the exported models disagree on {what}: {ref.sidecar} has {ref.meta.get(what)}, {m.sidecar} has "
@@ -187,7 +187,8 @@ def predict_exported(members: list[ExportedMember], volumes: np.ndarray) -> dict
         "p_hgg": p,
         "p_hgg_raw": np.mean(list(raw.values()), axis=0),
         "threshold": threshold,
-        "predicted_grade": [GRADES[int(v >= threshold)] for v in p],
+        "predicted_grade": [ref.meta["classes"][int(v >= threshold)] for v in p],
+        "classes": list(ref.meta["classes"]),
         "members": calibrated,
         "members_raw": raw,
     }
@@ -242,7 +243,8 @@ def predict_cases_onnx(cases: list, folder: str | Path, out: str | Path) -> list
             "p_hgg_raw": float(res["p_hgg_raw"][0]),
             "threshold": res["threshold"],
             "predicted_grade": res["predicted_grade"][0],
-            "true_grade": case.grade if case.grade != UNKNOWN_GRADE else None,
+            "true_grade": case.grade if case.grade != UNKNOWN_GRADE and case.grade in res["classes"] else None,
+            "classes": res["classes"],
             "folds": {n: float(res["members"][n][0]) for n in names},
         }
         records.append(record)

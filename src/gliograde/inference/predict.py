@@ -336,7 +336,7 @@ def predict_cases(
             "p_hgg_raw": float(np.mean([b[0] for b in both])),
             "threshold": threshold,
             "predicted_grade": ref.classes[int(p >= threshold)],
-            "decision_rule": f"{pos} when P({pos}) >= threshold, else {neg}",
+            "decision_rule": f"{pos} when p_hgg{'' if pos == 'HGG' else f' = P({pos})'} >= threshold, else {neg}",
             "true_grade": true_class(case, ref.classes),
             "classes": list(ref.classes),
             "folds": dict(zip(names, per_model, strict=True)),

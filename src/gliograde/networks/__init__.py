@@ -1,6 +1,6 @@
-"""Networks: the ResNet-3D family, the 2D MIL model, MedicalNet weight loading, the pretrained encoders and their
-weight formats (networks/pretrained/), and the table of architectures (`ARCHITECTURES`, networks/registry.py)
-through which every network is described and built."""
+"""Networks: the ResNet-3D family, the 2D MIL model, MONAI's 3D networks (monai_nets.py), MedicalNet weight loading,
+the pretrained encoders and their weight formats (networks/pretrained/), and the table of architectures
+(`ARCHITECTURES`, networks/registry.py) through which every network is described and built."""
 
 from __future__ import annotations
 

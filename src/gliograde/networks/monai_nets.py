@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gliograde.networks.classifier import EncoderClassifier
-from gliograde.networks.registry import ArchitectureError, ArchSpec, register_architecture
+from gliograde.networks.pretrained.common import initialise_encoder, resolve_weights
+from gliograde.networks.registry import ArchSpec, register_architecture
 
 VIT_PATCH = 16
 SWIN_MULTIPLE = 32  # patch 2, then four patch mergings (SwinUNETR's rule: sides divisible by 2^5)
@@ -223,27 +223,9 @@ def _check_size(name: str, multiple: int, minimum: int, why: str, cfg) -> str | 
     return None
 
 
-def _initialise(name: str, model: nn.Module, pretrained_path: str | Path | None, log: logging.Logger) -> nn.Module:
-    """Random initialisation, logged with the parameter counts. The presets' MedicalNet file fits the ResNet-3D only
-    (skipped, said); swinvit and vit load their pretrained formats (networks/pretrained: model_swinvit.pt,
-    BrainSegFounder, BrainIAC); any other file is refused in one line."""
-    from gliograde.networks.medicalnet import DEFAULT_PRETRAINED
-    from gliograde.networks.pretrained.common import load_pretrained, resolve_weights
-    from gliograde.networks.pretrained.formats import formats_for
-
-    log.info("Model architecture: %s", model.describe())
-    if pretrained_path and Path(pretrained_path) == Path(DEFAULT_PRETRAINED):
-        log.warning("--pretrained-path %s is MedicalNet's ResNet-3D file: --model %s trains from random "
-                    "initialisation", pretrained_path, name)  # fmt: skip
-    elif pretrained_path and formats_for(name):  # swinvit, vit: the pretrained encoders' loaders (networks/pretrained)
-        load_pretrained(model, resolve_weights(pretrained_path, name, log), log)
-    elif pretrained_path:
-        raise ArchitectureError(f"--pretrained-path {pretrained_path}: no loader reads pretrained weights into "
-                                f"--model {name}; omit the flag to train from random initialisation")  # fmt: skip
-    total = sum(p.numel() for p in model.parameters())
-    log.info("Model created: %.2fM total params, %.2fM trainable", total / 1e6,
-             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)  # fmt: skip
-    return model
+def _check_weights(name: str, path: str) -> None:
+    """A --pretrained-path that does not exist is refused before any work (the presets' MedicalNet file: skipped)."""
+    resolve_weights(path, name, logging.getLogger("gliograde"))
 
 
 # MedicalNet's file is the presets' default: a MONAI network starts from random weights unless a file is named
@@ -251,8 +233,11 @@ NETWORK_DEFAULTS = {"pretrained_path": None}
 
 
 def _register(name: str, describe: Callable, build: Callable, model_class: type, check=None, **flags) -> None:
-    register_architecture(ArchSpec(name, describe, build, model_class, partial(_initialise, name), display=partial(
-        _display, name), config_defaults=NETWORK_DEFAULTS, check=check, **flags))  # fmt: skip
+    """One entry; its weights load through the pretrained formats that name it (networks/pretrained/)."""
+    register_architecture(ArchSpec(
+        name, describe, build, model_class, initialise_encoder(name), display=partial(_display, name),
+        config_defaults=NETWORK_DEFAULTS, check=check, check_weights=partial(_check_weights, name), **flags,
+    ))  # fmt: skip
 
 
 # BatchNorm3d in the convolutional ones: one volume per process would normalise by its own statistics (DDP)
