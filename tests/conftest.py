@@ -50,7 +50,8 @@ DEMO_TIMEOUT_S = 1800
 
 # Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`) a session fixture is built once per worker that
 # asks for it: the tests of each shared trained fixture go to one worker, so that each trains once per session.
-SHARED_GROUPS = ("demo_run", "cv_run", "one_process_run", "mil_cv")
+# the MIL tests use cv_run and mil_cv together: both in one group, each trained once
+SHARED_GROUPS = {"demo_run": "demo", "cv_run": "trained", "mil_cv": "trained", "one_process_run": "ddp"}
 
 
 def pytest_configure(config):
@@ -74,9 +75,17 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
         if "demo_run" in trains:
             item.add_marker(pytest.mark.timeout(DEMO_TIMEOUT_S))
-        group = next((name for name in SHARED_GROUPS if name in item.fixturenames), None)
+        group = next((g for name, g in SHARED_GROUPS.items() if name in item.fixturenames), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    # the longest groups first (the demo's ~2.5 min, then the CVs), so that no worker starts one when the others
+    # are nearly done; the order within each stays the collection's
+    first = {g: i for i, g in enumerate(dict.fromkeys(SHARED_GROUPS.values()))}
+
+    def rank(item) -> int:
+        return min((first[g] for name, g in SHARED_GROUPS.items() if name in item.fixturenames), default=len(first))
+
+    items[:] = sorted(items, key=rank)
 
 
 @contextlib.contextmanager
