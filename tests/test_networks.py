@@ -164,14 +164,14 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-def test_missing_or_unreadable_files(tmp_path, caplog):
+def test_missing_or_unreadable_files(tmp_path, caplog, monkeypatch):
     with pytest.raises(PretrainedError, match="does not exist"):
         build_model(10, pretrained_path=tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
     junk.write_text("<html>404</html>")
     with pytest.raises(PretrainedError, match="cannot be read as a PyTorch checkpoint"):
         build_model(10, pretrained_path=junk)
-    os.chdir(tmp_path)  # the seeds' default path is relative to the working directory
+    monkeypatch.chdir(tmp_path)  # the seeds' default path is relative to the working directory (restored after)
     with caplog.at_level(logging.INFO, logger="gliograde"):
         build_model(10, pretrained_path="pretrained/medicalnet_resnet50_3d.pth")
     assert "Pretrained weights file not found" in caplog.text and "random initialization" in caplog.text
