@@ -340,6 +340,19 @@ def test_evaluate_measures_where_the_model_looks_and_the_summary_reports_it(cv_r
     assert "Where the model looks" in (Path(cfg.output_dir) / "summary.md").read_text()
 
 
+def test_folds_recorded_before_a_field_existed_are_one_configuration_with_new_ones(tmp_path):
+    """Folds 0-1 written before the cohort and fine-tuning fields, fold 2 after (at their defaults): one CV."""
+    from gliograde.config import IMPLIED_BEFORE_ADDED
+
+    folds = fake_cv(tmp_path, k=3)
+    config = folds[2][0] / "config" / "config.json"
+    config.write_text(json.dumps({"config": {"fold": 2, "folds": 3, **IMPLIED_BEFORE_ADDED}}))
+    assert not any(w.startswith("MIXED") for w in summarize(tmp_path)["warnings"])
+    config.write_text(json.dumps({"config": {"fold": 2, "folds": 3, **IMPLIED_BEFORE_ADDED, "probe": True}}))
+    with pytest.raises(SummaryError, match=r"configurations \(probe: fold 0=false, fold 1=false, fold 2=true"):
+        summarize(tmp_path)
+
+
 def test_folds_of_different_configurations_are_refused_unless_allowed(tmp_path):
     folds = fake_cv(tmp_path, k=3)
     config = folds[1][0] / "config" / "config.json"

@@ -45,6 +45,14 @@ RUNTIME_FIELDS = {
 }
 
 
+# Fields added after runs were first recorded, with the value every run recorded before them had: a run that lacks
+# one did what this value does (summarize, compare and predict then see one configuration, not a mix).
+IMPLIED_BEFORE_ADDED = {
+    "target": None, "positive": None, "negative": None, "id_column": None, "patient_column": None,
+    "site_column": None, "pretrained_format": None, "probe": False, "freeze_epochs": 0, "layer_decay": 1.0,
+}  # fmt: skip
+
+
 class ConfigError(GliogradeError):
     """A value that makes no sense, explained."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gliograde import GRADES
-from gliograde.config import BUILTIN_NETWORKS, CHOICES, RUNTIME_FIELDS, network_name
+from gliograde.config import BUILTIN_NETWORKS, CHOICES, IMPLIED_BEFORE_ADDED, RUNTIME_FIELDS, network_name
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.metrics import compute_metrics, summarized_names
@@ -135,7 +135,7 @@ def config_differences(runs: list[FoldRun]) -> dict[str, dict[str, object]]:
     keys = sorted({k for r in runs for k in r.config} - set(OWN_CHECKS))
     out = {}
     for k in keys:
-        values = {label(r.key): r.config.get(k, "<absent>") for r in runs}
+        values = {label(r.key): r.config.get(k, IMPLIED_BEFORE_ADDED.get(k, "<absent>")) for r in runs}
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
             out[k] = values
     return out

@@ -292,7 +292,7 @@ class Parts:
 
 def deliver(cfg, d, cache, split, train_rows, monitor_rows, channels, device, generator, plan, counts):
     """The fold's data (data/data_path.py), after the MIL bag check; logs what the fold trains on."""
-    if cfg.model == "mil2d":
+    if get_architecture(cfg.model).slice_attention:  # a bag of slices per volume: each must hold mil_k of them
         try:
             check_bag_sizes(cache, np.concatenate([split.train, split.val]), channels, cfg.mil_k, log)
         except ValueError as e:
