@@ -349,6 +349,7 @@ def test_a_validation_cohort_asked_another_question_or_holding_a_training_patien
                  "positive", "--out", str(tmp_path / "v2")]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert "shares 1 patient(s) with the training folds" in err and f"by patient id {patient}" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "v2").exists()  # only the overlap list, beside it
 
 
 def test_ucsf_bias_corrected_files_only_when_asked(sample_root, tmp_path):

@@ -51,7 +51,8 @@ class FoldRun:
 
 
 def classes_of(metrics: dict | None) -> tuple[str, str]:
-    """The class names a run's final metrics record ("classes", else the per-class keys), negative first."""
+    """The class names a run's final metrics, a summary or a validation record carries ("classes", else the
+    per-class keys), negative first; HGG and LGG for records written before targets."""
     names = tuple((metrics or {}).get("classes") or (metrics or {}).get("per_class") or ())
     return names if len(names) == 2 else GRADES
 

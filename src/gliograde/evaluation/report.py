@@ -16,6 +16,7 @@ from pathlib import Path
 from gliograde import GRADES, __version__
 from gliograde.evaluation.metrics import METRICS, summarized
 from gliograde.files import write_text_atomic
+from gliograde.runs import classes_of
 from gliograde.templates import NA, ci_of, num, pct, render
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,12 +50,6 @@ RATES = (
     ("balanced_accuracy", "Balanced accuracy"),
 )
 fmt = num  # the name the tests and older callers know
-
-
-def classes_of_report(report: dict) -> tuple[str, str]:
-    """(negative, positive) class names a summary or validation record carries; HGG and LGG before targets."""
-    names = report.get("classes") if isinstance(report, dict) else None
-    return tuple(names) if isinstance(names, list | tuple) and len(names) == 2 else GRADES
 
 
 def rate_names(classes=GRADES) -> tuple[tuple[str, str], ...]:
@@ -132,7 +127,7 @@ def header_view(report: dict) -> dict:
 def data_facts(report: dict) -> list[tuple]:
     """(key, value, sub) of the Data section."""
     p = report.get("pooled") or {}
-    neg, pos = classes_of_report(report)
+    neg, pos = classes_of(report)
     hgg, lgg = _get(p, "per_class", pos, "support"), _get(p, "per_class", neg, "support")
     rep = report.get("over_repeats") or {}
     audit = report.get("sites") or {}
@@ -173,7 +168,7 @@ def folds_view(report: dict) -> dict | None:
     many = len({r.get("repeat", 0) for r in rows}) > 1
     added = [spec.name for spec in summarized() if spec.compute is not None]  # registered metrics, after F1
     rates = ("sensitivity", "specificity", "balanced_accuracy", "f1", *added)
-    neg, pos = classes_of_report(report)
+    neg, pos = classes_of(report)
     head = ["Repeat"] * many + ["Fold", f"Patients ({pos}/{neg})", "Best epoch (checkpoint)", "Threshold", "AUC"]
     head += ["AUC 95 % CI", "Sensitivity", "Specificity", "Bal. accuracy", "F1", *(METRICS[m].label for m in added)]
     head += ["Brier", "ECE"]
@@ -248,7 +243,7 @@ def pooled_view(report: dict) -> dict | None:
     if boot.get("resamples") is not None:
         boot_sub += f" ({num(boot.get('resamples'))} resamples, seed {num(boot.get('seed'))})"
     cal = p.get("calibration") or {}
-    neg, pos = classes_of_report(report)
+    neg, pos = classes_of(report)
     facts = [
         ("Pooled AUC", num(p.get("auc")), f"95 % CI {ci_of(score)} ({_ci_name(score)})", boot_sub),
         ("Sensitivity", num(p.get("sensitivity")), f"{pos} correctly called"),
@@ -293,7 +288,7 @@ def figures_view(report: dict, out_dir: Path) -> dict:
         if uri is None:
             notes.append(f"{base}: {'not found' if path is None else 'not a PNG file'}, not shown.")
         else:
-            shown.append({"uri": uri, "caption": figure_caption(base, classes_of_report(report))})
+            shown.append({"uri": uri, "caption": figure_caption(base, classes_of(report))})
     return {"shown": shown, "notes": notes}
 
 
@@ -331,7 +326,7 @@ def _mixed_view(c) -> dict | None:
 def sites_view(report: dict) -> dict:
     audit = report.get("sites") or {}
     base = report.get("site_baseline") or {}
-    rows, classes = _site_table(audit, classes_of_report(report))
+    rows, classes = _site_table(audit, classes_of(report))
     pooled = base.get("pooled")
     return {
         "rows": rows, "classes": classes,
@@ -384,7 +379,7 @@ def render_report(report: dict, out_dir: Path, provenance: dict | None = None, c
     methods = report.get("methods")
     return render(
         "report.html.j2",
-        classes=classes_of_report(report),
+        classes=classes_of(report),
         title=f"gliograde: {k}-fold cross-validation report" if k is not None else "gliograde: cross-validation report",
         header=header_view(report),
         warnings=report.get("warnings") or [],

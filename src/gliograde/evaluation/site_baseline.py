@@ -112,8 +112,7 @@ def site_baseline(
     labels are the validation patients in the order of `ids`. AUCs are NaN where a class is absent. `sites`: id ->
     site (a cohort table's site column); else the site each BraTS id names.
     """
-    def site_of_id(case_id: str) -> str:
-        return sites.get(case_id, UNKNOWN_SITE) if sites is not None else site_of(case_id)
+    site_of_id = site_lookup(sites)
 
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
@@ -173,13 +172,21 @@ def site_baseline(
     }
 
 
+def site_lookup(sites: dict | None):
+    """id -> site: from `sites` (a cohort's, as its cache holds them; an id it lacks has no known site), else the
+    site the BraTS id names."""
+    if sites is None:
+        return site_of
+    return lambda case_id: sites.get(case_id, UNKNOWN_SITE)
+
+
 def site_audit(ids: list[str], labels, preds=None, sites: dict | None = None, classes=GRADES) -> dict:
     """Cases, classes and (given predictions) accuracy per acquisition site, and how many patients sit in a site
     that holds a single class -- for them the site alone predicts the class. `sites`: id -> site (a cohort table's
     site column), else the site each BraTS id names; `classes`: the names of labels 0 and 1 (the entries' keys)."""
     labels = np.asarray(labels, dtype=np.int64)
     neg, pos = classes
-    sites = [sites.get(i, UNKNOWN_SITE) if sites is not None else site_of(i) for i in ids]
+    sites = [site_lookup(sites)(i) for i in ids]
     table = {}
     for site in sorted(set(sites), key=lambda s: (s == UNKNOWN_SITE, s)):  # the ids without a site last
         rows = [k for k, s in enumerate(sites) if s == site]

@@ -24,12 +24,12 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from gliograde import GRADES
-from gliograde.data.brats import UNKNOWN_SITE, site_of
+from gliograde.data.brats import UNKNOWN_SITE
 from gliograde.errors import GliogradeError
 from gliograde.evaluation import stats
 from gliograde.evaluation.metrics import compute_metrics, summarized, summarized_names
 from gliograde.evaluation.plots import readable_legend, save_figure
-from gliograde.evaluation.site_baseline import MIXED_COHORT, site_audit, site_warning
+from gliograde.evaluation.site_baseline import MIXED_COHORT, site_audit, site_lookup, site_warning
 from gliograde.files import json_safe, number, write_json, write_text_atomic
 from gliograde.runs import (
     FoldRun,
@@ -298,7 +298,7 @@ def audit_sites(first_repeat: list[FoldRun], all_ids, labels, probs, warnings: l
     thresholds = np.broadcast_to(threshold_of(first_repeat), probs.shape)
     preds = (probs >= thresholds).astype(np.int64)
     audit = site_audit(all_ids, labels, preds, sites, classes)
-    site_of_id = (lambda i: sites.get(i, UNKNOWN_SITE)) if sites is not None else site_of
+    site_of_id = site_lookup(sites)
     cohort = [k_ for k_, i in enumerate(all_ids) if site_of_id(i) == MIXED_COHORT]
     if cohort and classes == GRADES:  # the BraTS 2013 cohort: the mixed-grade site of the seeds' data
         audit["mixed_cohort"] = {

@@ -16,7 +16,6 @@ from gliograde.data.brats import UNKNOWN_SITE
 from gliograde.evaluation.metrics import METRICS, added
 from gliograde.evaluation.report import (
     ascii_page,
-    classes_of_report,
     confusion_rows,
     model_view,
     png_uri,
@@ -25,7 +24,7 @@ from gliograde.evaluation.report import (
 )
 from gliograde.files import write_text_atomic
 from gliograde.inference.qc import FLAGS
-from gliograde.runs import model_line
+from gliograde.runs import classes_of, model_line
 from gliograde.templates import dashed, fixed, num, relabel, render, yes_no
 
 CAPTIONS = {
@@ -57,7 +56,7 @@ def comparison_rows(report: dict) -> list[tuple[str, str, str]]:
     """(measure, validation, cross-validation) rows of the headline table."""
     m, cv = report["metrics"], report.get("cv") or {}
     ci = m.get("auc_ci") or {}
-    neg, pos = classes_of_report(report)
+    neg, pos = classes_of(report)
     return [
         ("Patients", str(m["n"]), str(cv.get("n", "n/a"))),
         ("AUC", f"{fixed(m['auc'])} (95 % CI {dashed(ci)}, Newcombe)",
@@ -98,7 +97,7 @@ def _md_rates(m: dict, classes) -> list[list[str]]:
 
 
 def _md_sites(report: dict) -> list[list]:
-    neg, pos = classes_of_report(report)
+    neg, pos = classes_of(report)
     return [
         [f"{site} (ids naming no site; not one site)" if site == UNKNOWN_SITE else site, e["cases"], e[pos],
          e[neg], yes_no(e["single_grade"]), fixed(e["accuracy"]), fixed(e["auc"])]
@@ -118,12 +117,12 @@ def markdown(report: dict) -> str:
     """validation.md (templates/validation.md.j2) of a validation record."""
     return render(
         "validation.md.j2",
-        classes=classes_of_report(report),
+        classes=classes_of(report),
         r=report,
         model=model_line(validation_model(report)),
         shared=_shared_lines(report),
         comparison=[list(row) for row in comparison_rows(report)],
-        rates=_md_rates(report["metrics"], classes_of_report(report)),
+        rates=_md_rates(report["metrics"], classes_of(report)),
         sites=_md_sites(report),
         qc=[[name, e["n"], e["meaning"]] for name, e in report["cohort"]["qc"].items()],
         false_alarms=false_alarms(report),
@@ -144,7 +143,7 @@ def _figure(path: Path) -> dict:
 
 
 def _site_rows(report: dict) -> dict:
-    neg, pos = classes_of_report(report)
+    neg, pos = classes_of(report)
     rows, classes = [], []
     for site, e in report["sites"]["sites"].items():
         name = site if site != UNKNOWN_SITE else "unknown (ids naming no site; not one site)"
@@ -176,21 +175,21 @@ def render_html(report: dict, folder: Path) -> str:
     qc_methods = {k: v for k, v in report["qc_methods"].items() if k != "flags"}
     return render(
         "validation.html.j2",
-        classes=classes_of_report(report),
+        classes=classes_of(report),
         title="gliograde: external validation" + (f" ({label})" if label else ""),
         r=report,
         model=model_view(validation_model(report)),
         shared=_shared_lines(report),
         comparison=[list(row) for row in comparison_rows(report)],
-        rates=rate_rows(report["metrics"]["rates"], effective_n=True, classes=classes_of_report(report)),
-        confusion=confusion_rows(report["metrics"]["confusion_matrix"], classes_of_report(report)),
+        rates=rate_rows(report["metrics"]["rates"], effective_n=True, classes=classes_of(report)),
+        confusion=confusion_rows(report["metrics"]["confusion_matrix"], classes_of(report)),
         figures=[_figure(folder / Path(f).name) for f in report["figures"]]
         + [_figure(Path(f)) for f in cv.get("figures") or []],
         sites=_site_rows(report),
         qc=[[n, num(e["n"]), ", ".join(e["cases"]) or "-", e["meaning"]] for n, e in report["cohort"]["qc"].items()],
         false_alarms=false_alarms(report),
         cases=_case_rows(report),
-        methods={**report["methods"], "qc": qc_methods, "qc flags": relabel(FLAGS, classes_of_report(report))},
+        methods={**report["methods"], "qc": qc_methods, "qc flags": relabel(FLAGS, classes_of(report))},
         ensemble=_ensemble_view(report["ensemble"]),
         stamp=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,

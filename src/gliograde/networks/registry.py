@@ -159,10 +159,15 @@ def _initialise_resnet3d(model: ResNet3D, pretrained_path, log: logging.Logger) 
     path = resolve_pretrained(pretrained_path, log)
     if path is not None:
         load_medicalnet_pretrained(model, path, log)
+    log_parameters(model, log)
+    return model
+
+
+def log_parameters(model: nn.Module, log: logging.Logger) -> None:
+    """The network's parameter counts, total and trainable, as every architecture's `initialise` logs them."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("Model created: %.2fM total params, %.2fM trainable", total / 1e6, trainable / 1e6)
-    return model
 
 
 def _describe_mil2d(cfg, in_channels: int) -> dict:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from gliograde.errors import unknown_name
 from gliograde.networks.medicalnet import DEFAULT_PRETRAINED, LoadReport, PretrainedError, read_checkpoint
 from gliograde.networks.pretrained.formats import CHOSEN, FORMATS, PretrainedFormat, State, formats_for
+from gliograde.networks.registry import log_parameters
 
 # The presets name MedicalNet's file, which fits the ResNet-3D only: an encoder's own file must be named
 NO_MEDICALNET = {"pretrained_path": None}
@@ -261,9 +262,7 @@ def initialise_encoder(architecture: str):
         path = resolve_weights(pretrained_path, architecture, log)
         if path is not None:
             load_pretrained(model, path, log)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("Model created: %.2fM total params, %.2fM trainable", total / 1e6, trainable / 1e6)
+        log_parameters(model, log)
         return model
 
     return initialise
