@@ -166,8 +166,9 @@ def tiny_cache(synth_root, tmp_path_factory):
 
 
 def tiny(cache, tmp_path, **kw):
-    """A cpu-demo configuration shrunk to seconds: 16^3, 3 epochs, batch 4, no worker processes; on the CPU even on
-    a machine with a GPU (only tests marked `gpu` use CUDA: they pass device="cuda")."""
+    """A cpu-demo configuration shrunk to seconds: 16^3, 3 epochs, batch 4, no worker processes, the final plots only
+    (half a tiny fold's CPU went to per-epoch figures; the demo's folds draw every epoch's); on the CPU even on a
+    machine with a GPU (only tests marked `gpu` use CUDA: they pass device="cuda")."""
     from gliograde.config import resolve
 
     base = {
@@ -179,6 +180,7 @@ def tiny(cache, tmp_path, **kw):
         "num_workers": 0,
         "min_epochs": 3,
         "device": "cpu",
+        "plots_every": 0,
     }
     return resolve("cpu-demo", **{**base, **kw})
 

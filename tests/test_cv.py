@@ -152,6 +152,8 @@ def test_cv_trains_every_fold_and_summarizes(cv_run):
     for row in report["folds"]:
         metrics = json.loads((Path(row["run"]) / "metrics" / "metrics.json").read_text())
         assert number(metrics["final"]["auc"]) == pytest.approx(row["auc"], nan_ok=True)  # strict JSON: NaN is null
+        plots = {p.name for p in (Path(row["run"]) / "plots").iterdir()}  # --plots-every 0: the final plots only
+        assert {"roc_curve.png", "learning_curves.png"} <= plots and not any("_epoch_" in name for name in plots)
     assert report["pooled"]["n"] == len(cache.ids)
     assert (Path(cfg.output_dir) / "summary.md").is_file()
 

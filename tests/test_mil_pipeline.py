@@ -25,7 +25,7 @@ def mil_cv(tmp_path_factory):
     data, _ = synthesize(tmp / "data", 60, (64, 64, 48), seed=42, workers=2, progress=False)
     cache = open_cache(prepare_cache(data, tmp / "cache", size=32, workers=2, progress=False).path)
     cfg = resolve("cpu-demo", model="mil2d", depth=18, mil_k=8, cache_dir=str(cache.path), folds=3, epochs=10,
-                  min_epochs=10, output_dir=str(tmp / "results"), plots_every=100)  # fmt: skip
+                  min_epochs=10, output_dir=str(tmp / "results"), plots_every=0)  # fmt: skip
     return data, cache, cfg, run_cv(cfg)
 
 

@@ -32,7 +32,7 @@ def small_cv(root, out, **kw):
         batch_size=4,
         folds=3,
         output_dir=str(out / "results"),
-        plots_every=100,
+        plots_every=0,
         **kw,
     )
     return run_cv(cfg)
@@ -104,7 +104,7 @@ def test_a_site_shortcut_scores_high_with_shared_sites_and_chance_with_grouped_o
 def test_repeats_give_two_fold_sets_and_a_summary_over_both(synth_root, tmp_path):
     cache = open_cache(prepare_cache(synth_root, tmp_path / "cache", size=16, workers=1, progress=False).path)
     cfg = resolve("cpu-demo", cache_dir=str(cache.path), size=16, epochs=1, min_epochs=1, batch_size=4, folds=2,
-                  repeats=2, output_dir=str(tmp_path / "results"), plots_every=100)  # fmt: skip
+                  repeats=2, output_dir=str(tmp_path / "results"), plots_every=0)  # fmt: skip
     report = run_cv(cfg)
     folds = json.loads((cache.path / "folds.json").read_text())
     a, b = (rs["folds"] for rs in folds["repeat_sets"])

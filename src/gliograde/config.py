@@ -255,7 +255,8 @@ class TrainConfig:
     output_dir: str = option("results/ResNet50-3D", "--output-dir", "--output_dir", group=FILES,
                              help="default results/<network>: results/ResNet50-3D (final), results/ResNet10-3D "
                              "(cpu-demo), ...")  # fmt: skip
-    plots_every: int = option(1, "--plots-every", "--plots_every", group=FILES, help="per-epoch plots every N epochs")
+    plots_every: int = option(1, "--plots-every", "--plots_every", group=FILES,
+                              help="per-epoch plots every N epochs and at each new best; 0: none, the final plots only")
     tensorboard: bool = option(True, "--no-tensorboard", const=False, group=FILES, help="no TensorBoard event files")
     mlflow: str | None = option(None, group=FILES, nargs="?", const="default", metavar="URI",
                                 help="also log to MLflow (default store: <output-dir>/mlruns; or a tracking server "
@@ -492,7 +493,7 @@ def check_config(cfg: TrainConfig, log: logging.Logger | None = None) -> TrainCo
     need(problem is None, problem)
     need(cfg.patience >= 1 and cfg.min_epochs >= 0, "--early-stopping must be >= 1 and --min-epochs >= 0")
     need(cfg.max_m > 0 and cfg.ldam_s > 0, "--max-m and --ldam-s must be positive")
-    need(cfg.warmup_epochs >= 0 and cfg.plots_every >= 1, "--warmup-epochs must be >= 0 and --plots-every >= 1")
+    need(cfg.warmup_epochs >= 0 and cfg.plots_every >= 0, "--warmup-epochs and --plots-every must be >= 0")
     need(cfg.data_path in ("auto", "device", "loader"), f"--data-path {cfg.data_path!r} is not auto, device or loader")
     need(cfg.device in ("auto", "cuda", "cpu"), f"--device {cfg.device!r} is not auto, cuda or cpu")
     need(

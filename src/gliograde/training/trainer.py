@@ -252,7 +252,7 @@ def _train(cfg, d, cache, folds_doc, split, channels, run_dir, resume, plots, tr
             log_epoch(cfg, record, m, is_best, p.ema is not None)
             if tracking is not None:
                 tracking.log_epoch(record)
-            if plots is not None and (is_best or epoch % cfg.plots_every == 0):
+            if plots is not None and cfg.plots_every and (is_best or epoch % cfg.plots_every == 0):
                 plots.submit(history, labels, probs, m, f"_epoch_{epoch}", f"fold {cfg.fold}, epoch {epoch}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, run_dir)
