@@ -69,8 +69,20 @@ def layout_copy(sample_root: Path, root: Path, folder, file, keys) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- the same cases, two ways
-def test_flat_table_gives_the_brats_layouts_cases_sites_and_folds(sample_root, tmp_path):
-    table = flat_cohort(sample_root, tmp_path)
+@pytest.fixture(scope="module")
+def flat_prepared(sample_root, tmp_path_factory) -> tuple[Path, Path]:
+    """The nine real cases as a flat table, prepared at 16^3 in 2 folds from the table (c-table) and from their BraTS
+    folder (c-brats), once for the tests of both: (folder, table)."""
+    tmp = tmp_path_factory.mktemp("flat")
+    table = flat_cohort(sample_root, tmp / "flat")
+    common = ["--size", "16", "--folds", "2", "--workers", "1"]
+    main(["prepare", "--cohort", str(table), "--out", str(tmp / "c-table"), *common])
+    main(["prepare", "--data-root", str(sample_root), "--out", str(tmp / "c-brats"), *common])
+    return tmp, table
+
+
+def test_flat_table_gives_the_brats_layouts_cases_sites_and_folds(flat_prepared):
+    tmp_path, table = flat_prepared
     found = read_cohort(table)
     assert [c.id for c in found.cases] == [f"P{n:02d}" for n in range(1, 10)]
     assert [c.grade for c in found.cases] == [grade_of(c) for c in REAL]
@@ -78,9 +90,6 @@ def test_flat_table_gives_the_brats_layouts_cases_sites_and_folds(sample_root, t
     assert [c.site for c in found.cases] == [SITES.get(c, c.split("_")[1]) for c in REAL]
     assert found.cases[0].paths["t1ce"].name == "P01_T1Gd.nii.gz"
 
-    main(["prepare", "--cohort", str(table), "--size", "16", "--out", str(tmp_path / "c-table"), "--workers", "1"])
-    main(["prepare", "--data-root", str(sample_root), "--size", "16", "--out", str(tmp_path / "c-brats"),
-          "--workers", "1"])  # fmt: skip
     by_table = json.loads((tmp_path / "c-table" / "folds.json").read_text())
     by_layout = json.loads((tmp_path / "c-brats" / "folds.json").read_text())
     rename = {f"P{n:02d}": cid for n, cid in enumerate(REAL, start=1)}
@@ -93,16 +102,17 @@ def test_flat_table_gives_the_brats_layouts_cases_sites_and_folds(sample_root, t
 
 
 @pytest.mark.slow
-def test_flat_table_trains_summarizes_and_validates_as_the_brats_layout(sample_root, synth_root, tmp_path):
-    """A tiny CV through the table and through the BraTS layout, same seed: the same numbers; and the ensemble
-    validated on a cohort given as a folder and as a table: the same predictions."""
-    table = flat_cohort(sample_root, tmp_path / "flat")
+def test_flat_table_trains_summarizes_and_validates_as_the_brats_layout(flat_prepared, sample_root, synth_root,
+                                                                        tmp_path):  # fmt: skip
+    """A tiny CV through the table and through the BraTS layout (each on what `prepare` made of it), same seed: the
+    same numbers; and the ensemble validated on a cohort given as a folder and as a table: the same predictions."""
+    caches, table = flat_prepared
     common = ["--preset", "cpu-demo", "--size", "16", "--epochs", "1", "--min-epochs", "1", "--num-workers", "0",
               "--device", "cpu", "--no-tensorboard"]  # fmt: skip
     assert main(["cv", "--cohort", str(table), "--output-dir", str(tmp_path / "r-table"),
-                 "--cache-dir", str(tmp_path / "cache"), *common]) in (0, None)  # fmt: skip
+                 "--cache-dir", str(caches / "c-table"), *common]) in (0, None)  # fmt: skip
     assert main(["cv", "--data-root", str(sample_root), "--output-dir", str(tmp_path / "r-brats"),
-                 "--cache-dir", str(tmp_path / "cache"), *common]) in (0, None)  # fmt: skip
+                 "--cache-dir", str(caches / "c-brats"), *common]) in (0, None)  # fmt: skip
     s_table = json.loads((tmp_path / "r-table" / "summary.json").read_text())
     s_brats = json.loads((tmp_path / "r-brats" / "summary.json").read_text())
     for key in ("auc", "sensitivity", "specificity", "f1", "accuracy"):
