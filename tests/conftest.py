@@ -51,8 +51,10 @@ DEMO_TIMEOUT_S = 1800
 # Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`) a session fixture is built once per worker that
 # asks for it: the tests of each shared trained fixture go to one worker, so that each trains once per session.
 # the MIL tests use cv_run and mil_cv together: both in one group, each trained once
+# The same for the costly fixtures of one module (a run trained, real cases prepared): once, not once per worker.
 SHARED_GROUPS = {"demo_run": "demo", "cv_run": "trained", "mil_cv": "trained", "one_process_run": "ddp",
-                 "flat_prepared": "cohort"}  # fmt: skip
+                 "flat_prepared": "cohort", "real_cache": "real", "idh_cv": "idh", "frozen_run": "frozen",
+                 "featured_run": "featured", "focal_run": "focal", "real_small_cache": "real-small"}  # fmt: skip
 
 
 # The suite's files go to a RAM disk where one has room for them: the tiny folds write ~0.6 GB of checkpoints each,
