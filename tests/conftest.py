@@ -192,6 +192,23 @@ def tiny_cache(synth_root, tmp_path_factory):
     return open_cache(prepare_cache(synth_root, out, size=16, workers=1, progress=False).path)
 
 
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory) -> Path:
+    """Twelve phantoms, half of synth_root, for folds that prove plumbing, not learning (3 folds: 5 need more LGG)."""
+    from gliograde.data.synthetic import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("small") / "data", 12, (48, 48, 40), seed=7, workers=1, progress=False)[0]
+
+
+@pytest.fixture(scope="session")
+def small_cache(small_root, tmp_path_factory):
+    """The twelve phantoms at 16^3."""
+    from gliograde.data.cache import open_cache, prepare_cache
+
+    out = tmp_path_factory.mktemp("small") / "cache-s16"
+    return open_cache(prepare_cache(small_root, out, size=16, workers=1, progress=False).path)
+
+
 def tiny(cache, tmp_path, **kw):
     """A cpu-demo configuration shrunk to seconds: 16^3, 3 epochs, batch 4, no worker processes, the final plots only
     (half a tiny fold's CPU went to per-epoch figures; the demo's folds draw every epoch's); on the CPU even on a

@@ -44,23 +44,14 @@ def description(name: str, channels: int = 4) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small_root(tmp_path_factory) -> Path:
-    """Twelve phantoms, half of synth_root: these folds prove that a network trains, exports and is evaluated, not that
-    it learns, and a Swin's or a ViT's epoch at 32^3 costs seconds a case on one core."""
-    from gliograde.data.synthetic import synthesize
-
-    out = tmp_path_factory.mktemp("backbones") / "data"
-    return synthesize(out, 12, (48, 48, 40), seed=7, workers=1, progress=False)[0]
-
-
-@pytest.fixture(scope="module")
-def caches(small_root, tmp_path_factory):
-    """The small set at 16^3 and at 32^3 (16^3 is below what DenseNet, ViT and Swin take): edge -> cache."""
+def caches(small_root, small_cache, tmp_path_factory):
+    """conftest's twelve phantoms at 16^3 and at 32^3 (16^3 is below what DenseNet, ViT and Swin take): edge -> cache.
+    These folds prove that a network trains, exports and is evaluated, not that it learns, and a Swin's or a ViT's
+    epoch at 32^3 costs seconds a case on one core."""
     from gliograde.data.cache import open_cache, prepare_cache
 
-    out = tmp_path_factory.mktemp("backbones")
-    return {size: open_cache(prepare_cache(small_root, out / f"cache-s{size}", size=size, workers=1,
-                                           progress=False).path) for size in (16, 32)}  # fmt: skip
+    out = tmp_path_factory.mktemp("backbones") / "cache-s32"
+    return {16: small_cache, 32: open_cache(prepare_cache(small_root, out, size=32, workers=1, progress=False).path)}
 
 
 @pytest.mark.parametrize("name", NETWORKS)

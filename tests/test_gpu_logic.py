@@ -134,8 +134,9 @@ def test_train_refuses_nproc_beyond_the_gpus_before_making_anything(tiny_cache, 
 
 
 # ------------------------------------------------------------------------------------ precision across resume
-def _interrupted(tiny_cache, tmp_path, epochs=2, after=1, **kw):
-    """A run of `epochs` epochs stopped (Ctrl-C) once epoch `after` is saved; its folder."""
+def _interrupted(cache, tmp_path, epochs=2, after=1, **kw):
+    """A run of `epochs` epochs (3 folds of conftest's twelve phantoms: fp16 on the CPU is slow) stopped (Ctrl-C) once
+    epoch `after` is saved; its folder."""
     from gliograde.training.trainer import train_fold
 
     def stop(epoch, run_dir):
@@ -143,32 +144,32 @@ def _interrupted(tiny_cache, tmp_path, epochs=2, after=1, **kw):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_fold(tiny(tiny_cache, tmp_path, epochs=epochs, min_epochs=epochs, **kw), on_epoch_end=stop)
+        train_fold(tiny(cache, tmp_path, epochs=epochs, min_epochs=epochs, folds=3, **kw), on_epoch_end=stop)
     return next((tmp_path / "res" / "runs" / "fold_0").iterdir())
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_runs_precision_instead_of_deciding_again(tiny_cache, tmp_path):
+def test_resume_keeps_the_runs_precision_instead_of_deciding_again(small_cache, tmp_path):
     from gliograde.training.trainer import train_fold
 
-    run = _interrupted(tiny_cache, tmp_path, precision="bf16")  # (auto would decide fp32 on this CPU)
+    run = _interrupted(small_cache, tmp_path, precision="bf16")  # (auto would decide fp32 on this CPU)
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["precision"]["name"] == "bf16"
-    resumed = train_fold(tiny(tiny_cache, tmp_path, epochs=2, min_epochs=2, resume=str(run)))
+    resumed = train_fold(tiny(small_cache, tmp_path, epochs=2, min_epochs=2, folds=3, resume=str(run)))
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and last["precision"]["name"] == "bf16"
     assert "kept on resume" in last["precision"]["reason"] and resumed.final["precision"]["name"] == "bf16"
 
 
 @pytest.mark.slow
-def test_an_fp32_run_resumed_in_fp16_gets_a_fresh_scaler_and_then_resumes_with_its_own(tiny_cache, tmp_path, caplog):
+def test_an_fp32_run_resumed_in_fp16_gets_a_fresh_scaler_and_then_resumes_with_its_own(small_cache, tmp_path, caplog):
     """Before: RuntimeError 'The source state dict is empty, possibly because it was saved from a disabled instance
     of GradScaler' (a traceback). One run, three legs (one training for both cases): an fp32 epoch; resumed in fp16
     as asked, with a fresh GradScaler, and stopped after epoch 2; resumed again: an fp16 run with its own scaler."""
     from gliograde.training.trainer import train_fold
 
-    run = _interrupted(tiny_cache, tmp_path, epochs=3)
+    run = _interrupted(small_cache, tmp_path, epochs=3)
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["scaler_state_dict"] == {}
-    _interrupted(tiny_cache, tmp_path, epochs=3, after=2, precision="fp16", resume=str(run))
+    _interrupted(small_cache, tmp_path, epochs=3, after=2, precision="fp16", resume=str(run))
     assert "trained in fp32 until epoch 1; it goes on in fp16 as asked (with a fresh GradScaler)" in caplog.text
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["precision"]["name"] == "fp16" and last["scaler_state_dict"]["scale"] > 0
@@ -176,7 +177,7 @@ def test_an_fp32_run_resumed_in_fp16_gets_a_fresh_scaler_and_then_resumes_with_i
     assert (change["after_epoch"], change["from"], change["to"]) == (1, "fp32", "fp16")
 
     scale = last["scaler_state_dict"]["scale"]  # the fp16 run's own scaler, saved with epoch 2
-    train_fold(tiny(tiny_cache, tmp_path, epochs=3, min_epochs=3, resume=str(run)))
+    train_fold(tiny(small_cache, tmp_path, epochs=3, min_epochs=3, folds=3, resume=str(run)))
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 3 and last["precision"]["name"] == "fp16"
     assert 0 < last["scaler_state_dict"]["scale"] <= scale * 2
