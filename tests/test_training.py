@@ -257,18 +257,19 @@ def test_resume_with_another_configuration_or_global_batch_is_refused(tiny_cache
 
 # ------------------------------------------------------------------------------------------------ resume
 @pytest.mark.slow
-def test_resume_gives_the_uninterrupted_result(tiny_cache, tmp_path):
-    full = train_fold(tiny(tiny_cache, tmp_path / "a", epochs=4, min_epochs=4, ema_decay=0.9))
+def test_resume_gives_the_uninterrupted_result(small_cache, tmp_path):
+    small = {"epochs": 4, "min_epochs": 4, "ema_decay": 0.9, "folds": 3}  # conftest's twelve phantoms
+    full = train_fold(tiny(small_cache, tmp_path / "a", **small))
 
     def stop_after_two(epoch, run_dir):
         if epoch == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_fold(tiny(tiny_cache, tmp_path / "b", epochs=4, min_epochs=4, ema_decay=0.9), on_epoch_end=stop_after_two)
+        train_fold(tiny(small_cache, tmp_path / "b", **small), on_epoch_end=stop_after_two)
     run_b = next((tmp_path / "b" / "res" / "runs" / "fold_0").iterdir())
     assert json.loads((run_b / "metrics" / "metrics.json").read_text())["status"] == "running"
-    resumed = train_fold(tiny(tiny_cache, tmp_path / "b", epochs=4, min_epochs=4, ema_decay=0.9, resume=str(run_b)))
+    resumed = train_fold(tiny(small_cache, tmp_path / "b", **small, resume=str(run_b)))
     assert resumed.run_dir == run_b
     a = torch.load(full.run_dir / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(run_b / "checkpoints" / "last.pt", weights_only=True)
