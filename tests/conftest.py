@@ -94,6 +94,11 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(items):
+    # the longest groups first (the demo's ~2 min, then the CVs), then the other tests that train, then the rest: no
+    # worker starts a long test when the others are nearly done, and the short ones fill the end; the order within
+    # each stays the collection's
+    order = {g: i for i, g in enumerate(dict.fromkeys(SHARED_GROUPS.values()))}
+    rank = {}
     for item in items:
         trains = TRAINING_FIXTURES.intersection(item.fixturenames)
         if trains:
@@ -103,16 +108,8 @@ def pytest_collection_modifyitems(items):
         group = next((g for name, g in SHARED_GROUPS.items() if name in item.fixturenames), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-    # the longest groups first (the demo's ~2 min, then the CVs), then the other tests that train, then the rest: no
-    # worker starts a long test when the others are nearly done, and the short ones fill the end; the order within
-    # each stays the collection's
-    first = {g: i for i, g in enumerate(dict.fromkeys(SHARED_GROUPS.values()))}
-
-    def rank(item) -> tuple[int, bool]:
-        group = min((first[g] for name, g in SHARED_GROUPS.items() if name in item.fixturenames), default=len(first))
-        return group, item.get_closest_marker("slow") is None
-
-    items[:] = sorted(items, key=rank)
+        rank[item.nodeid] = (order.get(group, len(order)), item.get_closest_marker("slow") is None)
+    items[:] = sorted(items, key=lambda item: rank[item.nodeid])
 
 
 @contextlib.contextmanager

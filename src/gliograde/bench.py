@@ -522,7 +522,7 @@ def _train_timed_fold(work: Path, cache: VolumeCache, device: str, *, model: str
         warmup_epochs=0,
         cache_dir=str(cache.path),
         output_dir=str(work / output),
-        plots_every=epochs + 1,
+        plots_every=0,  # no per-epoch figures (a best epoch drew five on a thread beside the timed loop)
         pretrained_path="",
     )
     check_config(cfg)  # a size the network cannot take: one line before anything trains

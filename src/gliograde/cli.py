@@ -311,7 +311,8 @@ def add_results_config_flags(p: argparse.ArgumentParser, flag: str, target: bool
     g.add_argument("--depth", type=int, choices=config_choices("depth"), default=None, help="ResNet depth")
     if target:  # predict and validate have --target among the columns of --cohort
         g.add_argument("--target", default=None, metavar="COLUMN", help="a cohort's question (results/<net>-<target>)")
-        g.add_argument("--positive", default=None, metavar="VALUE", help="its positive value")
+        g.add_argument("--positive", default=None, metavar="VALUE",
+                       help="its positive value, as cv was given it (the folder is named by --target alone)")
 
 
 def default_results(args, flag: str) -> Path:

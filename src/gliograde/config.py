@@ -341,11 +341,11 @@ def default_output_dir(model: str, depth: int) -> str:
     return f"results/{network_name(model, depth)}"
 
 
-def target_suffix(target: str | None, positive: str | None) -> str:
+def target_suffix(target: str | None) -> str:
     """What a results folder adds for a cohort's own question, so that two questions never share a folder:
-    "" for the seeds' (the grade), "-IDH" for --target IDH (`predict --target IDH` finds it without --positive;
-    two positives of one column would meet there, and `summarize` refuses runs whose --positive differs)."""
-    del positive  # the column names the question; see above
+    "" for the seeds' (the grade), "-IDH" for --target IDH. The column alone names it (`predict --target IDH` finds
+    it without --positive; two positives of one column would meet there, and `summarize` refuses runs whose
+    --positive differs)."""
     if target is None or re.sub(r"[\s_\-/]", "", target).lower() == "grade":
         return ""
     return "-" + re.sub(r"[^A-Za-z0-9.]+", "-", target).strip("-")
@@ -437,8 +437,7 @@ def resolve_with_sources(
     values["preset"], sources["preset"] = preset, "--preset" if overrides.get("preset") else "default"
     if sources["output_dir"] == "default":  # the folder follows the network, never another network's name
         model, depth = values.get("model", TrainConfig.model), values.get("depth", TrainConfig.depth)
-        values["output_dir"] = default_output_dir(model, depth) + target_suffix(values.get("target"),
-                                                                               values.get("positive"))  # fmt: skip
+        values["output_dir"] = default_output_dir(model, depth) + target_suffix(values.get("target"))
         sources["output_dir"] = "default for the network"
     cfg = TrainConfig(**values)
     cfg.modalities = parse_modalities(cfg.modalities)

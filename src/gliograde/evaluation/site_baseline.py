@@ -186,7 +186,7 @@ def site_audit(ids: list[str], labels, preds=None, sites: dict | None = None, cl
     site column), else the site each BraTS id names; `classes`: the names of labels 0 and 1 (the entries' keys)."""
     labels = np.asarray(labels, dtype=np.int64)
     neg, pos = classes
-    sites = [site_lookup(sites)(i) for i in ids]
+    sites = list(map(site_lookup(sites), ids))
     table = {}
     for site in sorted(set(sites), key=lambda s: (s == UNKNOWN_SITE, s)):  # the ids without a site last
         rows = [k for k, s in enumerate(sites) if s == site]
@@ -209,16 +209,20 @@ def site_audit(ids: list[str], labels, preds=None, sites: dict | None = None, cl
     }
 
 
-def site_warning(audit: dict, what: str = "grade") -> str | None:
-    """The warning where single-`what` sites (a single grade, or class of a cohort's target) could carry the AUC."""
+def site_warning(audit: dict, what: str = "grade", pointer: bool = True) -> str | None:
+    """The warning where single-`what` sites (a single grade, or class of a cohort's target) could carry the AUC;
+    `pointer`: end with where the CV summary shows more (its site table, the mixed-grade cohort)."""
     n, known = audit["patients_in_single_grade_sites"], audit["patients_with_known_site"]
     if known == 0 or n == 0:
         return None
     unknown = audit.get("patients_with_unknown_site", audit.get("patients", known) - known)
     apart = f" ({unknown} more patients have ids that name no site: counted apart, not as a site)" if unknown else ""
-    return (
+    text = (
         f"{n} of {known} patients with a known site come from a site that holds a single {what}{apart}: for them the "
         f"acquisition site alone predicts the {what}, so a high AUC may partly measure the scanner or institution "
-        "rather than the tumour. See the site table"
-        + (f", and the mixed-grade {MIXED_COHORT} cohort on its own." if what == "grade" else ".")
+        "rather than the tumour."
     )
+    if pointer:
+        text += " See the site table" + (f", and the mixed-grade {MIXED_COHORT} cohort on its own." if what == "grade"
+                                         else ".")  # fmt: skip
+    return text

@@ -45,7 +45,7 @@ from gliograde.runs import (
     threshold_of,
     who_holds,
 )
-from gliograde.templates import dashed, fixed, md_table, relabel, render, yes_no
+from gliograde.templates import class_words, dashed, fixed, md_table, relabel, render, yes_no
 
 log = logging.getLogger("gliograde")
 
@@ -309,7 +309,7 @@ def audit_sites(first_repeat: list[FoldRun], all_ids, labels, probs, warnings: l
             "auc_delong": stats.delong_or_reason(labels[cohort], probs[cohort]),
             "rates": stats.rates_with_ci(labels[cohort], probs[cohort], thresholds[cohort]),
         }
-    site_warn = site_warning(audit, "grade" if classes == GRADES else "class")
+    site_warn = site_warning(audit, class_words(classes)["what"])
     if site_warn:
         warnings.append(site_warn)
     return audit

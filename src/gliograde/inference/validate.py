@@ -43,7 +43,7 @@ from gliograde.inference.predict import load_ensemble, operating_point_text, pre
 from gliograde.inference.qc import TrainingReference, flag_summary, volume_hash
 from gliograde.inference.qc import plain_id as _plain_id  # one rule for predict's flag and the leakage check
 from gliograde.runs import runs_model
-from gliograde.templates import relabel
+from gliograde.templates import class_words, relabel
 
 log = logging.getLogger("gliograde")
 OVERLAP_LABEL = "OVERLAPS THE TRAINING DATA"
@@ -461,12 +461,12 @@ def cohort_warnings(shared: list[dict], reference: TrainingReference, metrics: d
                         "predictions.csv); the figures are not an external validation")  # fmt: skip
     for check, why in reference.missing.items():
         warnings.append(f"not checked: {check} ({why})")
-    what = "grade" if tuple(classes) == GRADES else "class"
+    what = class_words(classes)["what"]
     if metrics["n_hgg"] == 0 or metrics["n_lgg"] == 0:
         warnings.append(f"the cohort holds one {what} only: AUC, and the rate of the absent {what}, are n/a")
-    w = site_warning(audit, what)
+    w = site_warning(audit, what, pointer=False)
     if w:
-        warnings.append(w.split(" See the site table")[0])
+        warnings.append(w)
     for name, entry in qc_summary.items():
         if entry["n"]:
             warnings.append(f"QC {name}: {entry['n']} of {n} case(s) ({', '.join(entry['cases'][:10])}"

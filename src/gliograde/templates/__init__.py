@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import cache
 from pathlib import Path
 
@@ -128,11 +129,12 @@ def environment() -> jinja2.Environment:
 
 
 def class_words(classes=None) -> dict:
-    """How a page names the two classes: `pos`, `neg`, the question and the site audit's column ("HGG", "LGG",
-    "Glioma grade (HGG vs LGG)", "Single grade" for the seeds' target; a cohort's own names otherwise)."""
+    """How a page names the two classes: `pos`, `neg`, what a label is (`what`), the question and the site audit's
+    column ("HGG", "LGG", "grade", "Glioma grade (HGG vs LGG)", "Single grade" for the seeds' target; a cohort's own
+    names and "class" otherwise)."""
     neg, pos = tuple(classes) if classes else GRADES
     grade = (neg, pos) == GRADES
-    return {"neg": neg, "pos": pos, "grade": grade,
+    return {"neg": neg, "pos": pos, "grade": grade, "what": "grade" if grade else "class",
             "question": "Glioma grade (HGG vs LGG)" if grade else f"{pos} vs {neg}",
             "single": "Single grade" if grade else "Single class"}  # fmt: skip
 
@@ -141,8 +143,6 @@ def relabel(text, classes=None):
     """Our own prose about HGG and LGG (methods, definitions, flag meanings; strings inside dicts and lists too) said
     of a cohort's classes: the words HGG and LGG replaced by the positive and negative class (unchanged for the
     seeds' target). Prose only; never data."""
-    import re
-
     neg, pos = tuple(classes) if classes else GRADES
     if (neg, pos) == GRADES:
         return text
