@@ -168,6 +168,15 @@ def test_config_warns_about_the_seeds_pitfalls(caplog):
             check_config(resolve("final", **bad))
 
 
+def test_plots_every_zero_is_taken_and_a_negative_value_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    assert check_config(resolve("cpu-demo", plots_every=0)).plots_every == 0  # the final plots only
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "cpu-demo", "--plots-every", "-1", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "gliograde train: error: --warmup-epochs and --plots-every must be >= 0"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 # ------------------------------------------------------------------------------------- stopping, policy
 def test_improvement_rule_auc_then_f1():
     best = {"auc": 0.8, "f1": 0.7}
